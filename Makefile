@@ -1,0 +1,37 @@
+# make demo   - install into .venv and run the embedded default on 2 CPU ranks (see README)
+# make test   - install with the dev extras and run the whole suite (what CI runs)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# The CPU build of torch when no NVIDIA GPU is present: a bare `torch` pulls several GB of CUDA wheels.
+TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 'torch>=2.6' || echo 'torch==2.13.0')
+DEEPSPEED_SPEC ?= deepspeed==0.19.8
+STAMP := $(VENV)/.dtrain-installed
+
+.PHONY: install demo test test-unit test-integration clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH_SPEC)"
+	# DeepSpeed ships only a source package whose build imports torch: build it against the torch just installed.
+	$(PIP) install -q --no-build-isolation "$(DEEPSPEED_SPEC)"
+	$(PIP) install -q -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/deepspeed --num_gpus 2 launch/train.py +exp=tiny_cpu
+
+test: $(STAMP)
+	$(PY) -m pytest -q --durations=15
+
+test-unit: $(STAMP)
+	$(PY) -m pytest -q -m "not integration"
+
+test-integration: $(STAMP)
+	$(PY) -m pytest -q -m integration --durations=0
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache

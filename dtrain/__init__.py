@@ -1,0 +1,3 @@
+"""dtrain: distributed LLM supervised fine-tuning on DeepSpeed."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,197 @@
+"""Typed configuration schemas.
+
+Every YAML file under ``conf/`` is merged into these dataclasses at compose time, so an unknown key or
+a value of the wrong type fails before any process group or model exists, with the key's name in
+Hydra's message. The library only ever sees the dataclass objects (``OmegaConf.to_object`` once in
+``launch/``), never a ``DictConfig``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import List, Optional
+
+from omegaconf import MISSING
+
+
+class ModelInit(str, Enum):
+    """How model weights are obtained."""
+
+    pretrained = "pretrained"  # from_pretrained(model.path): real weights
+    random = "random"  # from_config(model.path): random weights, for smoke runs and benchmarks
+
+
+class DataFormat(str, Enum):
+    """Record layout of the dataset."""
+
+    messages = "messages"  # {"messages": [{"role": ..., "content": ...}, ...]}
+    alpaca = "alpaca"  # {"instruction": ..., "input": ..., "output": ...}
+
+
+class TrainOn(str, Enum):
+    """Which tokens carry loss."""
+
+    assistant = "assistant"  # every assistant turn (content + its end-of-turn token)
+    last_assistant = "last_assistant"  # only the final assistant turn
+    all = "all"  # every token of the rendered conversation
+
+
+class Overlength(str, Enum):
+    """What happens to an example longer than ``data.max_seq_len``."""
+
+    drop = "drop"  # skip it and count it
+    error = "error"  # stop before training, naming the example
+
+
+class PeftMethod(str, Enum):
+    none = "none"
+    lora = "lora"
+
+
+class Precision(str, Enum):
+    bf16 = "bf16"
+    fp16 = "fp16"
+    fp32 = "fp32"
+
+
+class Schedule(str, Enum):
+    cosine = "cosine"
+    linear = "linear"
+    constant = "constant"
+
+
+class WandbMode(str, Enum):
+    online = "online"
+    offline = "offline"
+    disabled = "disabled"
+
+
+@dataclass
+class ModelConfig:
+    """Which model to fine-tune and how to load it."""
+
+    path: str = MISSING
+    """Local folder or hub id passed to ``from_pretrained`` (or to ``AutoConfig`` when ``init=random``)."""
+    init: ModelInit = ModelInit.pretrained
+    attn_implementation: str = "auto"
+    """``auto`` picks ``flash_attention_2`` when flash-attn imports and CUDA is present, else ``sdpa``."""
+    gradient_checkpointing: bool = False
+    trust_remote_code: bool = False
+    """Only honoured together with a pinned ``revision`` (remote code runs on every rank)."""
+    revision: Optional[str] = None
+
+
+@dataclass
+class DataConfig:
+    """Where the examples come from and how they become token ids and labels."""
+
+    path: str = MISSING
+    """A .jsonl/.json/.parquet file, a folder of them, or a hub dataset id."""
+    format: DataFormat = DataFormat.messages
+    eval_path: Optional[str] = None
+    """Held-out file; when unset, ``eval_fraction`` of ``path`` is split off with ``train.seed``."""
+    eval_fraction: float = 0.05
+    split: str = "train"
+    """Split name for hub datasets."""
+    max_seq_len: int = 2048
+    train_on: TrainOn = TrainOn.assistant
+    overlength: Overlength = Overlength.drop
+    chat_template: Optional[str] = None
+    """A Jinja string or a path to a .jinja file; wins over the tokenizer's own template."""
+    end_of_turn_token: Optional[str] = None
+    """Token that closes an assistant turn; defaults to the tokenizer's eos token."""
+
+
+@dataclass
+class PeftConfig:
+    """Parameter-efficient fine-tuning (LoRA through peft)."""
+
+    method: PeftMethod = PeftMethod.none
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: Optional[List[str]] = None
+    """Module names to adapt; ``None`` means every linear layer except the output head."""
+
+
+@dataclass
+class ZeroConfig:
+    """DeepSpeed ZeRO stage and offload. ``template`` names a file in ``ds_configs/``."""
+
+    stage: int = 2
+    template: str = "zero2"
+    offload_optimizer: bool = False
+    offload_params: bool = False
+
+
+@dataclass
+class PrecisionConfig:
+    """Mixed precision; bf16 and fp16 keep FP32 master weights inside DeepSpeed's optimizer."""
+
+    name: Precision = Precision.bf16
+    initial_scale_power: int = 16
+    """fp16 only: dynamic loss scaling starts at 2**initial_scale_power."""
+    loss_scale_window: int = 1000
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation loop. Global batch = micro_batch_size x grad_accum_steps x world size."""
+
+    epochs: int = 1
+    max_steps: Optional[int] = None
+    """Optimizer steps; overrides ``epochs`` when set."""
+    micro_batch_size: int = 4
+    grad_accum_steps: int = 1
+    lr: float = 2e-5
+    min_lr_ratio: float = 0.1
+    schedule: Schedule = Schedule.cosine
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0
+    seed: int = 42
+    log_every: int = 1
+    eval_every: int = 0
+    """Run eval every N optimizer steps (0: only at the end)."""
+    dist_timeout_minutes: int = 30
+
+
+@dataclass
+class GenerateConfig:
+    """The generation check on held-out prompts that ends (and optionally starts) every run."""
+
+    num_prompts: int = 8
+    max_new_tokens: int = 64
+    before_training: bool = False
+    """Also generate before the first step, to report accuracy before vs after."""
+
+
+@dataclass
+class WandbConfig:
+    mode: WandbMode = WandbMode.disabled
+    project: str = "dtrain"
+    entity: Optional[str] = None
+    group: Optional[str] = None
+    name: Optional[str] = None
+    tags: List[str] = field(default_factory=list)
+
+
+@dataclass
+class JobConfig:
+    """Top-level schema of ``conf/train.yaml``."""
+
+    output_dir: str = MISSING
+    """One run directory shared by all ranks."""
+    run_name: str = "run"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    zero: ZeroConfig = field(default_factory=ZeroConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)

@@ -1,0 +1,64 @@
+"""Which examples each rank sees at each step, and how they become padded tensors."""
+
+from __future__ import annotations
+
+import random
+from typing import Iterator
+
+import torch
+
+from dtrain.data.chat import IGNORE_INDEX, TokenizedExample
+from dtrain.ds_config import BatchPlan
+
+
+class StepSampler:
+    """Deterministic per-epoch shuffle; each optimizer step takes the next ``global_batch_size`` examples.
+
+    The examples of a step do not depend on how they are split into micro-batches and ranks, so a run with
+    (micro 4, accum 1, 1 rank) sees the same data per step as one with (micro 1, accum 2, 2 ranks). Every rank
+    gets the same number of micro-batches (an epoch's tail that does not fill a global batch waits for the next
+    epoch's shuffle), so no rank ever waits in a collective that another rank skips.
+    """
+
+    def __init__(self, num_examples: int, batch: BatchPlan, rank: int, seed: int):
+        self.num_examples = num_examples
+        self.batch = batch
+        self.rank = rank
+        self.seed = seed
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.num_examples // self.batch.global_batch_size
+
+    @property
+    def unused_per_epoch(self) -> int:
+        return self.num_examples - self.steps_per_epoch * self.batch.global_batch_size
+
+    def epoch_order(self, epoch: int) -> list[int]:
+        order = list(range(self.num_examples))
+        random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+        return order
+
+    def steps(self, epoch: int) -> Iterator[list[list[int]]]:
+        """Yield, per optimizer step, this rank's ``grad_accum_steps`` micro-batches of example indices."""
+        order = self.epoch_order(epoch)
+        micro, accum, world = self.batch.micro_batch_size, self.batch.grad_accum_steps, self.batch.world_size
+        for step in range(self.steps_per_epoch):
+            chunk = order[step * self.batch.global_batch_size : (step + 1) * self.batch.global_batch_size]
+            # Micro-batch k of rank r: consecutive slices interleaved by rank, disjoint across ranks.
+            yield [chunk[(k * world + self.rank) * micro : (k * world + self.rank + 1) * micro] for k in range(accum)]
+
+
+def collate(examples: list[TokenizedExample], pad_token_id: int, pad_to_multiple_of: int = 1) -> dict[str, torch.Tensor]:
+    """Right-pad a micro-batch. Padding is masked by position (attention mask and labels), never by token id."""
+    longest = max(len(e.input_ids) for e in examples)
+    width = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
+    input_ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, e in enumerate(examples):
+        n = len(e.input_ids)
+        input_ids[row, :n] = torch.tensor(e.input_ids)
+        labels[row, :n] = torch.tensor(e.labels)
+        attention_mask[row, :n] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}

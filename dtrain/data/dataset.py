@@ -1,0 +1,97 @@
+"""From data config to tokenized train/eval examples and held-out generation prompts, with counted drops."""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+
+from dtrain.config.schema import DataConfig, Overlength
+from dtrain.data.chat import ChatRenderer, TokenizedExample
+from dtrain.data.formats import Message, to_messages
+from dtrain.data.sources import DataError, RawRecord, load_records
+
+log = logging.getLogger("dtrain")
+
+
+@dataclass
+class GenerationPrompt:
+    """A held-out conversation cut before its last assistant turn, and the answer it should produce."""
+
+    source: str
+    messages: list[Message]
+    reference: str
+
+
+@dataclass
+class PreparedData:
+    train: list[TokenizedExample]
+    eval: list[TokenizedExample]
+    prompts: list[GenerationPrompt]
+    dropped: Counter = field(default_factory=Counter)  # reason -> count, reported at start
+
+
+def prepare_data(cfg: DataConfig, renderer: ChatRenderer, seed: int, num_prompts: int) -> PreparedData:
+    """Load, validate, render and filter the train and eval data.
+
+    Over-length examples are dropped and counted (``data.overlength=drop``) or stop the run
+    (``error``); examples left with no trained token are always dropped and counted, never trained as NaN.
+
+    Args:
+        cfg: The data config.
+        renderer: Chat renderer built from the tokenizer.
+        seed: Seed for the train/eval split when ``cfg.eval_path`` is unset.
+        num_prompts: How many held-out generation prompts to keep.
+    """
+    train_records = load_records(cfg.path, cfg.split)
+    if cfg.eval_path:
+        eval_records = load_records(cfg.eval_path, cfg.split)
+    else:
+        train_records, eval_records = _split(train_records, cfg.eval_fraction, seed)
+    if not train_records:
+        raise DataError(f"{cfg.path}: no records")
+
+    dropped: Counter = Counter()
+    train_conversations = [(r.source, to_messages(r, cfg.format)) for r in train_records]
+    eval_conversations = [(r.source, to_messages(r, cfg.format)) for r in eval_records]
+    train = _render_all(train_conversations, renderer, cfg, dropped)
+    evaluation = _render_all(eval_conversations, renderer, cfg, dropped)
+    if not train:
+        raise DataError(f"{cfg.path}: every example was dropped ({dict(dropped)}); raise data.max_seq_len?")
+    prompts = [_to_prompt(src, msgs) for src, msgs in eval_conversations[:num_prompts]]
+    return PreparedData(train, evaluation, prompts, dropped)
+
+
+def _split(records: list[RawRecord], fraction: float, seed: int) -> tuple[list[RawRecord], list[RawRecord]]:
+    if fraction <= 0:
+        return records, []
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    n_eval = max(1, int(round(len(records) * fraction)))
+    held = set(order[:n_eval])
+    return [r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held]
+
+
+def _render_all(conversations, renderer: ChatRenderer, cfg: DataConfig, dropped: Counter) -> list[TokenizedExample]:
+    out = []
+    for source, messages in conversations:
+        example = renderer.render(messages, source)
+        if len(example.input_ids) > cfg.max_seq_len:
+            if cfg.overlength == Overlength.error:
+                raise DataError(
+                    f"{source}: {len(example.input_ids)} tokens > data.max_seq_len={cfg.max_seq_len}; "
+                    "raise data.max_seq_len or set data.overlength=drop"
+                )
+            dropped["longer than max_seq_len"] += 1
+            continue
+        if example.num_trained == 0:
+            dropped["no trained token"] += 1
+            continue
+        out.append(example)
+    return out
+
+
+def _to_prompt(source: str, messages: list[Message]) -> GenerationPrompt:
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    return GenerationPrompt(source, messages[:last], messages[last]["content"])

@@ -1,0 +1,106 @@
+"""Process-group set-up, rank-aware logging and the few reductions the trainer needs.
+
+Every helper here that communicates is a collective: all ranks must call it, in the same order.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as torch_dist
+
+log = logging.getLogger("dtrain")
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits in the job."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(timeout_minutes: int = 30) -> DistInfo:
+    """Initialise the default process group through DeepSpeed (NCCL on GPUs, gloo/ccl on CPU).
+
+    Reads ``RANK``/``LOCAL_RANK``/``WORLD_SIZE`` set by the ``deepspeed`` launcher (or torchrun); a plain
+    ``python`` run becomes a world of one.
+    """
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29512")
+    accelerator = get_accelerator()
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if accelerator.device_name() == "cuda":
+        accelerator.set_device(local_rank)
+    if not torch_dist.is_initialized():
+        deepspeed.init_distributed(
+            dist_backend=accelerator.communication_backend_name(),
+            timeout=timedelta(minutes=timeout_minutes),
+        )
+    device_name = accelerator.device_name(local_rank) if accelerator.device_name() != "cpu" else "cpu"
+    if device_name == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        # Ranks on one host share its cores: more threads than cores makes every op (and gloo) crawl.
+        local_world = int(os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE") or os.environ["WORLD_SIZE"])
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
+    return DistInfo(
+        rank=torch_dist.get_rank(),
+        local_rank=local_rank,
+        world_size=torch_dist.get_world_size(),
+        device=torch.device(device_name),
+    )
+
+
+def setup_logging(dist: DistInfo, log_file: Optional[Path] = None) -> None:
+    """Rank 0 logs INFO to stdout (and ``log_file``); other ranks only warnings and errors, tagged with their rank."""
+    log.handlers.clear()
+    log.propagate = False
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter(f"[dtrain rank{dist.rank}] %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO if dist.is_main else logging.WARNING)
+    if dist.is_main and log_file is not None:
+        file_handler = logging.FileHandler(log_file)
+        file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        log.addHandler(file_handler)
+
+
+def all_reduce_sum(values: Sequence[float], device: torch.device) -> list[float]:
+    """Sum a few scalars over all ranks in one collective (a host-device sync point)."""
+    # float64: token counts and loss sums of a large global batch stay exact.
+    t = torch.tensor(list(values), dtype=torch.float64, device=device)
+    if torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
+        torch_dist.all_reduce(t, op=torch_dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+def barrier() -> None:
+    if torch_dist.is_initialized():
+        torch_dist.barrier()
+
+
+def all_gather_objects(obj):
+    """Gather one picklable object from every rank, in rank order."""
+    if not (torch_dist.is_initialized() and torch_dist.get_world_size() > 1):
+        return [obj]
+    out = [None] * torch_dist.get_world_size()
+    torch_dist.all_gather_object(out, obj)
+    return out

@@ -1,0 +1,149 @@
+"""The DeepSpeed JSON, generated from the typed config in one place.
+
+Batch sizes come from :class:`BatchPlan` (the single source of truth), the ZeRO knobs from a stage template
+in ``ds_configs/``, everything else from the job config. No Hugging Face ``"auto"`` strings: sizes that HF
+would derive at run time (ZeRO-3 bucket sizes) are derived here from the model's hidden size.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from dtrain.config.registry import REPO_ROOT
+from dtrain.config.schema import JobConfig, Precision, TrainConfig
+
+DS_TEMPLATES_DIR = REPO_ROOT / "ds_configs"
+
+
+BUCKET_KEYS = ("reduce_bucket_size", "allgather_bucket_size", "stage3_prefetch_bucket_size")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run, with the fix in the message."""
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """Examples per optimizer step: ``micro_batch_size x grad_accum_steps x world_size``."""
+
+    micro_batch_size: int
+    grad_accum_steps: int
+    world_size: int
+
+    @classmethod
+    def from_config(cls, train: TrainConfig, world_size: int) -> "BatchPlan":
+        if train.micro_batch_size < 1 or train.grad_accum_steps < 1 or world_size < 1:
+            raise ConfigError(
+                f"train.micro_batch_size ({train.micro_batch_size}), train.grad_accum_steps "
+                f"({train.grad_accum_steps}) and the world size ({world_size}) must all be >= 1"
+            )
+        return cls(train.micro_batch_size, train.grad_accum_steps, world_size)
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.micro_batch_size * self.grad_accum_steps * self.world_size
+
+
+def load_template(name: str) -> dict[str, Any]:
+    """Read ``ds_configs/<name>.json`` (or an explicit path to a JSON file)."""
+    path = Path(name) if name.endswith(".json") else DS_TEMPLATES_DIR / f"{name}.json"
+    if not path.is_file():
+        available = sorted(p.stem for p in DS_TEMPLATES_DIR.glob("*.json"))
+        raise ConfigError(f"zero.template={name!r}: no file {path}; available templates: {available}")
+    with path.open() as f:
+        return json.load(f)
+
+
+def build_ds_config(
+    job: JobConfig,
+    batch: BatchPlan,
+    *,
+    hidden_size: Optional[int] = None,
+    num_parameters: Optional[int] = None,
+    cuda_available: bool = False,
+) -> dict[str, Any]:
+    """Build the DeepSpeed config dict for a job.
+
+    Args:
+        job: The validated job config.
+        batch: Batch sizes (the one source of truth for all three DeepSpeed batch keys).
+        hidden_size: The model's hidden size; sizes ZeRO-3's buckets the way HF's ``"auto"`` would.
+        num_parameters: The model's parameter count; no communication bucket is made larger than the model
+            (DeepSpeed allocates full buckets up front, which costs a small model seconds and memory for nothing).
+        cuda_available: Whether a CUDA device is present; fp16 is refused without one.
+
+    Returns:
+        A JSON-serialisable dict for ``deepspeed.initialize(config=...)``.
+
+    Raises:
+        ConfigError: For combinations that cannot run (fp16 on CPU, parameter offload below ZeRO-3,
+            a template whose stage disagrees with ``zero.stage``).
+    """
+    zero, train, precision = job.zero, job.train, job.precision
+    ds = copy.deepcopy(load_template(zero.template))
+    zero_opt = ds.setdefault("zero_optimization", {})
+    template_stage = zero_opt.get("stage", zero.stage)
+    if template_stage != zero.stage:
+        raise ConfigError(f"zero.stage={zero.stage} but template {zero.template!r} is stage {template_stage}")
+    zero_opt["stage"] = zero.stage
+
+    ds["train_micro_batch_size_per_gpu"] = batch.micro_batch_size
+    ds["gradient_accumulation_steps"] = batch.grad_accum_steps
+    ds["train_batch_size"] = batch.global_batch_size
+    ds["gradient_clipping"] = train.grad_clip
+
+    # The optimizer lives in the JSON so DeepSpeed can swap in DeepSpeedCPUAdam when it is offloaded.
+    ds["optimizer"] = {
+        "type": "AdamW",
+        "params": {
+            "lr": train.lr,
+            "betas": [train.adam_beta1, train.adam_beta2],
+            "eps": train.adam_eps,
+            "weight_decay": train.weight_decay,
+        },
+    }
+
+    if zero.offload_optimizer:
+        if zero.stage < 1:
+            raise ConfigError("zero.offload_optimizer=true needs ZeRO stage >= 1")
+        zero_opt["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if zero.offload_params:
+        if zero.stage != 3:
+            raise ConfigError("zero.offload_params=true needs ZeRO-3 (zero=zero3_offload); stages 1-2 keep full parameters on every GPU")
+        zero_opt["offload_param"] = {"device": "cpu", "pin_memory": True}
+    if zero.stage == 3 and hidden_size:
+        zero_opt.setdefault("reduce_bucket_size", hidden_size * hidden_size)
+        zero_opt.setdefault("stage3_prefetch_bucket_size", int(0.9 * hidden_size * hidden_size))
+        zero_opt.setdefault("stage3_param_persistence_threshold", 10 * hidden_size)
+
+    if num_parameters:
+        for key in BUCKET_KEYS:
+            if key in zero_opt:
+                zero_opt[key] = min(int(zero_opt[key]), num_parameters)
+
+    if precision.name == Precision.fp16:
+        if not cuda_available:
+            raise ConfigError(
+                "precision=fp16 needs a CUDA GPU (DeepSpeed's fp16 loss scaling does not exist on CPU); "
+                "use precision=bf16 (same memory, no loss scaling) or precision=fp32"
+            )
+        ds["fp16"] = {
+            "enabled": True,
+            "loss_scale": 0,  # 0 = dynamic loss scaling
+            "initial_scale_power": precision.initial_scale_power,
+            "loss_scale_window": precision.loss_scale_window,
+            "hysteresis": 2,
+            "min_loss_scale": 1,
+        }
+    elif precision.name == Precision.bf16:
+        ds["bf16"] = {"enabled": True}
+    return ds
+
+
+def write_ds_config(ds: dict[str, Any], path: Path) -> None:
+    """Write the resolved JSON into the run directory (rank 0 only)."""
+    path.write_text(json.dumps(ds, indent=2, sort_keys=True) + "\n")

@@ -1,0 +1,57 @@
+"""Shared fixtures: the bundled tiny tokenizer, a saved tiny "pretrained" model, and a 2-rank launcher."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TINY_DIR = REPO_ROOT / "dtrain" / "assets" / "tiny"
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(TINY_DIR)
+
+
+@pytest.fixture(scope="session")
+def tiny_pretrained(tmp_path_factory) -> Path:
+    """The bundled tiny config with fixed random weights saved as safetensors: a stand-in for a hub model."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path_factory.mktemp("tiny_pretrained")
+    torch.manual_seed(1234)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(TINY_DIR))
+    model.save_pretrained(out, safe_serialization=True)
+    AutoTokenizer.from_pretrained(TINY_DIR).save_pretrained(out)
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_train(overrides: list[str], run_dir: Path, num_ranks: int = 2, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run ``deepspeed --num_gpus N launch/train.py ...`` for real and return the finished process."""
+    deepspeed_bin = Path(sys.executable).parent / "deepspeed"
+    cmd = [
+        str(deepspeed_bin), "--num_gpus", str(num_ranks), "--master_port", str(free_port()),
+        "launch/train.py", f"output_dir={run_dir}", *overrides,
+    ]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled"}
+    return subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
