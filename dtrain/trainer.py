@@ -191,9 +191,7 @@ class Trainer:
         scale = self.batch.grad_accum_steps * self.batch.world_size / global_tokens
         local_loss_sum = torch.zeros((), dtype=torch.float64, device=self.dist.device)
         for batch in batches:
-            batch = {k: v.to(self.dist.device) for k, v in batch.items()}
-            logits = self.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-            loss_sum = shifted_token_loss_sum(logits, batch["labels"])
+            loss_sum = shifted_token_loss_sum(self._forward(batch), batch["labels"].to(self.dist.device))
             self.engine.backward(loss_sum * scale)
             self.engine.step()  # DeepSpeed only steps the optimizer at the accumulation boundary
             local_loss_sum += loss_sum.detach().double()
@@ -208,6 +206,14 @@ class Trainer:
             "tokens_per_s": global_tokens / elapsed,
             "step_time_s": elapsed,
         }
+
+    def _forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Logits of the engine on one collated batch (a collective under ZeRO-3: parameters are gathered)."""
+        return self.engine(
+            input_ids=batch["input_ids"].to(self.dist.device),
+            attention_mask=batch["attention_mask"].to(self.dist.device),
+            use_cache=False,
+        ).logits
 
     @torch.no_grad()
     def evaluate(self) -> Optional[float]:
@@ -225,9 +231,8 @@ class Trainer:
         loss_sum, tokens = 0.0, 0
         for k in range(num_batches):
             chunk = shard[k * micro : (k + 1) * micro] or [filler]
-            batch = {key: v.to(self.dist.device) for key, v in collate(chunk, self.pad_id).items()}
-            logits = self.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-            loss_sum += float(shifted_token_loss_sum(logits, batch["labels"]))
+            batch = collate(chunk, self.pad_id)
+            loss_sum += float(shifted_token_loss_sum(self._forward(batch), batch["labels"].to(self.dist.device)))
             tokens += count_trained_tokens(batch["labels"])
         self.engine.train()
         total_loss, total_tokens = all_reduce_sum([loss_sum, tokens], self.dist.device)
@@ -253,11 +258,7 @@ class Trainer:
         examples = (self.data.eval or self.data.train)[: self.batch.micro_batch_size]
         batch = collate(examples, self.pad_id)
         self.engine.eval()
-        logits = self.engine(
-            input_ids=batch["input_ids"].to(self.dist.device),
-            attention_mask=batch["attention_mask"].to(self.dist.device),
-            use_cache=False,
-        ).logits
+        logits = self._forward(batch)
         self.engine.train()
         if self.dist.is_main:
             tensors = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "logits": logits.float().cpu()}
