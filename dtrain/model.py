@@ -131,5 +131,8 @@ def build_model(job: JobConfig, ds_config: dict[str, Any]) -> tuple[Any, Optiona
     if job.peft.method == PeftMethod.lora:
         model = apply_lora(model, job.peft)
     trainable, total = parameter_counts(model)
+    if job.zero.stage == 3:
+        local = sum(p.ds_tensor.numel() for p in model.parameters() if hasattr(p, "ds_tensor"))
+        log.info("ZeRO-3: weights partitioned while loading; this rank holds %s of %s parameters", f"{local:,}", f"{total:,}")
     log.info("parameters: %s trainable of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100.0 * trainable / max(total, 1))
     return model, hf_ds_config

@@ -6,6 +6,7 @@ and a ``final/`` folder that loads with plain transformers / peft and reproduces
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -27,7 +28,7 @@ CASES = [  # (peft, zero, precision): each stage once per method, both precision
     ("none", "zero3", "fp32"),
     ("none", "zero3_offload", "bf16"),
     ("lora", "zero1", "fp32"),
-    ("lora", "zero2", "bf16"),
+    ("lora", "zero2", "bf16"),  # also with gradient checkpointing, below
     ("lora", "zero3", "bf16"),
     ("lora", "zero3_offload", "fp32"),
 ]
@@ -48,7 +49,8 @@ def load_exported(final, peft_method, base_path, dtype):
 def test_two_rank_training_run(tmp_path, tiny_pretrained, peft_method, zero, precision):
     run_dir = tmp_path / "run"
     overrides = SHORT_RUN + [f"peft={peft_method}", f"zero={zero}", f"precision={precision}",
-                             f"model.path={tiny_pretrained}", "model.init=pretrained"]
+                             f"model.path={tiny_pretrained}", "model.init=pretrained",
+                             f"model.gradient_checkpointing={peft_method == 'lora' and zero == 'zero2'}"]
     out = launch_train(overrides, run_dir)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
 
@@ -64,6 +66,9 @@ def test_two_rank_training_run(tmp_path, tiny_pretrained, peft_method, zero, pre
     assert [r["step"] for r in evals] == [4, 8] and evals[1]["eval_loss"] < evals[0]["eval_loss"]
 
     assert json.loads((run_dir / "ds_config.json").read_text())["zero_optimization"]["stage"] == int(zero[4])
+    if zero.startswith("zero3"):  # loaded partitioned: rank 0 never held the whole model
+        held, total = (int(x.replace(",", "")) for x in re.search(r"this rank holds ([\d,]+) of ([\d,]+)", out.stdout).groups())
+        assert held < 0.6 * total
     assert (run_dir / "config.yaml").is_file()
     samples = read_jsonl(run_dir / "samples.jsonl")
     assert len(samples) == 2 and all({"prompt", "generated", "reference"} <= s.keys() for s in samples)

@@ -1,0 +1,46 @@
+"""Model-side choices that must hold without a GPU: attention fallback, LoRA targets, remote-code pinning."""
+
+import importlib.util
+
+import pytest
+import torch
+
+from dtrain.config.schema import ModelConfig
+from dtrain.ds_config import ConfigError
+from dtrain.model import _remote_code_kwargs, choose_attn_implementation, count_parameters_from_config, linear_target_modules
+
+
+def test_sdpa_without_cuda_and_the_log_says_why(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    impl, reason = choose_attn_implementation("auto")
+    assert impl == "sdpa" and "no CUDA" in reason
+
+
+def test_flash_attention_when_cuda_and_flash_attn(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object() if name == "flash_attn" else real_find_spec(name))
+    assert choose_attn_implementation("auto")[0] == "flash_attention_2"
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "flash_attn" else real_find_spec(name))
+    impl, reason = choose_attn_implementation("auto")
+    assert impl == "sdpa" and "dtrain[flash]" in reason
+
+
+def test_explicit_attention_is_kept():
+    assert choose_attn_implementation("eager")[0] == "eager"
+
+
+def test_remote_code_needs_a_pinned_revision():
+    with pytest.raises(ConfigError, match="model.revision"):
+        _remote_code_kwargs(ModelConfig(path="x", trust_remote_code=True))
+    assert _remote_code_kwargs(ModelConfig(path="x", trust_remote_code=True, revision="abc123")) == {
+        "trust_remote_code": True, "revision": "abc123"}
+    assert _remote_code_kwargs(ModelConfig(path="x")) == {"trust_remote_code": False}
+
+
+def test_lora_targets_every_linear_but_the_head(tiny_pretrained):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_pretrained)
+    assert linear_target_modules(model) == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    assert count_parameters_from_config(model.config) == sum(p.numel() for p in model.parameters())
