@@ -44,6 +44,13 @@ class Overlength(str, Enum):
     error = "error"  # stop before training, naming the example
 
 
+class OnInvalid(str, Enum):
+    """What happens to a malformed record."""
+
+    error = "error"  # stop before training, naming the file, line and reason
+    skip = "skip"  # skip it, count it per reason, report the counts (and still stop past max_invalid_fraction)
+
+
 class PeftMethod(str, Enum):
     none = "none"
     lora = "lora"
@@ -97,6 +104,9 @@ class DataConfig:
     max_seq_len: int = 2048
     train_on: TrainOn = TrainOn.assistant
     overlength: Overlength = Overlength.drop
+    on_invalid: OnInvalid = OnInvalid.error
+    max_invalid_fraction: float = 0.01
+    """With ``on_invalid=skip``: stop anyway when more than this share of the records is invalid."""
     chat_template: Optional[str] = None
     """A Jinja string or a path to a .jinja file; wins over the tokenizer's own template."""
     end_of_turn_token: Optional[str] = None

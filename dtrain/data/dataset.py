@@ -7,10 +7,10 @@ import random
 from collections import Counter
 from dataclasses import dataclass, field
 
-from dtrain.config.schema import DataConfig, Overlength
+from dtrain.config.schema import DataConfig, OnInvalid, Overlength
 from dtrain.data.chat import ChatRenderer, TokenizedExample
 from dtrain.data.formats import Message, to_messages
-from dtrain.data.sources import DataError, RawRecord, load_records
+from dtrain.data.sources import DataError, InvalidRecord, RawRecord, load_records
 
 log = logging.getLogger("dtrain")
 
@@ -35,7 +35,8 @@ class PreparedData:
 def prepare_data(cfg: DataConfig, renderer: ChatRenderer, seed: int, num_prompts: int) -> PreparedData:
     """Load, validate, render and filter the train and eval data.
 
-    Over-length examples are dropped and counted (``data.overlength=drop``) or stop the run
+    Invalid records stop the run with their file, line and reason (``data.on_invalid=error``) or are skipped and
+    counted per reason (``skip``). Over-length examples are dropped and counted (``data.overlength=drop``) or stop the run
     (``error``); examples left with no trained token are always dropped and counted, never trained as NaN.
 
     Args:
@@ -53,14 +54,34 @@ def prepare_data(cfg: DataConfig, renderer: ChatRenderer, seed: int, num_prompts
         raise DataError(f"{cfg.path}: no records")
 
     dropped: Counter = Counter()
-    train_conversations = [(r.source, to_messages(r, cfg.format)) for r in train_records]
-    eval_conversations = [(r.source, to_messages(r, cfg.format)) for r in eval_records]
+    train_conversations = _validate(train_records, cfg, dropped)
+    eval_conversations = _validate(eval_records, cfg, dropped)
+    invalid = sum(dropped.values())
+    total = len(train_records) + len(eval_records)
+    if invalid > cfg.max_invalid_fraction * total:
+        counts = ", ".join(f"{reason}: {n}" for reason, n in sorted(dropped.items()))
+        raise DataError(
+            f"{invalid} of {total} records are invalid ({counts}), more than data.max_invalid_fraction="
+            f"{cfg.max_invalid_fraction}; fix the data (data.on_invalid=error names the first bad line) or raise the limit"
+        )
     train = _render_all(train_conversations, renderer, cfg, dropped)
     evaluation = _render_all(eval_conversations, renderer, cfg, dropped)
     if not train:
         raise DataError(f"{cfg.path}: every example was dropped ({dict(dropped)}); raise data.max_seq_len?")
     prompts = [_to_prompt(src, msgs) for src, msgs in eval_conversations[:num_prompts]]
     return PreparedData(train, evaluation, prompts, dropped)
+
+
+def _validate(records: list[RawRecord], cfg: DataConfig, invalid: Counter) -> list[tuple[str, list[Message]]]:
+    conversations = []
+    for record in records:
+        try:
+            conversations.append((record.source, to_messages(record, cfg.format)))
+        except InvalidRecord as e:
+            if cfg.on_invalid == OnInvalid.error:
+                raise DataError(f"{e}; fix that record, or set data.on_invalid=skip to skip and count such records") from None
+            invalid[f"invalid: {e.reason}"] += 1
+    return conversations
 
 
 def _split(records: list[RawRecord], fraction: float, seed: int) -> tuple[list[RawRecord], list[RawRecord]]:

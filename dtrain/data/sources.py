@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
 
@@ -17,10 +17,20 @@ class DataError(ValueError):
     """Bad input data; the message names the file and line (or row) and the fix."""
 
 
+class InvalidRecord(DataError):
+    """One bad record: ``reason`` is a short category used to count skips (``data.on_invalid=skip``)."""
+
+    def __init__(self, source: str, reason: str, detail: str = ""):
+        super().__init__(f"{source}: {reason}{f' ({detail})' if detail else ''}")
+        self.source = source
+        self.reason = reason
+
+
 @dataclass(frozen=True)
 class RawRecord:
     source: str  # "path/to/file.jsonl:17" or "hub-id[42]": what an error message points at
     data: dict[str, Any]
+    error: Optional[str] = None  # set when the line could not even be parsed (the record is then invalid)
 
 
 def load_records(path: str, split: str = "train") -> list[RawRecord]:
@@ -56,9 +66,11 @@ def _load_file(path: Path) -> list[RawRecord]:
                 try:
                     data = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{line_no}: malformed JSON ({e.msg}); fix or remove that line") from None
+                    records.append(RawRecord(f"{path}:{line_no}", {}, error=f"malformed JSON: {e.msg}"))
+                    continue
                 if not isinstance(data, dict):
-                    raise DataError(f"{path}:{line_no}: expected a JSON object per line, got {type(data).__name__}")
+                    records.append(RawRecord(f"{path}:{line_no}", {}, error=f"not a JSON object: {type(data).__name__}"))
+                    continue
                 records.append(RawRecord(f"{path}:{line_no}", data))
         return records
     if path.suffix == ".json":

@@ -87,22 +87,6 @@ def test_alpaca_records_become_user_assistant_turns(tiny_tokenizer):
     assert trained_text(ChatRenderer(tiny_tokenizer, TrainOn.assistant), example) == list("ABC") + [tiny_tokenizer.eos_token]
 
 
-@pytest.mark.parametrize(
-    "data, reason",
-    [
-        ({"messages": [{"role": "user", "content": "hi"}]}, "no assistant turn"),
-        ({"messages": [{"role": "robot", "content": "hi"}, {"role": "assistant", "content": "x"}]}, "unknown role"),
-        ({"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "x"}]}, "must be a string"),
-        ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "  "}]}, "empty assistant"),
-        ({"text": "no messages"}, "no 'messages' field"),
-    ],
-)
-def test_bad_records_name_their_source(data, reason):
-    with pytest.raises(DataError, match=reason) as err:
-        to_messages(RawRecord("train.jsonl:17", data), DataFormat.messages)
-    assert "train.jsonl:17" in str(err.value)
-
-
 def test_template_without_end_token_is_refused(tiny_tokenizer):
     tok = copy.deepcopy(tiny_tokenizer)
     tok.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"

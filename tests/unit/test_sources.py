@@ -26,11 +26,12 @@ def test_jsonl_json_parquet_and_folder(tmp_path):
     assert len(folder) == 9 and folder[0].source == f"{tmp_path / 'a.jsonl'}:1"
 
 
-def test_malformed_json_line_is_named(tmp_path):
+def test_malformed_json_line_is_kept_as_an_invalid_record_with_its_line(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"messages": []}\n\n{"messages": [oops\n')
-    with pytest.raises(DataError, match=r"bad.jsonl:3: malformed JSON"):
-        load_records(str(path))
+    records = load_records(str(path))
+    assert [r.source for r in records] == [f"{path}:1", f"{path}:3"]
+    assert records[0].error is None and records[1].error.startswith("malformed JSON")
 
 
 def test_missing_local_file_is_not_sent_to_the_hub(tmp_path):
