@@ -137,6 +137,8 @@ class Trainer:
         )
         for reason, count in sorted(d.dropped.items()):
             log.warning("dropped %d example(s): %s", count, reason)
+        for reason, count in sorted(d.truncated.items()):
+            log.warning("%d example(s) %s", count, reason)
         if self.sampler.unused_per_epoch:
             log.info("%d example(s) per epoch do not fill a global batch; each epoch's shuffle leaves out different ones", self.sampler.unused_per_epoch)
 

@@ -37,10 +37,11 @@ class TrainOn(str, Enum):
     all = "all"  # every token of the rendered conversation
 
 
-class Overlength(str, Enum):
+class Truncation(str, Enum):
     """What happens to an example longer than ``data.max_seq_len``."""
 
     drop = "drop"  # skip it and count it
+    truncate = "truncate"  # keep the prompt's head and the last assistant turn; dropped (and counted) if nothing trainable is left
     error = "error"  # stop before training, naming the example
 
 
@@ -103,7 +104,7 @@ class DataConfig:
     """Split name for hub datasets."""
     max_seq_len: int = 2048
     train_on: TrainOn = TrainOn.assistant
-    overlength: Overlength = Overlength.drop
+    truncation: Truncation = Truncation.drop
     on_invalid: OnInvalid = OnInvalid.error
     max_invalid_fraction: float = 0.01
     """With ``on_invalid=skip``: stop anyway when more than this share of the records is invalid."""

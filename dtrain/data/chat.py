@@ -24,6 +24,8 @@ class TokenizedExample:
     source: str
     input_ids: list[int]
     labels: list[int]  # IGNORE_INDEX where no loss; unshifted (labels[i] is the target when predicting token i)
+    last_turn: Optional[tuple[int, int]] = None
+    """``(start, end)`` of the last trained assistant turn, its role header included (used by truncation)."""
 
     @property
     def num_trained(self) -> int:
@@ -86,18 +88,18 @@ class ChatRenderer:
         turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
         if self.train_on == TrainOn.last_assistant:
             turns = turns[-1:]
+        last_turn = None
         for i in turns:
+            header = self._prefix_length(messages[:i], full, source, add_generation_prompt=False)
             start = self._prefix_length(messages[:i], full, source, add_generation_prompt=True)
             end = self._prefix_length(messages[: i + 1], full, source, add_generation_prompt=False)
             span_end = self._end_of_turn(full, start, end, source, i)
             labels[start:span_end] = full[start:span_end]
-        return TokenizedExample(source, full, labels)
+            last_turn = (header, span_end)
+        return TokenizedExample(source, full, labels, last_turn)
 
     def _prefix_length(self, messages: list[Message], full: list[int], source: str, add_generation_prompt: bool) -> int:
-        if not messages:  # nothing before the first turn; only a generation prompt may precede it
-            text = self.tokenizer.apply_chat_template([], tokenize=False, add_generation_prompt=add_generation_prompt) if add_generation_prompt else ""
-        else:
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
         ids = self.encode_text(text)
         if full[: len(ids)] != ids:
             raise DataError(
@@ -106,6 +108,23 @@ class ChatRenderer:
                 "use a template whose turns end with a special token (set data.chat_template)"
             )
         return len(ids)
+
+    def truncate(self, example: TokenizedExample, max_len: int) -> TokenizedExample:
+        """Fit ``example`` into ``max_len`` tokens: the prompt's head, then the last trained assistant turn.
+
+        When that turn alone is longer than ``max_len``, its beginning is kept. The caller drops the result if no
+        trained token is left.
+        """
+        if len(example.input_ids) <= max_len:
+            return example
+        start, end = example.last_turn or (len(example.input_ids), len(example.input_ids))
+        head = max(0, max_len - (end - start))
+        keep = list(range(head)) + list(range(start, end))[: max_len - head]
+        truncated = TokenizedExample(
+            example.source, [example.input_ids[i] for i in keep], [example.labels[i] for i in keep], (head, len(keep))
+        )
+        assert len(truncated.input_ids) <= max_len  # verified, never assumed
+        return truncated
 
     def _end_of_turn(self, full: list[int], start: int, end: int, source: str, turn: int) -> int:
         """Index one past the last end-of-turn token inside ``full[start:end]``."""

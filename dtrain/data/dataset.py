@@ -7,7 +7,7 @@ import random
 from collections import Counter
 from dataclasses import dataclass, field
 
-from dtrain.config.schema import DataConfig, OnInvalid, Overlength
+from dtrain.config.schema import DataConfig, OnInvalid, Truncation
 from dtrain.data.chat import ChatRenderer, TokenizedExample
 from dtrain.data.formats import Message, to_messages
 from dtrain.data.sources import DataError, InvalidRecord, RawRecord, load_records
@@ -30,14 +30,15 @@ class PreparedData:
     eval: list[TokenizedExample]
     prompts: list[GenerationPrompt]
     dropped: Counter = field(default_factory=Counter)  # reason -> count, reported at start
+    truncated: Counter = field(default_factory=Counter)
 
 
 def prepare_data(cfg: DataConfig, renderer: ChatRenderer, seed: int, num_prompts: int) -> PreparedData:
     """Load, validate, render and filter the train and eval data.
 
     Invalid records stop the run with their file, line and reason (``data.on_invalid=error``) or are skipped and
-    counted per reason (``skip``). Over-length examples are dropped and counted (``data.overlength=drop``) or stop the run
-    (``error``); examples left with no trained token are always dropped and counted, never trained as NaN.
+    counted per reason (``skip``). Over-length examples are dropped and counted (``data.truncation=drop``), truncated and counted
+    (``truncate``) or stop the run (``error``); examples left with no trained token are always dropped and counted, never trained as NaN.
 
     Args:
         cfg: The data config.
@@ -64,12 +65,13 @@ def prepare_data(cfg: DataConfig, renderer: ChatRenderer, seed: int, num_prompts
             f"{invalid} of {total} records are invalid ({counts}), more than data.max_invalid_fraction="
             f"{cfg.max_invalid_fraction}; fix the data (data.on_invalid=error names the first bad line) or raise the limit"
         )
-    train = _render_all(train_conversations, renderer, cfg, dropped)
-    evaluation = _render_all(eval_conversations, renderer, cfg, dropped)
+    truncated: Counter = Counter()
+    train = _render_all(train_conversations, renderer, cfg, dropped, truncated)
+    evaluation = _render_all(eval_conversations, renderer, cfg, dropped, truncated)
     if not train:
         raise DataError(f"{cfg.path}: every example was dropped ({dict(dropped)}); raise data.max_seq_len?")
     prompts = [_to_prompt(src, msgs) for src, msgs in eval_conversations[:num_prompts]]
-    return PreparedData(train, evaluation, prompts, dropped)
+    return PreparedData(train, evaluation, prompts, dropped, truncated)
 
 
 def _validate(records: list[RawRecord], cfg: DataConfig, invalid: Counter) -> list[tuple[str, list[Message]]]:
@@ -94,18 +96,24 @@ def _split(records: list[RawRecord], fraction: float, seed: int) -> tuple[list[R
     return [r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held]
 
 
-def _render_all(conversations, renderer: ChatRenderer, cfg: DataConfig, dropped: Counter) -> list[TokenizedExample]:
+def _render_all(conversations, renderer: ChatRenderer, cfg: DataConfig, dropped: Counter, truncated: Counter) -> list[TokenizedExample]:
     out = []
     for source, messages in conversations:
         example = renderer.render(messages, source)
         if len(example.input_ids) > cfg.max_seq_len:
-            if cfg.overlength == Overlength.error:
+            if cfg.truncation == Truncation.error:
                 raise DataError(
                     f"{source}: {len(example.input_ids)} tokens > data.max_seq_len={cfg.max_seq_len}; "
-                    "raise data.max_seq_len or set data.overlength=drop"
+                    "raise data.max_seq_len or set data.truncation=drop|truncate"
                 )
-            dropped["longer than max_seq_len"] += 1
-            continue
+            if cfg.truncation == Truncation.drop:
+                dropped["longer than max_seq_len"] += 1
+                continue
+            example = renderer.truncate(example, cfg.max_seq_len)
+            if example.num_trained == 0:
+                dropped["no trained token left after truncation"] += 1
+                continue
+            truncated["truncated to max_seq_len"] += 1
         if example.num_trained == 0:
             dropped["no trained token"] += 1
             continue
