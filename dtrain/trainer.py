@@ -22,6 +22,7 @@ import torch
 from dtrain.config.schema import JobConfig, ModelInit, PeftMethod
 from dtrain.data import ChatRenderer, StepSampler, collate, prepare_data, resolve_chat_template
 from dtrain.data.chat import IGNORE_INDEX, TokenizedExample
+from dtrain.data.packing import collate_packed, pack_examples
 from dtrain.data.sources import DataError
 from dtrain.dist import all_reduce_sum, barrier, init_distributed, setup_logging
 from dtrain.ds_config import BatchPlan, ConfigError, build_ds_config, write_ds_config
@@ -76,10 +77,13 @@ class Trainer:
         self.pad_id = self.tokenizer.pad_token_id
 
         self.batch = BatchPlan.from_config(job.train, self.dist.world_size)
-        self.sampler = StepSampler(len(self.data.train), self.batch, self.dist.rank, job.train.seed)
+        self.train_units = self._make_units()
+        lengths = [sum(len(e.input_ids) for e in unit) for unit in self.train_units]
+        grouped = job.data.group_by_length and not job.data.packing
+        self.sampler = StepSampler(len(self.train_units), self.batch, self.dist.rank, job.train.seed, lengths if grouped else None)
         if self.sampler.steps_per_epoch == 0:
             raise ConfigError(
-                f"{len(self.data.train)} training examples do not fill one global batch of {self.batch.global_batch_size} "
+                f"{len(self.train_units)} training {self._unit_name} do not fill one global batch of {self.batch.global_batch_size} "
                 "(micro_batch_size x grad_accum_steps x world size); lower the batch size or add data"
             )
         self.total_steps = job.train.max_steps or job.train.epochs * self.sampler.steps_per_epoch
@@ -112,8 +116,38 @@ class Trainer:
         self.metrics = MetricsLogger(self.run_dir, self.dist.is_main, job.wandb, _plain(job), job.run_name)
         self.step = 0
         self.skipped_steps = 0
+        self.real_tokens = self.token_slots = 0
 
     # ------------------------------------------------------------------ setup helpers
+
+    @property
+    def _unit_name(self) -> str:
+        return "packed rows" if self.job.data.packing else "examples"
+
+    def _make_units(self) -> list[list[TokenizedExample]]:
+        """What the sampler draws: packed rows of examples, or single examples."""
+        train = self.data.train
+        if not self.job.data.packing:
+            return [[e] for e in train]
+        rows = pack_examples([len(e.input_ids) for e in train], self.job.data.max_seq_len, self.job.train.seed)
+        return [[train[i] for i in row] for row in rows]
+
+    def _collate(self, units: list[list[TokenizedExample]]) -> dict[str, torch.Tensor]:
+        if self.job.data.packing:
+            return collate_packed(units, self.pad_id)
+        return collate([unit[0] for unit in units], self.pad_id)
+
+    def _planned_padding_efficiency(self) -> float:
+        """Real tokens / token slots over epoch 0's micro-batches on all ranks (lengths only, no tensors)."""
+        real = slots = 0
+        for rank in range(self.dist.world_size):
+            sampler = StepSampler(self.sampler.num_examples, self.batch, rank, self.sampler.seed, self.sampler.lengths)
+            for step in sampler.steps(0):
+                for idx in step:
+                    sizes = [sum(len(e.input_ids) for e in self.train_units[i]) for i in idx]
+                    real += sum(sizes)
+                    slots += max(sizes) * len(sizes)
+        return real / max(slots, 1)
 
     def _check_vocab(self, vocab_size: int) -> None:
         biggest = max(max(e.input_ids) for e in self.data.train)
@@ -128,8 +162,8 @@ class Trainer:
         trained = sum(e.num_trained for e in d.train)
         total = sum(len(e.input_ids) for e in d.train)
         log.info(
-            "batch: %d micro x %d accumulation x %d ranks = %d examples per optimizer step",
-            b.micro_batch_size, b.grad_accum_steps, b.world_size, b.global_batch_size,
+            "batch: %d micro x %d accumulation x %d ranks = %d %s per optimizer step",
+            b.micro_batch_size, b.grad_accum_steps, b.world_size, b.global_batch_size, self._unit_name,
         )
         log.info(
             "data: %d train / %d eval examples, %d tokens of which %d trained (%.1f%%); %d steps/epoch, %d total steps",
@@ -139,8 +173,13 @@ class Trainer:
             log.warning("dropped %d example(s): %s", count, reason)
         for reason, count in sorted(d.truncated.items()):
             log.warning("%d example(s) %s", count, reason)
+        if self.job.data.packing:
+            log.info("packing: %d examples into %d rows of <= %d tokens", len(d.train), len(self.train_units), self.job.data.max_seq_len)
+        layout = "packed" if self.job.data.packing else ("padded, grouped by length" if self.sampler.lengths else "padded")
+        log.info("padding efficiency (real tokens / token slots) planned for epoch 0: %.1f%% (%s)", 100 * self._planned_padding_efficiency(), layout)
         if self.sampler.unused_per_epoch:
-            log.info("%d example(s) per epoch do not fill a global batch; each epoch's shuffle leaves out different ones", self.sampler.unused_per_epoch)
+            log.info("%d %s per epoch do not fill a global batch; each epoch's shuffle leaves out different ones",
+                     self.sampler.unused_per_epoch, self._unit_name)
 
     # ------------------------------------------------------------------ training
 
@@ -180,10 +219,14 @@ class Trainer:
         every rank) / (number of those tokens), so it does not depend on micro-batch size or world size.
         """
         t0 = time.perf_counter()
-        batches = [collate([self.data.train[i] for i in idx], self.pad_id) for idx in micro_indices]
+        batches = [self._collate([self.train_units[i] for i in idx]) for idx in micro_indices]
         local_tokens = sum(count_trained_tokens(b["labels"]) for b in batches)
+        local_real = sum(len(e.input_ids) for idx in micro_indices for i in idx for e in self.train_units[i])
+        local_slots = sum(b["input_ids"].numel() for b in batches)
         # Sync point: the normaliser must be known on every rank before the first backward of the step.
-        (global_tokens,) = all_reduce_sum([local_tokens], self.dist.device)
+        global_tokens, global_real, global_slots = all_reduce_sum([local_tokens, local_real, local_slots], self.dist.device)
+        self.real_tokens += global_real
+        self.token_slots += global_slots
         if global_tokens == 0:
             self.skipped_steps += 1
             log.warning("step %d: no trained token in the global batch; step skipped", self.step + 1)
@@ -206,16 +249,17 @@ class Trainer:
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
             "tokens": int(global_tokens),
             "tokens_per_s": global_tokens / elapsed,
+            "input_tokens": int(global_real),
+            "padding_efficiency": global_real / global_slots,
             "step_time_s": elapsed,
         }
 
     def _forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Logits of the engine on one collated batch (a collective under ZeRO-3: parameters are gathered)."""
-        return self.engine(
-            input_ids=batch["input_ids"].to(self.dist.device),
-            attention_mask=batch["attention_mask"].to(self.dist.device),
-            use_cache=False,
-        ).logits
+        # use_cache=False matters beyond memory: with a cache, transformers ignores packed position_ids and
+        # packed examples would attend to each other.
+        inputs = {k: v.to(self.dist.device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
+        return self.engine(**inputs, use_cache=False).logits
 
     @torch.no_grad()
     def evaluate(self) -> Optional[float]:
@@ -291,6 +335,7 @@ class Trainer:
             "final_dir": str(self.run_dir / "final"),
             "steps": self.step,
             "skipped_steps": self.skipped_steps,
+            "padding_efficiency": self.real_tokens / max(self.token_slots, 1),
             "eval_loss": eval_loss,
             "accuracy_before": exact_match_accuracy(before) if before is not None else None,
             "accuracy_after": exact_match_accuracy(after) if after else None,

@@ -108,6 +108,10 @@ class DataConfig:
     on_invalid: OnInvalid = OnInvalid.error
     max_invalid_fraction: float = 0.01
     """With ``on_invalid=skip``: stop anyway when more than this share of the records is invalid."""
+    packing: bool = False
+    """Pack several examples per row up to ``max_seq_len`` (no padding, no attention across examples)."""
+    group_by_length: bool = True
+    """Without packing: batch examples of similar length together (less padding), order reshuffled each epoch."""
     chat_template: Optional[str] = None
     """A Jinja string or a path to a .jinja file; wins over the tokenizer's own template."""
     end_of_turn_token: Optional[str] = None

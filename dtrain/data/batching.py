@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import random
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 
 from dtrain.data.chat import IGNORE_INDEX, TokenizedExample
 from dtrain.ds_config import BatchPlan
+
+
+LENGTH_GROUP_BATCHES = 64
 
 
 class StepSampler:
@@ -20,11 +23,21 @@ class StepSampler:
     epoch's shuffle), so no rank ever waits in a collective that another rank skips.
     """
 
-    def __init__(self, num_examples: int, batch: BatchPlan, rank: int, seed: int):
+    def __init__(self, num_examples: int, batch: BatchPlan, rank: int, seed: int, lengths: Optional[list[int]] = None):
+        """
+        Args:
+            num_examples: Units to sample from (examples, or packed rows).
+            batch: The batch plan (micro x accumulation x ranks).
+            rank: This rank.
+            seed: Base seed; epoch ``e`` shuffles with a seed derived from ``(seed, e)``.
+            lengths: When given, group units of similar length into the same global batch (sorted within
+                shuffled mega-batches of 64 global batches, then the batches themselves shuffled).
+        """
         self.num_examples = num_examples
         self.batch = batch
         self.rank = rank
         self.seed = seed
+        self.lengths = lengths
 
     @property
     def steps_per_epoch(self) -> int:
@@ -35,9 +48,19 @@ class StepSampler:
         return self.num_examples - self.steps_per_epoch * self.batch.global_batch_size
 
     def epoch_order(self, epoch: int) -> list[int]:
+        rng = random.Random(self.seed * 1_000_003 + epoch)
         order = list(range(self.num_examples))
-        random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
-        return order
+        rng.shuffle(order)
+        if self.lengths is None:
+            return order
+        size = self.batch.global_batch_size
+        mega = size * LENGTH_GROUP_BATCHES
+        grouped = []
+        for start in range(0, len(order), mega):
+            grouped += sorted(order[start : start + mega], key=lambda i: -self.lengths[i])
+        batches = [grouped[i : i + size] for i in range(0, self.steps_per_epoch * size, size)]
+        rng.shuffle(batches)
+        return [i for b in batches for i in b] + grouped[self.steps_per_epoch * size :]
 
     def steps(self, epoch: int) -> Iterator[list[list[int]]]:
         """Yield, per optimizer step, this rank's ``grad_accum_steps`` micro-batches of example indices."""

@@ -23,7 +23,7 @@ SHORT_RUN = [
 STEP_KEYS = {"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s"}
 
 CASES = [  # (peft, zero, precision): every stage for both methods, bf16 and fp32 for both (full FT fp32 below)
-    ("none", "zero2", "bf16"),
+    ("none", "zero2", "bf16"),  # with packing, below
     ("none", "zero3_offload", "bf16"),
     ("lora", "zero1", "fp32"),
     ("lora", "zero2", "bf16"),  # also with gradient checkpointing, below
@@ -49,6 +49,8 @@ def run_and_check(tmp_path, tiny_pretrained, peft_method, zero, precision) -> li
     overrides = SHORT_RUN + [f"peft={peft_method}", f"zero={zero}", f"precision={precision}",
                              f"model.path={tiny_pretrained}", "model.init=pretrained",
                              f"model.gradient_checkpointing={peft_method == 'lora' and zero == 'zero2'}"]
+    if (peft_method, zero, precision) == ("none", "zero2", "bf16"):
+        overrides += ["data.packing=true", "train.micro_batch_size=2"]
     out = launch_train(overrides, run_dir)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
 

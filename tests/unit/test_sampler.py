@@ -37,3 +37,25 @@ def test_every_rank_gets_the_same_number_of_micro_batches(n):
     counts = {len([m for step in StepSampler(n, BatchPlan(2, 2, 2), r, 1).steps(0) for m in step]) for r in range(2)}
     assert len(counts) == 1
     assert StepSampler(n, BatchPlan(2, 2, 2), 0, 1).unused_per_epoch == n % 8
+
+
+def test_length_grouping_cuts_padding_and_keeps_the_guarantees():
+    import random as _random
+
+    rng = _random.Random(0)
+    lengths = [rng.randint(10, 200) for _ in range(640)]
+
+    def efficiency(grouped):
+        real = slots = 0
+        for rank in range(2):
+            for step in StepSampler(640, BatchPlan(8, 1, 2), rank, 0, lengths if grouped else None).steps(0):
+                for idx in step:
+                    sizes = [lengths[i] for i in idx]
+                    real, slots = real + sum(sizes), slots + max(sizes) * len(sizes)
+        return real / slots
+
+    assert efficiency(True) > 0.95 > efficiency(False)
+    grouped = [list(StepSampler(640, BatchPlan(8, 1, 2), r, 0, lengths).steps(0)) for r in range(2)]
+    seen = [i for steps in grouped for step in steps for mb in step for i in mb]
+    assert sorted(seen) == list(range(640))  # still every example once per epoch, disjoint across ranks
+    assert StepSampler(640, BatchPlan(8, 1, 2), 0, 0, lengths).epoch_order(1) != StepSampler(640, BatchPlan(8, 1, 2), 0, 0, lengths).epoch_order(0)
