@@ -110,8 +110,10 @@ class DataConfig:
     """With ``on_invalid=skip``: stop anyway when more than this share of the records is invalid."""
     packing: bool = False
     """Pack several examples per row up to ``max_seq_len`` (no padding, no attention across examples)."""
-    group_by_length: bool = True
-    """Without packing: batch examples of similar length together (less padding), order reshuffled each epoch."""
+    group_by_length: bool = False
+    """Without packing: batch examples of similar length together (less padding, order reshuffled each epoch).
+    Off by default: length-homogeneous batches slowed convergence several-fold on the bundled task (see
+    docs/BENCHMARKS.md); packing removes padding without biasing batches."""
     chat_template: Optional[str] = None
     """A Jinja string or a path to a .jinja file; wins over the tokenizer's own template."""
     end_of_turn_token: Optional[str] = None
