@@ -150,7 +150,7 @@ class Trainer:
         return real / max(slots, 1)
 
     def _check_vocab(self, vocab_size: int) -> None:
-        biggest = max(max(e.input_ids) for e in self.data.train)
+        biggest = max(max(e.input_ids) for e in self.data.train + self.data.eval)
         if biggest >= vocab_size:
             raise DataError(
                 f"token id {biggest} does not fit the model's {vocab_size} embedding rows: the tokenizer at "
