@@ -92,3 +92,34 @@ def test_template_without_end_token_is_refused(tiny_tokenizer):
     tok.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"
     with pytest.raises(DataError, match="never learn to stop"):
         ChatRenderer(tok, TrainOn.assistant).render(SINGLE, "s.jsonl:1")
+
+
+def test_config_chat_template_wins_over_the_tokenizers(tiny_tokenizer, tmp_path):
+    from dtrain.data import resolve_chat_template
+
+    template = ("{% for m in messages %}<|im_start|>{{ m['role'] | upper }}: {{ m['content'] }}<|im_end|>{% endfor %}"
+                "{% if add_generation_prompt %}<|im_start|>ASSISTANT: {% endif %}")
+    path = tmp_path / "t.jinja"
+    path.write_text(template)
+    for override in (template, str(path)):
+        tok = copy.deepcopy(tiny_tokenizer)
+        resolve_chat_template(tok, override)
+        example = ChatRenderer(tok, TrainOn.assistant).render(SINGLE)
+        assert tok.decode(example.input_ids).startswith("<|im_start|>USER: upper: abc<|im_end|><|im_start|>ASSISTANT: ABC")
+        assert trained_text(ChatRenderer(tok, TrainOn.assistant), example) == list("ABC") + [tok.eos_token]
+
+
+def test_missing_template_is_a_clear_error(tiny_tokenizer):
+    from dtrain.data import resolve_chat_template
+
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.chat_template = None
+    with pytest.raises(DataError, match="data.chat_template"):
+        resolve_chat_template(tok, None)
+
+
+def test_double_bos_is_refused(tiny_tokenizer):
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.chat_template = "<|endoftext|><|endoftext|>" + tok.chat_template
+    with pytest.raises(DataError, match="two BOS"):
+        ChatRenderer(tok, TrainOn.assistant).render(SINGLE)
