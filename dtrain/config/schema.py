@@ -197,6 +197,19 @@ class WandbConfig:
     tags: List[str] = field(default_factory=list)
 
 
+class PreviewFormat(str, Enum):
+    text = "text"  # rendered text, trained tokens highlighted (colour on a terminal, [[brackets]] otherwise)
+    json = "json"  # one object per example/row: input_ids, labels (-100 = no loss), position_ids when packed
+
+
+@dataclass
+class PreviewConfig:
+    """``launch/preview.py``: what the model will see and be trained on, before any training."""
+
+    n: int = 3
+    format: PreviewFormat = PreviewFormat.text
+
+
 @dataclass
 class JobConfig:
     """Top-level schema of ``conf/train.yaml``."""
@@ -212,3 +225,4 @@ class JobConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    preview: PreviewConfig = field(default_factory=PreviewConfig)
