@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from dtrain.config.schema import JobConfig, ModelInit, PeftMethod
-from dtrain.data import ChatRenderer, StepSampler, collate, prepare_data, resolve_chat_template
+from dtrain.data import ChatRenderer, StepSampler, collate, resolve_chat_template
+from dtrain.data.cache import load_or_prepare
 from dtrain.data.chat import IGNORE_INDEX, TokenizedExample
 from dtrain.data.packing import collate_packed, pack_examples
 from dtrain.data.sources import DataError
@@ -73,7 +74,8 @@ class Trainer:
         self.tokenizer = load_tokenizer(job.model)
         resolve_chat_template(self.tokenizer, job.data.chat_template)
         self.renderer = ChatRenderer(self.tokenizer, job.data.train_on, job.data.end_of_turn_token)
-        self.data = prepare_data(job.data, self.renderer, job.train.seed, job.generate.num_prompts)
+        self.data = load_or_prepare(job.data, self.renderer, job.train.seed, job.generate.num_prompts,
+                                    is_local_main=self.dist.local_rank == 0, barrier=barrier)
         self.pad_id = self.tokenizer.pad_token_id
 
         self.batch = BatchPlan.from_config(job.train, self.dist.world_size)
