@@ -21,6 +21,7 @@ import torch
 
 from dtrain.config.schema import JobConfig, ModelInit, PeftMethod
 from dtrain.data import ChatRenderer, StepSampler, collate, resolve_chat_template
+from dtrain.data.audit import audit_masks
 from dtrain.data.cache import load_or_prepare
 from dtrain.data.chat import IGNORE_INDEX, TokenizedExample
 from dtrain.data.packing import collate_packed, pack_examples
@@ -76,6 +77,8 @@ class Trainer:
         self.renderer = ChatRenderer(self.tokenizer, job.data.train_on, job.data.end_of_turn_token)
         self.data = load_or_prepare(job.data, self.renderer, job.train.seed, job.generate.num_prompts,
                                     is_local_main=self.dist.local_rank == 0, barrier=barrier)
+        checked = audit_masks(self.data.train, self.renderer, job.train.seed)
+        log.info("mask audit: %d examples checked (trained tokens, end-of-turn tokens, labels)", checked)
         self.pad_id = self.tokenizer.pad_token_id
 
         self.batch = BatchPlan.from_config(job.train, self.dist.world_size)

@@ -35,7 +35,7 @@ def _file_identity(path: str) -> list:
     return [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] if f.exists() else [str(f)] for f in files]
 
 
-PIPELINE_SOURCES = ("sources.py", "formats.py", "chat.py", "dataset.py", "cache.py")
+PIPELINE_SOURCES = ("sources.py", "formats.py", "chat.py", "dataset.py", "cache.py")  # their bytes key the cache
 
 
 def cache_key(cfg: DataConfig, renderer: ChatRenderer, seed: int, num_prompts: int) -> str:
@@ -61,7 +61,7 @@ def _save_examples(examples: list[TokenizedExample], folder: Path, name: str) ->
     np.save(folder / f"{name}_input_ids.npy", np.array([t for e in examples for t in e.input_ids], dtype=np.int64))
     np.save(folder / f"{name}_labels.npy", np.array([t for e in examples for t in e.labels], dtype=np.int64))
     np.save(folder / f"{name}_lengths.npy", lengths)
-    return [[e.source, list(e.last_turn) if e.last_turn else None] for e in examples]
+    return [[e.source, list(e.last_turn) if e.last_turn else None, e.truncated] for e in examples]
 
 
 def _load_examples(folder: Path, name: str, meta: list) -> list[TokenizedExample]:
@@ -69,8 +69,9 @@ def _load_examples(folder: Path, name: str, meta: list) -> list[TokenizedExample
     labels = np.load(folder / f"{name}_labels.npy", allow_pickle=False).tolist()
     lengths = np.load(folder / f"{name}_lengths.npy", allow_pickle=False).tolist()
     out, offset = [], 0
-    for (source, last_turn), n in zip(meta, lengths):
-        out.append(TokenizedExample(source, ids[offset : offset + n], labels[offset : offset + n], tuple(last_turn) if last_turn else None))
+    for (source, last_turn, truncated), n in zip(meta, lengths):
+        out.append(TokenizedExample(source, ids[offset : offset + n], labels[offset : offset + n],
+                                    tuple(last_turn) if last_turn else None, truncated))
         offset += n
     return out
 

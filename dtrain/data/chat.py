@@ -26,6 +26,7 @@ class TokenizedExample:
     labels: list[int]  # IGNORE_INDEX where no loss; unshifted (labels[i] is the target when predicting token i)
     last_turn: Optional[tuple[int, int]] = None
     """``(start, end)`` of the last trained assistant turn, its role header included (used by truncation)."""
+    truncated: bool = False
 
     @property
     def num_trained(self) -> int:
@@ -124,7 +125,7 @@ class ChatRenderer:
         head = max(0, max_len - (end - start))
         keep = list(range(head)) + list(range(start, end))[: max_len - head]
         truncated = TokenizedExample(
-            example.source, [example.input_ids[i] for i in keep], [example.labels[i] for i in keep], (head, len(keep))
+            example.source, [example.input_ids[i] for i in keep], [example.labels[i] for i in keep], (head, len(keep)), True
         )
         assert len(truncated.input_ids) <= max_len  # verified, never assumed
         return truncated

@@ -1,0 +1,54 @@
+"""The start-up mask audit: re-check, on a sample of the training data, what the loss will be taken on."""
+
+from __future__ import annotations
+
+import random
+
+from dtrain.config.schema import TrainOn
+from dtrain.data.chat import IGNORE_INDEX, ChatRenderer, TokenizedExample
+from dtrain.data.preview import highlight
+from dtrain.data.sources import DataError
+
+
+def _trained_spans(example: TokenizedExample) -> list[tuple[int, int]]:
+    spans, start = [], None
+    for i, label in enumerate(example.labels + [IGNORE_INDEX]):
+        if label != IGNORE_INDEX and start is None:
+            start = i
+        elif label == IGNORE_INDEX and start is not None:
+            spans.append((start, i))
+            start = None
+    return spans
+
+
+def audit_example(example: TokenizedExample, renderer: ChatRenderer) -> str | None:
+    """The first problem with ``example``'s labels, or None."""
+    if example.num_trained == 0:
+        return "no token is trained"
+    if any(label not in (IGNORE_INDEX, token) for token, label in zip(example.input_ids, example.labels)):
+        return "a label differs from its input token"
+    if renderer.train_on == TrainOn.all:
+        return None
+    spans = _trained_spans(example)
+    for k, (start, end) in enumerate(spans):
+        cut_by_truncation = example.truncated and k == len(spans) - 1 and end == len(example.input_ids)
+        if example.input_ids[end - 1] != renderer.end_of_turn_id and not cut_by_truncation:
+            return "a trained assistant span does not end with its end-of-turn token (the model would not learn to stop)"
+    return None
+
+
+def audit_masks(examples: list[TokenizedExample], renderer: ChatRenderer, seed: int, sample: int = 1000) -> int:
+    """Check up to ``sample`` examples; stop with the highlighted example on the first problem.
+
+    Returns:
+        How many examples were checked.
+
+    Raises:
+        DataError: naming the example and the problem, with its rendering (trained tokens in [[ ]]).
+    """
+    chosen = examples if len(examples) <= sample else random.Random(seed).sample(examples, sample)
+    for example in chosen:
+        problem = audit_example(example, renderer)
+        if problem:
+            raise DataError(f"{example.source}: mask audit failed: {problem}:\n{highlight(example, renderer.tokenizer, color=False)}")
+    return len(chosen)
