@@ -36,9 +36,10 @@ class PreparedData:
 def prepare_data(cfg: DataConfig, renderer: ChatRenderer, seed: int, num_prompts: int) -> PreparedData:
     """Load, validate, render and filter the train and eval data.
 
-    Invalid records stop the run with their file, line and reason (``data.on_invalid=error``) or are skipped and
-    counted per reason (``skip``). Over-length examples are dropped and counted (``data.truncation=drop``), truncated and counted
-    (``truncate``) or stop the run (``error``); examples left with no trained token are always dropped and counted, never trained as NaN.
+    Invalid records stop the run with their file, line and reason (``data.on_invalid=error``) or are skipped
+    and counted per reason (``skip``). Over-length examples are dropped and counted (``data.truncation=drop``),
+    truncated and counted (``truncate``) or stop the run (``error``). Examples left with no trained token are
+    always dropped and counted, never trained as NaN.
 
     Args:
         cfg: The data config.
