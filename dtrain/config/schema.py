@@ -108,6 +108,8 @@ class DataConfig:
     on_invalid: OnInvalid = OnInvalid.error
     max_invalid_fraction: float = 0.01
     """With ``on_invalid=skip``: stop anyway when more than this share of the records is invalid."""
+    num_proc: int = 1
+    """Processes that render and tokenise in parallel (on the rank that tokenises)."""
     cache_dir: Optional[str] = "~/.cache/dtrain/tokenized"
     """Tokenised data is cached here (keyed by files, tokenizer, data config and code); empty: no cache."""
     packing: bool = False

@@ -62,11 +62,15 @@ class StepSampler:
         rng.shuffle(batches)
         return [i for b in batches for i in b] + grouped[self.steps_per_epoch * size :]
 
-    def steps(self, epoch: int) -> Iterator[list[list[int]]]:
-        """Yield, per optimizer step, this rank's ``grad_accum_steps`` micro-batches of example indices."""
+    def steps(self, epoch: int, start_step: int = 0) -> Iterator[list[list[int]]]:
+        """Yield, per optimizer step, this rank's ``grad_accum_steps`` micro-batches of example indices.
+
+        The position is ``(epoch, step within the epoch)``: the order is a pure function of the seed and the
+        epoch, so a resumed run passes ``start_step`` and sees exactly the batches it would have seen.
+        """
         order = self.epoch_order(epoch)
         micro, accum, world = self.batch.micro_batch_size, self.batch.grad_accum_steps, self.batch.world_size
-        for step in range(self.steps_per_epoch):
+        for step in range(start_step, self.steps_per_epoch):
             chunk = order[step * self.batch.global_batch_size : (step + 1) * self.batch.global_batch_size]
             # Micro-batch k of rank r: consecutive slices interleaved by rank, disjoint across ranks.
             yield [chunk[(k * world + self.rank) * micro : (k * world + self.rank + 1) * micro] for k in range(accum)]

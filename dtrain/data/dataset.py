@@ -97,10 +97,27 @@ def _split(records: list[RawRecord], fraction: float, seed: int) -> tuple[list[R
     return [r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held]
 
 
+def _render_chunk(renderer: ChatRenderer, chunk: list[tuple[str, list[Message]]]) -> list[TokenizedExample]:
+    return [renderer.render(messages, source) for source, messages in chunk]
+
+
+def _render_parallel(conversations, renderer: ChatRenderer, num_proc: int) -> list[TokenizedExample]:
+    """Render in ``num_proc`` processes (order preserved); one process renders in place."""
+    if num_proc <= 1 or len(conversations) < 2 * num_proc:
+        return _render_chunk(renderer, conversations)
+    from concurrent.futures import ProcessPoolExecutor
+    from functools import partial
+
+    size = -(-len(conversations) // (num_proc * 4))
+    chunks = [conversations[i : i + size] for i in range(0, len(conversations), size)]
+    with ProcessPoolExecutor(num_proc) as pool:
+        return [e for part in pool.map(partial(_render_chunk, renderer), chunks) for e in part]
+
+
 def _render_all(conversations, renderer: ChatRenderer, cfg: DataConfig, dropped: Counter, truncated: Counter) -> list[TokenizedExample]:
     out = []
-    for source, messages in conversations:
-        example = renderer.render(messages, source)
+    for example in _render_parallel(conversations, renderer, cfg.num_proc):
+        source = example.source
         if len(example.input_ids) > cfg.max_seq_len:
             if cfg.truncation == Truncation.error:
                 raise DataError(

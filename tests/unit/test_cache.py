@@ -40,3 +40,14 @@ def test_bad_data_reaches_every_rank_as_an_error(tmp_path, tiny_tokenizer):
     renderer = ChatRenderer(tiny_tokenizer, job.data.train_on)
     with pytest.raises(DataError, match="no assistant turn"):  # a non-main rank reads the error left for it
         cache.load_or_prepare(job.data, renderer, job.train.seed, 4, is_local_main=False, barrier=lambda: None)
+
+
+def test_parallel_tokenisation_gives_the_same_data(tiny_tokenizer):
+    from dtrain.data import prepare_data
+
+    single = compose_job(["+exp=tiny_cpu", "data.cache_dir=null"])
+    parallel = compose_job(["+exp=tiny_cpu", "data.cache_dir=null", "data.num_proc=2"])
+    renderer = ChatRenderer(tiny_tokenizer, single.data.train_on)
+    a = prepare_data(single.data, renderer, 0, 4)
+    b = prepare_data(parallel.data, renderer, 0, 4)
+    assert a.train == b.train and a.eval == b.eval and a.dropped == b.dropped

@@ -59,3 +59,9 @@ def test_length_grouping_cuts_padding_and_keeps_the_guarantees():
     seen = [i for steps in grouped for step in steps for mb in step for i in mb]
     assert sorted(seen) == list(range(640))  # still every example once per epoch, disjoint across ranks
     assert StepSampler(640, BatchPlan(8, 1, 2), 0, 0, lengths).epoch_order(1) != StepSampler(640, BatchPlan(8, 1, 2), 0, 0, lengths).epoch_order(0)
+
+
+def test_resuming_mid_epoch_yields_the_remaining_batches_exactly():
+    sampler = StepSampler(100, BatchPlan(2, 2, 2), 1, seed=5, lengths=list(range(100)))
+    full = list(sampler.steps(3))
+    assert list(StepSampler(100, BatchPlan(2, 2, 2), 1, seed=5, lengths=list(range(100))).steps(3, start_step=4)) == full[4:]
