@@ -73,3 +73,15 @@ def test_packed_logits_equal_one_at_a_time(tiny_tokenizer, tiny_pretrained, attn
         torch.testing.assert_close(packed[1, :n], model(input_ids=torch.tensor([other_row[0].input_ids])).logits[0], rtol=1e-5, atol=1e-5)
     packed_loss = float(shifted_token_loss_sum(packed[:1], batch["labels"][:1]))
     assert packed_loss == pytest.approx(loss_sum, rel=1e-5)
+
+
+def test_packing_the_bundled_data_fills_over_95_percent_of_the_slots(tiny_tokenizer):
+    from dtrain.config import compose_job
+    from dtrain.data import prepare_data
+
+    job = compose_job(["+exp=tiny_cpu", "data.cache_dir=null"])
+    data = prepare_data(job.data, ChatRenderer(tiny_tokenizer, job.data.train_on), 0, 0)
+    lengths = [len(e.input_ids) for e in data.train]
+    assert max(lengths) > 2 * min(lengths)  # mixed-length data
+    rows = pack_examples(lengths, job.data.max_seq_len, seed=0)
+    assert sum(lengths) / (job.data.max_seq_len * len(rows)) > 0.95
