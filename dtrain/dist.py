@@ -104,3 +104,12 @@ def all_gather_objects(obj):
     out = [None] * torch_dist.get_world_size()
     torch_dist.all_gather_object(out, obj)
     return out
+
+
+def broadcast_object(obj, src: int = 0):
+    """Rank ``src``'s ``obj`` on every rank (others pass anything, e.g. None)."""
+    if not (torch_dist.is_initialized() and torch_dist.get_world_size() > 1):
+        return obj
+    box = [obj]
+    torch_dist.broadcast_object_list(box, src=src)
+    return box[0]

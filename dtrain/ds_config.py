@@ -107,6 +107,12 @@ def build_ds_config(
         },
     }
 
+    if not cuda_available and not zero.offload_optimizer:
+        # DeepSpeed's CPU Adam kernels advance beta**step by one multiplication per step, so after a resume
+        # (pow(beta, step) from scratch) the bias correction differs in the last bit; torch's AdamW recomputes it
+        # every step, which makes a resumed CPU run bit-identical to the straight one.
+        ds["optimizer"]["params"]["torch_adam"] = True
+
     if zero.offload_optimizer:
         if zero.stage < 1:
             raise ConfigError("zero.offload_optimizer=true needs ZeRO stage >= 1")

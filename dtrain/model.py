@@ -77,13 +77,38 @@ def load_model(job: JobConfig, ds_config: dict[str, Any]):
         model = AutoModelForCausalLM.from_config(config, **kwargs)
         log.info("model: %s built from its config with random weights (model.init=random)", cfg.path)
     else:
-        model = AutoModelForCausalLM.from_pretrained(cfg.path, use_safetensors=True, **kwargs)
+        # Pickled .bin weights can execute code when loaded: only safetensors unless the config says otherwise.
+        model = AutoModelForCausalLM.from_pretrained(cfg.path, use_safetensors=None if cfg.allow_pickle_weights else True, **kwargs)
         log.info("model: %s loaded (%s)", cfg.path, dtype)
     model.config.use_cache = False  # the KV cache is useless in training and costs memory
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         log.info("gradient checkpointing: on")
     return model, hf_ds_config
+
+
+def load_exported(folder, base_path: Optional[str], is_peft: bool, dtype: torch.dtype):
+    """Load an exported ``final/`` folder the way a user would: plain transformers, or the base model + peft adapter.
+
+    Safe to call on one rank of a ZeRO-3 job: the job's ``HfDeepSpeedConfig`` is switched off meanwhile, or
+    transformers would build the model inside ``zero.Init``, a collective the other ranks never join.
+    """
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    ref = hf_deepspeed._hf_deepspeed_config_weak_ref
+    job_ds_config = ref() if ref is not None else None
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        if not is_peft:
+            return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, use_safetensors=True)
+        from peft import PeftModel
+
+        base = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype, use_safetensors=True)
+        return PeftModel.from_pretrained(base, folder)
+    finally:
+        if job_ds_config is not None:
+            hf_deepspeed.set_hf_deepspeed_config(job_ds_config)
 
 
 def count_parameters_from_config(config) -> int:

@@ -12,6 +12,7 @@ import logging
 import math
 import random
 import time
+import zlib
 from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
@@ -19,21 +20,26 @@ from typing import Optional
 import numpy as np
 import torch
 
-from dtrain.config.schema import JobConfig, ModelInit, PeftMethod
+from dtrain import faults
+from dtrain.checkpoint import CheckpointManager, TrainerState, resume_key
+from dtrain.config.schema import ExportVerify, JobConfig, ModelInit, PeftMethod, Precision
 from dtrain.data import ChatRenderer, StepSampler, collate, resolve_chat_template
 from dtrain.data.audit import audit_masks
 from dtrain.data.cache import load_or_prepare
 from dtrain.data.chat import IGNORE_INDEX, TokenizedExample
 from dtrain.data.packing import collate_packed, pack_examples
 from dtrain.data.sources import DataError
-from dtrain.dist import all_reduce_sum, barrier, init_distributed, setup_logging
+from dtrain.dist import all_gather_objects, all_reduce_sum, barrier, broadcast_object, init_distributed, setup_logging
 from dtrain.ds_config import BatchPlan, ConfigError, build_ds_config, write_ds_config
-from dtrain.export import save_model
+from dtrain.export import LOGITS_CHECK_MAX_PARAMS, ExportError, check_logits, check_shapes, parse_size, save_model
 from dtrain.generation import exact_match_accuracy, format_samples, generate_answers
+from dtrain.guard import StepGuard
 from dtrain.loss import count_trained_tokens, shifted_token_loss_sum
 from dtrain.metrics import MetricsLogger
-from dtrain.model import build_model, count_parameters_from_config, load_tokenizer
+from dtrain.model import TORCH_DTYPES, build_model, count_parameters_from_config, load_exported, load_tokenizer
 from dtrain.optim import build_scheduler, parameter_groups
+from dtrain.preemption import Preempted, PreemptionFlag
+from dtrain.watchdog import StepWatchdog
 
 log = logging.getLogger("dtrain")
 
@@ -97,11 +103,12 @@ class Trainer:
 
         model_config = AutoConfig.from_pretrained(job.model.path, trust_remote_code=job.model.trust_remote_code, revision=job.model.revision)
         self._check_vocab(model_config.vocab_size)
+        self.num_parameters = count_parameters_from_config(model_config)
         self.ds_config = build_ds_config(
             job,
             self.batch,
             hidden_size=getattr(model_config, "hidden_size", None),
-            num_parameters=count_parameters_from_config(model_config),
+            num_parameters=self.num_parameters,
             cuda_available=torch.cuda.is_available(),
         )
         if self.dist.is_main:
@@ -118,10 +125,17 @@ class Trainer:
             config=self.ds_config,
             lr_scheduler=lambda optimizer: build_scheduler(optimizer, job.train, self.total_steps),
         )
-        self.metrics = MetricsLogger(self.run_dir, self.dist.is_main, job.wandb, _plain(job), job.run_name)
-        self.step = 0
-        self.skipped_steps = 0
-        self.real_tokens = self.token_slots = 0
+        is_lora = job.peft.method == PeftMethod.lora
+        self.ckpt = CheckpointManager(self.run_dir, job.ckpt, self.dist, resume_key(job, self.dist.world_size), exclude_frozen=is_lora)
+        restored = self.ckpt.restore(self.engine)
+        self.resumed = restored is not None
+        self.state = restored or TrainerState()
+        self.guard = StepGuard(job.train.max_bad_steps, job.train.spike_factor, self.state.bad_steps_in_a_row, self.state.recent_losses)
+        self.preemption = PreemptionFlag(self.dist.device)
+        self.metrics = MetricsLogger(self.run_dir, self.dist.is_main, job.wandb, _plain(job), job.run_name,
+                                     resume_step=self.state.step if self.resumed else None)
+        if job.ckpt.every_steps:
+            log.info("checkpoints: every %d steps into %s, keeping the last %d", job.ckpt.every_steps, self.ckpt.root, job.ckpt.keep_last)
 
     # ------------------------------------------------------------------ setup helpers
 
@@ -189,33 +203,86 @@ class Trainer:
     # ------------------------------------------------------------------ training
 
     def train(self) -> dict:
-        """Run all optimizer steps, evaluate, save ``final/`` and run the generation check."""
-        job = self.job
-        before = self.generate_samples("samples_before.jsonl") if job.generate.before_training else None
-        progress = _progress(self.total_steps, self.dist.is_main)
-        epoch = 0
-        while self.step < self.total_steps:
-            for micro_indices in self.sampler.steps(epoch):
-                record = self.train_step(micro_indices)
-                self.step += 1
-                if record is not None:
-                    record.update(step=self.step, epoch=epoch)
-                    self.metrics.log(record)
-                    progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
-                    if self.step % job.train.log_every == 0 or self.step == 1:
-                        log.info("step %d/%d loss %.4f lr %.3e grad_norm %.3f tokens/s %.0f", self.step, self.total_steps,
-                                 record["loss"], record["lr"], record["grad_norm"], record["tokens_per_s"])
-                progress.update(1)
-                if job.train.eval_every and self.step % job.train.eval_every == 0 and self.step < self.total_steps:
-                    self.evaluate()
-                if self.step >= self.total_steps:
-                    break
-            epoch += 1
-        progress.close()
-        eval_loss = self.evaluate()
-        self.save()
-        after = self.generate_samples("samples.jsonl")
+        """Run the remaining optimizer steps, evaluate, checkpoint, save ``final/`` and run the generation check.
+
+        Raises:
+            Preempted: a rank got SIGTERM/SIGUSR1; every rank saved a checkpoint at the same step first.
+        """
+        job, state = self.job, self.state
+        before = self._samples_before()
+        watchdog = StepWatchdog(60 * job.train.step_timeout_minutes, self.dist.rank)
+        progress = _progress(self.total_steps, self.dist.is_main, initial=state.step)
+        try:
+            while state.step < self.total_steps:
+                epoch, start = divmod(state.step, self.sampler.steps_per_epoch)
+                for micro_indices in self.sampler.steps(epoch, start):
+                    if self.preemption.agreed():
+                        self._stop_for_preemption(watchdog)
+                    watchdog.beat(f"step {state.step + 1}")
+                    faults.at_step_start(state.step + 1, self.dist.rank)
+                    record = self.train_step(micro_indices)
+                    self._advance(micro_indices)
+                    if record is not None:
+                        self._log_step(record, epoch, progress)
+                    progress.update(1)
+                    if job.train.eval_every and state.step % job.train.eval_every == 0 and state.step < self.total_steps:
+                        watchdog.beat(f"eval after step {state.step}")
+                        self.evaluate()
+                    if job.ckpt.every_steps and state.step % job.ckpt.every_steps == 0:
+                        watchdog.beat(f"checkpoint save at step {state.step}")
+                        self.save_checkpoint()
+                    if state.step >= self.total_steps:
+                        break
+            progress.close()
+            watchdog.beat("final eval, checkpoint and export")
+            eval_loss = self.evaluate()
+            if self.ckpt.last_saved_step != state.step:
+                self.save_checkpoint()
+            self.save()
+            watchdog.beat("generation check")
+            after = self.generate_samples("samples.jsonl")
+        finally:
+            watchdog.stop()
         return self._summarise(eval_loss, before, after)
+
+    def _samples_before(self) -> Optional[list[dict]]:
+        if not self.job.generate.before_training:
+            return None
+        path = self.run_dir / "samples_before.jsonl"
+        if self.resumed and path.is_file():  # generated by the run that wrote the checkpoint
+            return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return self.generate_samples(path.name)
+
+    def _advance(self, micro_indices: list[list[int]]) -> None:
+        state = self.state
+        state.step += 1
+        state.epoch, state.step_in_epoch = divmod(state.step, self.sampler.steps_per_epoch)
+        state.consumed_units += self.batch.global_batch_size
+        state.bad_steps_in_a_row, state.recent_losses = self.guard.bad_in_a_row, self.guard.recent
+
+    def _log_step(self, record: dict, epoch: int, progress) -> None:
+        step = self.state.step
+        record.update(step=step, epoch=epoch)
+        self.metrics.log(record)
+        if record.get("skipped"):
+            return
+        progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+        if step % self.job.train.log_every == 0 or step == 1:
+            log.info("step %d/%d loss %.4f lr %.3e grad_norm %.3f tokens/s %.0f", step, self.total_steps,
+                     record["loss"], record["lr"], record["grad_norm"], record["tokens_per_s"])
+
+    def _stop_for_preemption(self, watchdog: StepWatchdog) -> None:
+        """Every rank got here at the same step (``agreed()`` is one reduction): save, then stop."""
+        log.warning("preemption signal (%s on some rank): saving a checkpoint at step %d, then exiting",
+                    self.preemption.signal_name or "received", self.state.step)
+        watchdog.beat(f"preemption checkpoint at step {self.state.step}")
+        if self.ckpt.last_saved_step != self.state.step:
+            self.save_checkpoint()
+        raise Preempted(f"stopped at step {self.state.step} on a preemption signal; checkpoint saved in {self.ckpt.root}")
+
+    def save_checkpoint(self) -> Path:
+        """Engine + trainer state under ``checkpoints/`` (collective: every rank writes its partitions)."""
+        return self.ckpt.save(self.engine, self.tokenizer, self.state)
 
     def train_step(self, micro_indices: list[list[int]]) -> Optional[dict]:
         """One optimizer step over this rank's micro-batches, with the loss normalised by the global token count.
@@ -228,36 +295,68 @@ class Trainer:
         local_tokens = sum(count_trained_tokens(b["labels"]) for b in batches)
         local_real = sum(len(e.input_ids) for idx in micro_indices for i in idx for e in self.train_units[i])
         local_slots = sum(b["input_ids"].numel() for b in batches)
+        local_fingerprint = sum(zlib.crc32(e.source.encode()) for idx in micro_indices for i in idx for e in self.train_units[i])
         # Sync point: the normaliser must be known on every rank before the first backward of the step.
-        global_tokens, global_real, global_slots = all_reduce_sum([local_tokens, local_real, local_slots], self.dist.device)
-        self.real_tokens += global_real
-        self.token_slots += global_slots
+        global_tokens, global_real, global_slots, fingerprint = all_reduce_sum(
+            [local_tokens, local_real, local_slots, local_fingerprint], self.dist.device)
+        self.state.real_tokens += int(global_real)
+        self.state.token_slots += int(global_slots)
         if global_tokens == 0:
-            self.skipped_steps += 1
-            log.warning("step %d: no trained token in the global batch; step skipped", self.step + 1)
+            self.state.skipped_steps += 1
+            log.warning("step %d: no trained token in the global batch; step skipped", self.state.step + 1)
             return None
         # DeepSpeed divides the loss by the accumulation steps and averages gradients over ranks; scaling by
         # both makes the final gradient exactly d(global token-mean loss).
         scale = self.batch.grad_accum_steps * self.batch.world_size / global_tokens
+        injected = faults.loss_multiplier(self.state.step + 1, self.dist.rank)
         local_loss_sum = torch.zeros((), dtype=torch.float64, device=self.dist.device)
         for batch in batches:
             loss_sum = shifted_token_loss_sum(self._forward(batch), batch["labels"].to(self.dist.device))
+            if injected != 1.0:
+                loss_sum = loss_sum * injected
             self.engine.backward(loss_sum * scale)
-            self.engine.step()  # DeepSpeed only steps the optimizer at the accumulation boundary
+            # DeepSpeed steps the optimizer only at the accumulation boundary, and skips the update on every rank
+            # when the global gradient norm is NaN/Inf (the overflow flag is reduced across ranks).
+            self.engine.step()
             local_loss_sum += loss_sum.detach().double()
         (global_loss_sum,) = all_reduce_sum([local_loss_sum.item()], self.dist.device)
         elapsed = time.perf_counter() - t0
+        loss = global_loss_sum / global_tokens
+        verdict = self.guard.classify(loss, self.engine.was_step_applied(), self.job.precision.name == Precision.fp16)
+        if verdict != "ok":
+            self._report_unusual_step(verdict, loss, micro_indices)
+        if verdict in ("nonfinite", "overflow"):
+            self.state.skipped_steps += 1
         grad_norm = self.engine.get_global_grad_norm()
-        return {
-            "loss": global_loss_sum / global_tokens,
+        record = {
+            "loss": _finite_or_none(loss),
             "lr": self.scheduler.get_last_lr()[0],
-            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "grad_norm": _finite_or_none(float(grad_norm)) if grad_norm is not None else None,
             "tokens": int(global_tokens),
             "tokens_per_s": global_tokens / elapsed,
             "input_tokens": int(global_real),
             "padding_efficiency": global_real / global_slots,
             "step_time_s": elapsed,
+            "batch_fingerprint": int(fingerprint),  # sum of crc32(sample id): equal batches <=> equal data order
         }
+        if verdict in ("nonfinite", "overflow"):
+            record["skipped"] = verdict
+        return record
+
+    def _report_unusual_step(self, verdict: str, loss: float, micro_indices: list[list[int]]) -> None:
+        """Warn with the ids of every sample of the step (a collective: the verdict is the same on all ranks)."""
+        local_ids = [e.source for idx in micro_indices for i in idx for e in self.train_units[i]]
+        ids = [s for rank_ids in all_gather_objects(local_ids) for s in rank_ids]
+        step = self.state.step + 1
+        shown = ", ".join(ids[:32]) + (f", ... ({len(ids)} in all)" if len(ids) > 32 else "")
+        if verdict == "spike":
+            log.warning("step %d: loss spike %.4f (over %gx the running median); samples: %s", step, loss, self.job.train.spike_factor, shown)
+        elif verdict == "overflow":
+            log.warning("step %d: fp16 gradient overflow, update skipped by the loss scaler (scale now %s)", step,
+                        getattr(self.engine.optimizer, "loss_scale", "?"))
+        else:
+            log.warning("step %d: non-finite loss/gradient norm (loss %s), update skipped on every rank (%d in a row); samples: %s",
+                        step, loss, self.guard.bad_in_a_row, shown)
 
     def _forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Logits of the engine on one collated batch (a collective under ZeRO-3: parameters are gathered)."""
@@ -288,32 +387,57 @@ class Trainer:
         self.engine.train()
         total_loss, total_tokens = all_reduce_sum([loss_sum, tokens], self.dist.device)
         eval_loss = total_loss / max(total_tokens, 1)
-        self.metrics.log({"step": self.step, "eval_loss": eval_loss, "eval_tokens": int(total_tokens)})
-        log.info("step %d eval_loss %.4f (%d tokens)", self.step, eval_loss, total_tokens)
+        self.metrics.log({"step": self.state.step, "eval_loss": eval_loss, "eval_tokens": int(total_tokens)})
+        log.info("step %d eval_loss %.4f (%d tokens)", self.state.step, eval_loss, total_tokens)
         return eval_loss
 
     # ------------------------------------------------------------------ outputs
 
     def save(self) -> Path:
-        """Write ``final/`` (all ranks take part in the ZeRO-3 gather) and the engine's logits on one batch."""
+        """Write ``final/`` (all ranks take part in the ZeRO-3 gather), then re-read it and check it on rank 0."""
+        job = self.job
         final = self.run_dir / "final"
-        save_model(self.engine.module, self.tokenizer, final, self.dist, self.job.peft.method == PeftMethod.lora)
-        self._write_probe()
+        is_lora = job.peft.method == PeftMethod.lora
+        shapes = save_model(self.engine.module, self.tokenizer, final, self.dist, is_lora, parse_size(job.export.max_shard_size))
+        probe = self._write_probe()
+        problem = None
+        if self.dist.is_main:
+            try:
+                self._verify_export(final, shapes, probe, is_lora)
+            except ExportError as e:
+                problem = str(e)
+        # Every rank learns the verdict, so a bad export stops the whole job rather than rank 0 alone.
+        problem = broadcast_object(problem)
+        if problem:
+            raise ExportError(problem)
         return final
 
+    def _verify_export(self, final: Path, shapes: dict, probe: dict, is_lora: bool) -> None:
+        mode = self.job.export.verify
+        if mode == ExportVerify.none:
+            return
+        check_shapes(final, shapes)
+        what = f"{len(shapes)} tensors with their shapes"
+        if mode == ExportVerify.logits or (mode == ExportVerify.auto and self.num_parameters <= LOGITS_CHECK_MAX_PARAMS):
+            dtype = TORCH_DTYPES[self.job.precision.name]
+            diff = check_logits(lambda: load_exported(final, self.job.model.path, is_lora, dtype), probe, dtype)
+            what += f"; reloaded logits match the engine's (max |diff| {diff:.2e})"
+        log.info("export verified: %s", what)
+
     @torch.no_grad()
-    def _write_probe(self) -> None:
-        """Store one batch and the engine's logits on it, so the export can be checked against the engine."""
+    def _write_probe(self) -> dict[str, torch.Tensor]:
+        """The engine's logits on a short probe batch (kept as ``probe.safetensors``), to check the export against."""
         from safetensors.torch import save_file
 
-        examples = (self.data.eval or self.data.train)[: self.batch.micro_batch_size]
-        batch = collate(examples, self.pad_id)
+        examples = (self.data.eval or self.data.train)[:2]
+        batch = {k: v[:, :256] for k, v in collate(examples, self.pad_id).items()}  # cheap to re-run on CPU
         self.engine.eval()
         logits = self._forward(batch)
         self.engine.train()
+        probe = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "logits": logits.float().cpu()}
         if self.dist.is_main:
-            tensors = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "logits": logits.float().cpu()}
-            save_file(tensors, str(self.run_dir / "probe.safetensors"))
+            save_file(probe, str(self.run_dir / "probe.safetensors"))
+        return probe
 
     def generate_samples(self, filename: str) -> list[dict]:
         """Greedy answers to the held-out prompts, written to ``filename`` in the run directory."""
@@ -338,9 +462,9 @@ class Trainer:
         summary = {
             "run_dir": str(self.run_dir),
             "final_dir": str(self.run_dir / "final"),
-            "steps": self.step,
-            "skipped_steps": self.skipped_steps,
-            "padding_efficiency": self.real_tokens / max(self.token_slots, 1),
+            "steps": self.state.step,
+            "skipped_steps": self.state.skipped_steps,
+            "padding_efficiency": self.state.real_tokens / max(self.state.token_slots, 1),
             "eval_loss": eval_loss,
             "accuracy_before": exact_match_accuracy(before) if before is not None else None,
             "accuracy_after": exact_match_accuracy(after) if after else None,
@@ -370,7 +494,12 @@ def _plain(job: JobConfig) -> dict:
     return json.loads(json.dumps(asdict(job), default=lambda v: getattr(v, "value", str(v))))
 
 
-def _progress(total: int, enabled: bool):
+def _finite_or_none(value: float) -> Optional[float]:
+    """JSON has no NaN/Inf: a skipped step's loss is logged as null next to its ``skipped`` reason."""
+    return value if math.isfinite(value) else None
+
+
+def _progress(total: int, enabled: bool, initial: int = 0):
     from tqdm import tqdm
 
-    return tqdm(total=total, disable=not enabled, desc="train", dynamic_ncols=True, mininterval=2.0)
+    return tqdm(total=total, initial=initial, disable=not enabled, desc="train", dynamic_ncols=True, mininterval=2.0)

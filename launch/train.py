@@ -36,16 +36,27 @@ def strip_launcher_args(argv: list[str]) -> list[str]:
 
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    from dtrain.export import ExportError
+    from dtrain.guard import TrainingError
+    from dtrain.preemption import EXIT_PREEMPTED, Preempted
     from dtrain.trainer import Trainer
 
     job = to_job_config(cfg)
     try:
         trainer = Trainer(job, OmegaConf.to_yaml(cfg, resolve=True))
-        summary = trainer.train()
+        try:
+            summary = trainer.train()
+        except Preempted as e:  # checkpoint complete on every rank: the scheduler may requeue the job
+            print(f"dtrain: {e}; exit code {EXIT_PREEMPTED} (requeue)", file=sys.stderr)
+            trainer.close()
+            sys.exit(EXIT_PREEMPTED)
         trainer.close()
     except (ConfigError, DataError) as e:  # bad input: a clear message, not a traceback from every rank
         print(f"dtrain: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except (TrainingError, ExportError) as e:  # the run could not go on safely, or its output is wrong
+        print(f"dtrain: error: {e}", file=sys.stderr)
+        sys.exit(3)
     if trainer.dist.is_main:
         print(f"\ntrained model: {summary['final_dir']}")
 

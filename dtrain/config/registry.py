@@ -11,7 +11,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError
 
-from dtrain.config.schema import JobConfig
+from dtrain.config.schema import ExportJobConfig, JobConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONF_DIR = REPO_ROOT / "conf"
@@ -29,6 +29,7 @@ def register_configs() -> None:
     Idempotent, so tests and entry points may both call it.
     """
     ConfigStore.instance().store(name="job_schema", node=JobConfig)
+    ConfigStore.instance().store(name="export_schema", node=ExportJobConfig)
     if not OmegaConf.has_resolver("dtrain_asset"):
         OmegaConf.register_new_resolver("dtrain_asset", asset_path)
 
@@ -75,3 +76,12 @@ def compose_job(overrides: Sequence[str] = (), conf_dir: Path = CONF_DIR) -> Job
     with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
         cfg = compose(config_name="train", overrides=list(overrides))
     return to_job_config(cfg)
+
+
+def load_run_config(run_dir: Path) -> JobConfig:
+    """The typed config of a finished run, from the ``config.yaml`` it wrote (checked against the schema)."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: is {run_dir} a run directory written by launch/train.py?")
+    merged = OmegaConf.merge(OmegaConf.structured(JobConfig), OmegaConf.load(path))
+    return OmegaConf.to_object(merged)

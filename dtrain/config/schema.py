@@ -88,6 +88,8 @@ class ModelConfig:
     trust_remote_code: bool = False
     """Only honoured together with a pinned ``revision`` (remote code runs on every rank)."""
     revision: Optional[str] = None
+    allow_pickle_weights: bool = False
+    """Weights load only from safetensors; set true to also accept pickled ``.bin`` files (they can run code)."""
 
 
 @dataclass
@@ -178,7 +180,46 @@ class TrainConfig:
     log_every: int = 1
     eval_every: int = 0
     """Run eval every N optimizer steps (0: only at the end)."""
-    dist_timeout_minutes: int = 30
+    dist_timeout_minutes: float = 30.0
+    """Timeout of start-up collectives (tokenisation on one rank while the others wait, model loading)."""
+    step_timeout_minutes: float = 30.0
+    """Timeout of every collective once training starts (covers the slowest step, eval and checkpoint save):
+    a dead or stuck rank ends the job with an error naming the rank and step instead of a silent hang."""
+    max_bad_steps: int = 5
+    """Stop after this many consecutive optimizer steps skipped for a NaN/Inf loss or gradient norm."""
+    spike_factor: float = 10.0
+    """Warn (with the sample ids) when a step's loss exceeds this multiple of the running median."""
+
+
+@dataclass
+class CheckpointConfig:
+    """Resumable checkpoints under ``<output_dir>/checkpoints``: engine state + trainer state + tokenizer."""
+
+    every_steps: int = 0
+    """Save every N optimizer steps (0: only at the end and on preemption)."""
+    keep_last: int = 2
+    """Complete checkpoints kept; older ones are deleted only after a newer one is complete."""
+    resume: str = "auto"
+    """``auto`` (newest complete checkpoint of the run directory, else a fresh start), ``never``, ``required``
+    (stop when there is none), or the path of one checkpoint folder."""
+    force_resume: bool = False
+    """Resume even though the model, data, batch size, seed, ZeRO stage or precision changed."""
+
+
+class ExportVerify(str, Enum):
+    auto = "auto"  # logits when the model has at most 3B parameters, else names and shapes only
+    logits = "logits"  # reload the export on CPU and compare its logits with the engine's on one batch
+    shapes = "shapes"  # every tensor present with its shape, read from the safetensors headers
+    none = "none"
+
+
+@dataclass
+class ExportConfig:
+    """The model written to ``<output_dir>/final`` (and by ``launch/export.py``)."""
+
+    max_shard_size: str = "5GB"
+    """Full fine-tuning writes safetensors shards of at most this size (HF naming + index)."""
+    verify: ExportVerify = ExportVerify.auto
 
 
 @dataclass
@@ -227,6 +268,21 @@ class JobConfig:
     zero: ZeroConfig = field(default_factory=ZeroConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    ckpt: CheckpointConfig = field(default_factory=CheckpointConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     preview: PreviewConfig = field(default_factory=PreviewConfig)
+
+
+@dataclass
+class ExportJobConfig:
+    """``launch/export.py``: re-export a finished run (e.g. merge its LoRA adapter into the base model)."""
+
+    run_dir: str = MISSING
+    """A run directory written by ``launch/train.py`` (holds ``config.yaml`` and ``final/``)."""
+    merge: bool = False
+    """LoRA runs: write base + adapter merged into one plain transformers model."""
+    out_dir: Optional[str] = None
+    """Default: ``<run_dir>/merged``."""
+    max_shard_size: str = "5GB"

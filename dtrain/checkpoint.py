@@ -1,0 +1,327 @@
+"""Resumable checkpoints: written under a temporary name, made visible only once complete on every rank.
+
+Layout of ``<run_dir>/checkpoints``::
+
+    step_00000040/              one complete checkpoint
+        <DeepSpeed engine files>  model / ZeRO partitions / optimizer / lr scheduler, one set per rank
+        rng_rank00000.json        each rank's python, numpy and torch RNG states
+        trainer_state.json        step, sampler position, counters, the config that must not change
+        tokenizer/                the tokenizer (and chat template) the data was made with
+        COMPLETE.json             manifest (every file and its size), written last by rank 0 after a barrier
+    step_00000050.partial/      a save in progress, or one that died: ignored on resume
+    latest                      the tag of the newest complete checkpoint (replaced atomically)
+
+Own state files are JSON. The engine files are DeepSpeed's (``torch.save`` pickles, loaded by DeepSpeed), so
+only checkpoints this code wrote and completed are loaded: a folder without a valid manifest is never read.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from dtrain.config.schema import CheckpointConfig, JobConfig
+from dtrain.dist import DistInfo, barrier, broadcast_object
+from dtrain.ds_config import ConfigError
+from dtrain import faults
+
+log = logging.getLogger("dtrain")
+
+CKPT_DIRNAME = "checkpoints"
+MANIFEST = "COMPLETE.json"
+POINTER = "latest"
+PARTIAL_SUFFIX = ".partial"
+_COMPLETE_NAME = re.compile(r"^step_\d+$")
+_PARTIAL_NAME = re.compile(r"^step_\d+\.partial$")
+STATE_FILE = "trainer_state.json"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class TrainerState:
+    """Where training stands; everything besides the engine that an exact resume needs."""
+
+    step: int = 0
+    """Optimizer steps taken (skipped ones included: each consumed a global batch)."""
+    epoch: int = 0
+    step_in_epoch: int = 0
+    """The sampler position: the next step draws batch ``step_in_epoch`` of epoch ``epoch``'s order."""
+    consumed_units: int = 0
+    """Examples (or packed rows) drawn so far, over all ranks."""
+    skipped_steps: int = 0
+    bad_steps_in_a_row: int = 0
+    real_tokens: int = 0
+    token_slots: int = 0
+    recent_losses: list = field(default_factory=list)
+    """The spike detector's window, so a resumed run warns exactly as the straight one would."""
+
+
+def resume_key(job: JobConfig, world_size: int) -> dict[str, str]:
+    """The settings a checkpoint is only valid for: model, data, batch layout, seed, ZeRO stage, precision.
+
+    Learning rate, step counts, logging and eval settings are free to change between a save and a resume.
+    """
+    d, t = job.data, job.train
+    key = {
+        "model.path": job.model.path, "model.init": job.model.init,
+        "data.path": d.path, "data.format": d.format, "data.eval_path": d.eval_path, "data.eval_fraction": d.eval_fraction,
+        "data.max_seq_len": d.max_seq_len, "data.train_on": d.train_on, "data.truncation": d.truncation,
+        "data.packing": d.packing, "data.group_by_length": d.group_by_length, "data.chat_template": d.chat_template,
+        "data.end_of_turn_token": d.end_of_turn_token,
+        "train.micro_batch_size": t.micro_batch_size, "train.grad_accum_steps": t.grad_accum_steps,
+        "train.seed": t.seed, "world_size": world_size, "zero.stage": job.zero.stage, "precision": job.precision.name,
+        **{f"peft.{k}": v for k, v in asdict(job.peft).items()},
+    }
+    return {k: str(getattr(v, "value", v)) for k, v in key.items()}
+
+
+def config_hash(key: dict[str, str]) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------- RNG states
+
+
+def capture_rng() -> dict:
+    """This process's RNG states as JSON-able values (no pickle)."""
+    version, mt, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": [version, list(mt), gauss],
+        "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+        "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = base64.b64encode(torch.cuda.get_rng_state().numpy().tobytes()).decode()
+    return state
+
+
+def restore_rng(state: dict) -> None:
+    version, mt, gauss = state["python"]
+    random.setstate((version, tuple(mt), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(_bytes_tensor(state["torch"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(_bytes_tensor(state["cuda"]))
+
+
+def _bytes_tensor(b64: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(b64)), dtype=torch.uint8)
+
+
+# ---------------------------------------------------------------------------------------------- finding
+
+
+def step_of(path: Path) -> int:
+    return int(path.name.removesuffix(PARTIAL_SUFFIX).split("_")[-1])
+
+
+def check_complete(path: Path) -> Optional[str]:
+    """Why ``path`` is not a complete checkpoint (None when it is): manifest present and every file intact."""
+    manifest_file = path / MANIFEST
+    if not manifest_file.is_file():
+        return f"{manifest_file} is missing (the save did not finish)"
+    try:
+        manifest = json.loads(manifest_file.read_text())
+        files = manifest["files"]
+    except (ValueError, KeyError) as e:
+        return f"{manifest_file} is unreadable ({e})"
+    for rel, size in files.items():
+        f = path / rel
+        if not f.is_file():
+            return f"{f} is missing"
+        if f.stat().st_size != size:
+            return f"{f} has {f.stat().st_size} bytes, the manifest says {size}"
+    return None
+
+
+def list_checkpoints(root: Path) -> tuple[list[Path], list[Path]]:
+    """(complete-looking folders, partial folders) under ``root``, oldest first."""
+    if not root.is_dir():
+        return [], []
+    dirs = [p for p in root.iterdir() if p.is_dir()]
+    partial = sorted((p for p in dirs if _PARTIAL_NAME.match(p.name)), key=step_of)
+    complete = sorted((p for p in dirs if _COMPLETE_NAME.match(p.name)), key=step_of)
+    return complete, partial
+
+
+def find_resume_checkpoint(root: Path, mode: str) -> Optional[Path]:
+    """The checkpoint to resume from under ``ckpt.resume=mode``, or None for a fresh start.
+
+    Raises:
+        ConfigError: ``required`` without a complete checkpoint, or a given path that is not one.
+    """
+    if mode == "never":
+        return None
+    if mode not in ("auto", "required"):
+        path = Path(mode).expanduser().resolve()
+        problem = check_complete(path) if path.is_dir() else f"{path} does not exist"
+        if problem:
+            raise ConfigError(f"ckpt.resume={mode}: not a complete checkpoint: {problem}")
+        return path
+    complete, partial = list_checkpoints(root)
+    for p in partial:
+        log.warning("ignoring incomplete checkpoint %s (its save never finished)", p)
+    for path in reversed(complete):
+        problem = check_complete(path)
+        if problem is None:
+            return path
+        if mode == "required":
+            raise ConfigError(f"ckpt.resume=required: the newest checkpoint is damaged: {problem}")
+        log.warning("ignoring damaged checkpoint %s: %s", path, problem)
+    if mode == "required":
+        raise ConfigError(f"ckpt.resume=required but {root} holds no complete checkpoint; use ckpt.resume=auto to start fresh")
+    return None
+
+
+# ---------------------------------------------------------------------------------------------- saving / loading
+
+
+class CheckpointManager:
+    """Saves and restores engine + trainer state. Every method is called on every rank (collectives inside)."""
+
+    def __init__(self, run_dir: Path, cfg: CheckpointConfig, dist: DistInfo, key: dict[str, str], exclude_frozen: bool):
+        self.root = run_dir / CKPT_DIRNAME
+        self.cfg = cfg
+        self.dist = dist
+        self.key = key
+        self.exclude_frozen = exclude_frozen
+        self.last_saved_step: Optional[int] = None
+
+    def save(self, engine, tokenizer, state: TrainerState) -> Path:
+        """Write ``step_<N>`` for ``state.step``; visible (manifest + pointer) only after every rank has written."""
+        tag = f"step_{state.step:08d}"
+        final = self.root / tag
+        partial = self.root / f"{tag}{PARTIAL_SUFFIX}"
+        if self.dist.is_main:
+            self.root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(partial, ignore_errors=True)  # leftover of a save that died at this same step
+        barrier()
+        engine.save_checkpoint(str(self.root), tag=partial.name, save_latest=False,
+                               exclude_frozen_parameters=self.exclude_frozen)
+        _write_json(partial / f"rng_rank{self.dist.rank:05d}.json", capture_rng())
+        faults.maybe_crash_in_save(state.step, self.dist.rank)
+        if self.dist.is_main:
+            payload = {"format": FORMAT_VERSION, "config_hash": config_hash(self.key), "config_key": self.key,
+                       "world_size": self.dist.world_size, **asdict(state)}
+            _write_json(partial / STATE_FILE, payload)
+            tokenizer.save_pretrained(partial / "tokenizer")
+        # Sync point: every rank's engine files and RNG state are on disk before rank 0 declares the save complete.
+        barrier()
+        if self.dist.is_main:
+            self._commit(partial, final)
+            self._prune(keep=final)
+        barrier()  # nobody reads or deletes checkpoints while rank 0 is renaming
+        self.last_saved_step = state.step
+        log.info("checkpoint %s complete", final)
+        return final
+
+    def _commit(self, partial: Path, final: Path) -> None:
+        files = {str(f.relative_to(partial)): f.stat().st_size for f in sorted(partial.rglob("*")) if f.is_file()}
+        _write_json(partial / MANIFEST, {"files": files})
+        if final.exists():  # a fresh run (resume=never) saving over an old step: swap, then drop the old one
+            old = final.with_name(final.name + ".replaced")
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(final, old)
+            os.rename(partial, final)
+            shutil.rmtree(old)
+        else:
+            os.rename(partial, final)
+        tmp = self.root / f"{POINTER}.tmp"
+        tmp.write_text(final.name + "\n")
+        os.replace(tmp, self.root / POINTER)
+        _fsync_dir(self.root)
+
+    def _prune(self, keep: Path) -> None:
+        """Delete all but the newest ``keep_last`` complete checkpoints (never ``keep``), and dead partial saves."""
+        complete, partial = list_checkpoints(self.root)
+        for p in partial:
+            log.info("removing incomplete checkpoint %s", p)
+            shutil.rmtree(p, ignore_errors=True)
+        if self.cfg.keep_last <= 0:
+            return
+        valid = [p for p in complete if check_complete(p) is None]
+        for old in valid[: max(0, len(valid) - self.cfg.keep_last)]:
+            if old != keep:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def restore(self, engine) -> Optional[TrainerState]:
+        """Load the checkpoint chosen by ``ckpt.resume`` into ``engine`` and this process; None for a fresh start.
+
+        Rank 0 chooses (so every rank loads the same one) and checks the config; then every rank loads.
+        """
+        choice = None
+        if self.dist.is_main:
+            try:
+                path = find_resume_checkpoint(self.root, self.cfg.resume)
+                choice = {"path": str(path) if path else None}
+                if path is not None:
+                    self._check_config(path)
+            except ConfigError as e:
+                choice = {"error": str(e)}
+        choice = broadcast_object(choice)
+        if "error" in choice:
+            raise ConfigError(choice["error"])
+        if choice["path"] is None:
+            log.info("ckpt.resume=%s: starting fresh (no checkpoint to resume from in %s)", self.cfg.resume, self.root)
+            return None
+        path = Path(choice["path"])
+        load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_module_strict=not self.exclude_frozen,
+                                              load_optimizer_states=True, load_lr_scheduler_states=True)
+        if load_path is None:
+            raise ConfigError(f"DeepSpeed could not load the engine state from {path}")
+        saved = json.loads((path / STATE_FILE).read_text())
+        rng_file = path / f"rng_rank{self.dist.rank:05d}.json"
+        if rng_file.is_file() and saved["world_size"] == self.dist.world_size:
+            restore_rng(json.loads(rng_file.read_text()))
+        else:
+            log.warning("no RNG state for rank %d in %s: dropout masks will differ from the original run", self.dist.rank, path)
+        state = TrainerState(**{k: saved[k] for k in TrainerState.__dataclass_fields__})
+        self.last_saved_step = state.step
+        log.info("resumed from %s: step %d (epoch %d, batch %d of the epoch)", path, state.step, state.epoch, state.step_in_epoch)
+        return state
+
+    def _check_config(self, path: Path) -> None:
+        saved = json.loads((path / STATE_FILE).read_text())
+        old = saved.get("config_key", {})
+        changed = {k: (old.get(k), v) for k, v in self.key.items() if old.get(k) != v}
+        if not changed:
+            return
+        lines = ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in sorted(changed.items()))
+        if self.cfg.force_resume:
+            log.warning("resuming from %s despite changed settings (ckpt.force_resume=true): %s", path, lines)
+            return
+        raise ConfigError(
+            f"the checkpoint {path} was written with different settings ({lines}); resuming would not continue the "
+            "same run. Use a new output_dir (or ckpt.resume=never), or ckpt.force_resume=true to resume anyway"
+        )
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w") as f:
+        json.dump(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,56 @@
+"""Step health: non-finite steps (skipped by the optimizer on every rank) and loss spikes."""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+SPIKE_WINDOW = 50
+SPIKE_MIN_HISTORY = 10
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on safely (too many bad steps, or an update applied from a non-finite gradient)."""
+
+
+class StepGuard:
+    """Counts consecutive skipped steps and spots loss spikes against the running median of good steps.
+
+    Decisions use only values that are identical on every rank (the global loss, the global gradient norm and
+    whether DeepSpeed applied the update), so every rank takes the same branch and reaches the same collectives.
+    """
+
+    def __init__(self, max_bad_steps: int, spike_factor: float, bad_in_a_row: int = 0, recent: list | None = None):
+        self.max_bad_steps = max_bad_steps
+        self.spike_factor = spike_factor
+        self.bad_in_a_row = bad_in_a_row
+        self.recent: list[float] = list(recent or [])
+
+    def classify(self, loss: float, step_applied: bool, fp16: bool) -> str:
+        """``ok``, ``overflow`` (fp16 loss scaling skipped a step), ``nonfinite`` (skipped) or ``spike`` (applied).
+
+        Raises:
+            TrainingError: an update was applied although the loss was not finite, or after ``max_bad_steps``
+                consecutive non-finite steps.
+        """
+        finite = math.isfinite(loss)
+        if not finite and step_applied:
+            raise TrainingError(
+                f"the loss was {loss} but the optimizer applied the update; the weights may hold NaN/Inf now. "
+                "Resume from the last checkpoint (lower train.lr, check the data of this step)"
+            )
+        if not step_applied:
+            if finite and fp16:
+                return "overflow"
+            self.bad_in_a_row += 1
+            if self.bad_in_a_row >= self.max_bad_steps:
+                raise TrainingError(
+                    f"{self.bad_in_a_row} optimizer steps in a row had a NaN/Inf loss or gradient norm and were "
+                    f"skipped (train.max_bad_steps={self.max_bad_steps}): lower train.lr, use bf16 rather than "
+                    "fp16, or check the data of the logged sample ids"
+                )
+            return "nonfinite"
+        self.bad_in_a_row = 0
+        spike = (len(self.recent) >= SPIKE_MIN_HISTORY and loss > self.spike_factor * statistics.median(self.recent))
+        self.recent = (self.recent + [loss])[-SPIKE_WINDOW:]
+        return "spike" if spike else "ok"
