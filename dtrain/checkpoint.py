@@ -258,10 +258,11 @@ class CheckpointManager:
             if old != keep:
                 shutil.rmtree(old, ignore_errors=True)
 
-    def restore(self, engine) -> Optional[TrainerState]:
-        """Load the checkpoint chosen by ``ckpt.resume`` into ``engine`` and this process; None for a fresh start.
+    def choose(self) -> Optional[Path]:
+        """The checkpoint ``ckpt.resume`` selects (None: a fresh start), agreed by every rank.
 
-        Rank 0 chooses (so every rank loads the same one) and checks the config; then every rank loads.
+        Rank 0 looks and checks the settings; the verdict is broadcast, so every rank loads the same checkpoint
+        or raises the same error. Called before anything is written to the run directory.
         """
         choice = None
         if self.dist.is_main:
@@ -278,7 +279,10 @@ class CheckpointManager:
         if choice["path"] is None:
             log.info("ckpt.resume=%s: starting fresh (no checkpoint to resume from in %s)", self.cfg.resume, self.root)
             return None
-        path = Path(choice["path"])
+        return Path(choice["path"])
+
+    def restore(self, engine, path: Path) -> TrainerState:
+        """Load checkpoint ``path`` (from :meth:`choose`) into ``engine`` and this process's RNGs (every rank)."""
         load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_module_strict=not self.exclude_frozen,
                                               load_optimizer_states=True, load_lr_scheduler_states=True)
         if load_path is None:

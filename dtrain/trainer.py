@@ -76,6 +76,10 @@ class Trainer:
         barrier()  # the run directory exists before any rank opens a file in it
         setup_logging(self.dist, self.run_dir / "train.log")
         seed_everything(job.train.seed)
+        # Before anything is (over)written: a checkpoint from other settings is refused here, not after loading.
+        is_lora = job.peft.method == PeftMethod.lora
+        self.ckpt = CheckpointManager(self.run_dir, job.ckpt, self.dist, resume_key(job, self.dist.world_size), exclude_frozen=is_lora)
+        resume_from = self.ckpt.choose()
 
         # Data first: a bad file or template fails here, before minutes of model loading.
         self.tokenizer = load_tokenizer(job.model)
@@ -125,11 +129,8 @@ class Trainer:
             config=self.ds_config,
             lr_scheduler=lambda optimizer: build_scheduler(optimizer, job.train, self.total_steps),
         )
-        is_lora = job.peft.method == PeftMethod.lora
-        self.ckpt = CheckpointManager(self.run_dir, job.ckpt, self.dist, resume_key(job, self.dist.world_size), exclude_frozen=is_lora)
-        restored = self.ckpt.restore(self.engine)
-        self.resumed = restored is not None
-        self.state = restored or TrainerState()
+        self.resumed = resume_from is not None
+        self.state = self.ckpt.restore(self.engine, resume_from) if self.resumed else TrainerState()
         self.guard = StepGuard(job.train.max_bad_steps, job.train.spike_factor, self.state.bad_steps_in_a_row, self.state.recent_losses)
         self.preemption = PreemptionFlag(self.dist.device)
         self.metrics = MetricsLogger(self.run_dir, self.dist.is_main, job.wandb, _plain(job), job.run_name,

@@ -7,12 +7,14 @@ and a ``final/`` folder that loads with plain transformers / peft and reproduces
 import json
 import math
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import launch_train, read_jsonl
+from tests.conftest import REPO_ROOT, launch_train, read_jsonl
 
 pytestmark = pytest.mark.integration
 
@@ -51,6 +53,8 @@ def run_and_check(tmp_path, tiny_pretrained, peft_method, zero, precision) -> li
                              f"model.gradient_checkpointing={peft_method == 'lora' and zero == 'zero2'}"]
     if (peft_method, zero, precision) == ("none", "zero2", "bf16"):
         overrides += ["data.packing=true", "train.micro_batch_size=2"]
+    if (peft_method, zero, precision) == ("none", "zero3", "fp32"):
+        overrides += ["export.max_shard_size=400KB"]  # gathered from ZeRO-3 partitions into several shards
     out = launch_train(overrides, run_dir)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
 
@@ -79,8 +83,12 @@ def run_and_check(tmp_path, tiny_pretrained, peft_method, zero, precision) -> li
         adapter = load_file(final / "adapter_model.safetensors")
         assert adapter and all(t.numel() > 0 for t in adapter.values())  # ZeRO-3 partitions gathered, not empty
         assert not (final / "model.safetensors").exists()
+    elif zero == "zero3":
+        index = json.loads((final / "model.safetensors.index.json").read_text())
+        assert len(set(index["weight_map"].values())) > 3 and not (final / "model.safetensors").exists()
     else:
         assert (final / "model.safetensors").is_file()
+    assert "export verified:" in out.stdout and "reloaded logits match the engine's" in out.stdout
 
     probe = load_file(run_dir / "probe.safetensors")
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
@@ -90,7 +98,25 @@ def run_and_check(tmp_path, tiny_pretrained, peft_method, zero, precision) -> li
     real = probe["attention_mask"].bool()
     tol = 5e-2 if precision == "bf16" else 1e-5
     torch.testing.assert_close(logits[real], probe["logits"][real], atol=tol, rtol=tol)
+    if peft_method == "lora" and precision == "fp32":
+        check_merged_export(run_dir, model, probe)
     return [r["loss"] for r in steps]
+
+
+def check_merged_export(run_dir, peft_model, probe):
+    """`launch/export.py merge=true`: a plain transformers model equal to base + adapter."""
+    from transformers import AutoModelForCausalLM
+
+    out = subprocess.run([sys.executable, "launch/export.py", f"run_dir={run_dir}", "merge=true"], cwd=REPO_ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    merged = AutoModelForCausalLM.from_pretrained(run_dir / "merged", dtype=torch.float32).eval()
+    assert not any("lora" in name for name in merged.state_dict())
+    with torch.no_grad():
+        merged_logits = merged(input_ids=probe["input_ids"], attention_mask=probe["attention_mask"]).logits
+        adapter_logits = peft_model(input_ids=probe["input_ids"], attention_mask=probe["attention_mask"]).logits
+    real = probe["attention_mask"].bool()
+    torch.testing.assert_close(merged_logits[real], adapter_logits[real], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("peft_method, zero, precision", CASES, ids=["-".join(c) for c in CASES])

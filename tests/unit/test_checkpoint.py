@@ -1,0 +1,129 @@
+"""Checkpoint bookkeeping without DeepSpeed: completeness, choice on resume, keep_last, config checks, RNG state."""
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from dtrain.checkpoint import (
+    MANIFEST, POINTER, CheckpointManager, TrainerState, capture_rng, check_complete, find_resume_checkpoint,
+    restore_rng, resume_key,
+)
+from dtrain.config import compose_job
+from dtrain.config.schema import CheckpointConfig
+from dtrain.dist import DistInfo
+from dtrain.ds_config import ConfigError
+
+ONE_PROCESS = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+
+
+def fake_save(manager: CheckpointManager, step: int, commit: bool = True):
+    """What a save leaves before the commit: a partial folder with files; then (optionally) rank 0's commit."""
+    partial = manager.root / f"step_{step:08d}.partial"
+    partial.mkdir(parents=True)
+    (partial / "engine.pt").write_bytes(b"x" * (100 + step))
+    (partial / "trainer_state.json").write_text(json.dumps({"step": step, "config_key": manager.key}))
+    if commit:
+        manager._commit(partial, manager.root / f"step_{step:08d}")
+        manager._prune(keep=manager.root / f"step_{step:08d}")
+    return partial
+
+
+def manager(tmp_path, keep_last=2, resume="auto", force=False, key=None):
+    cfg = CheckpointConfig(every_steps=1, keep_last=keep_last, resume=resume, force_resume=force)
+    return CheckpointManager(tmp_path, cfg, ONE_PROCESS, key or {"data.path": "a.jsonl"}, exclude_frozen=False)
+
+
+def test_keep_last_two_after_five_saves_and_pointer(tmp_path):
+    m = manager(tmp_path, keep_last=2)
+    for step in (4, 8, 12, 16, 20):
+        fake_save(m, step)
+    names = sorted(p.name for p in m.root.iterdir() if p.is_dir())
+    assert names == ["step_00000016", "step_00000020"]
+    assert (m.root / POINTER).read_text().strip() == "step_00000020"
+    assert all(check_complete(m.root / n) is None for n in names)
+    manifest = json.loads((m.root / "step_00000020" / MANIFEST).read_text())
+    assert manifest["files"] == {"engine.pt": 120, "trainer_state.json": len((m.root / "step_00000020" / "trainer_state.json").read_text())}
+
+
+def test_partial_save_is_ignored_and_newest_complete_chosen(tmp_path, caplog):
+    m = manager(tmp_path, keep_last=0)
+    fake_save(m, 4)
+    fake_save(m, 8)
+    fake_save(m, 12, commit=False)  # killed while being written: no manifest, still .partial
+    with caplog.at_level("WARNING", logger="dtrain"):
+        chosen = find_resume_checkpoint(m.root, "auto")
+    assert chosen == m.root / "step_00000008"
+    assert "step_00000012.partial" in caplog.text
+    fake_save(m, 16)  # the next complete save removes the dead partial folder
+    assert not (m.root / "step_00000012.partial").exists()
+
+
+def test_damaged_checkpoint_skipped_by_auto_refused_by_required(tmp_path):
+    m = manager(tmp_path, keep_last=0)
+    fake_save(m, 4)
+    fake_save(m, 8)
+    (m.root / "step_00000008" / "engine.pt").write_bytes(b"truncated")
+    assert find_resume_checkpoint(m.root, "auto") == m.root / "step_00000004"
+    with pytest.raises(ConfigError, match=r"step_00000008/engine.pt has 9 bytes, the manifest says 108"):
+        find_resume_checkpoint(m.root, "required")
+
+
+def test_required_without_checkpoint_and_bad_path(tmp_path):
+    assert find_resume_checkpoint(tmp_path / "checkpoints", "auto") is None
+    assert find_resume_checkpoint(tmp_path / "checkpoints", "never") is None
+    with pytest.raises(ConfigError, match="holds no complete checkpoint"):
+        find_resume_checkpoint(tmp_path / "checkpoints", "required")
+    with pytest.raises(ConfigError, match="does not exist"):
+        find_resume_checkpoint(tmp_path, str(tmp_path / "nope"))
+    m = manager(tmp_path)
+    partial = fake_save(m, 3, commit=False)
+    with pytest.raises(ConfigError, match="COMPLETE.json is missing"):
+        find_resume_checkpoint(tmp_path, str(partial))
+
+
+def test_changed_settings_refused_unless_forced(tmp_path):
+    old = manager(tmp_path, key={"data.path": "a.jsonl", "train.micro_batch_size": "4"})
+    fake_save(old, 10)
+    new = manager(tmp_path, key={"data.path": "b.jsonl", "train.micro_batch_size": "4"})
+    with pytest.raises(ConfigError, match=r"data.path: a.jsonl -> b.jsonl.*force_resume=true"):
+        new._check_config(new.root / "step_00000010")
+    forced = manager(tmp_path, force=True, key={"data.path": "b.jsonl", "train.micro_batch_size": "4"})
+    forced._check_config(forced.root / "step_00000010")
+
+
+def test_resume_key_covers_what_matters_only():
+    base = resume_key(compose_job(["+exp=tiny_cpu"]), world_size=2)
+    assert resume_key(compose_job(["+exp=tiny_cpu", "train.lr=1e-4", "train.max_steps=999", "train.eval_every=7"]), 2) == base
+    for override in ("train.micro_batch_size=3", "data.max_seq_len=64", "peft=lora", "zero=zero3", "precision=fp32", "train.seed=1"):
+        assert resume_key(compose_job(["+exp=tiny_cpu", override]), 2) != base, override
+    assert resume_key(compose_job(["+exp=tiny_cpu"]), world_size=4) != base
+
+
+def test_rng_states_round_trip_through_json():
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    state = json.loads(json.dumps(capture_rng()))
+    first = (random.random(), np.random.rand(), torch.rand(3).tolist())
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+    restore_rng(state)
+    assert (random.random(), np.random.rand(), torch.rand(3).tolist()) == first
+
+
+def test_trainer_state_fields_survive_json():
+    state = TrainerState(step=7, epoch=1, step_in_epoch=2, consumed_units=28, recent_losses=[1.5, 2.0])
+    assert TrainerState(**json.loads(json.dumps(state.__dict__))) == state
+
+
+def test_choose_picks_newest_or_refuses_changed_settings(tmp_path, caplog):
+    fresh = manager(tmp_path)
+    with caplog.at_level("INFO", logger="dtrain"):
+        assert fresh.choose() is None
+    assert "starting fresh" in caplog.text
+    fake_save(fresh, 4)
+    fake_save(fresh, 8)
+    assert manager(tmp_path).choose() == tmp_path / "checkpoints" / "step_00000008"
+    assert manager(tmp_path, resume="never").choose() is None
+    with pytest.raises(ConfigError, match="data.path: a.jsonl -> other.jsonl"):
+        manager(tmp_path, key={"data.path": "other.jsonl"}).choose()
