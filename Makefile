@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q "$(TORCH_SPEC)"
 	# DeepSpeed ships only a source package whose build imports torch: build it against the torch just installed.
 	$(PIP) install -q --no-build-isolation "$(DEEPSPEED_SPEC)"
-	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q -e ".[dev,qlora]"
 	touch $(STAMP)
 
 install: $(STAMP)

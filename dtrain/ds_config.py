@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from dtrain.config.registry import REPO_ROOT
-from dtrain.config.schema import JobConfig, Precision, TrainConfig
+from dtrain.config.schema import JobConfig, OptimName, Precision, TrainConfig
 
 DS_TEMPLATES_DIR = REPO_ROOT / "ds_configs"
 
@@ -96,18 +96,22 @@ def build_ds_config(
     ds["train_batch_size"] = batch.global_batch_size
     ds["gradient_clipping"] = train.grad_clip
 
-    # The optimizer lives in the JSON so DeepSpeed can swap in DeepSpeedCPUAdam when it is offloaded.
-    ds["optimizer"] = {
-        "type": "AdamW",
-        "params": {
-            "lr": train.lr,
-            "betas": [train.adam_beta1, train.adam_beta2],
-            "eps": train.adam_eps,
-            "weight_decay": train.weight_decay,
-        },
-    }
+    if job.optim.name == OptimName.adamw_8bit:
+        # A client optimizer (bitsandbytes AdamW8bit, built by the trainer): ZeRO accepts it only when told to.
+        ds["zero_allow_untested_optimizer"] = True
+    else:
+        # The optimizer lives in the JSON so DeepSpeed can swap in DeepSpeedCPUAdam when it is offloaded.
+        ds["optimizer"] = {
+            "type": "AdamW",
+            "params": {
+                "lr": train.lr,
+                "betas": [train.adam_beta1, train.adam_beta2],
+                "eps": train.adam_eps,
+                "weight_decay": train.weight_decay,
+            },
+        }
 
-    if not cuda_available and not zero.offload_optimizer:
+    if "optimizer" in ds and not cuda_available and not zero.offload_optimizer:
         # DeepSpeed's CPU Adam kernels advance beta**step by one multiplication per step, so after a resume
         # (pow(beta, step) from scratch) the bias correction differs in the last bit; torch's AdamW recomputes it
         # every step, which makes a resumed CPU run bit-identical to the straight one.

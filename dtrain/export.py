@@ -215,16 +215,25 @@ def merge_lora_run(run_dir: Path, out_dir: Path, max_shard_bytes: int) -> float:
     from dtrain.config import load_run_config
     from dtrain.config.schema import PeftMethod
     from dtrain.dist import DistInfo
-    from dtrain.model import TORCH_DTYPES, load_exported
+    from dtrain.model import TORCH_DTYPES, load_exported, quantization_config
 
     job = load_run_config(run_dir)
-    if job.peft.method != PeftMethod.lora:
+    if not job.peft.uses_adapters:
         raise ExportError(f"{run_dir} is a full fine-tuning run: {run_dir / 'final'} is already a complete model")
     final, dtype = Path(run_dir) / "final", TORCH_DTYPES[job.precision.name]
     probe = load_file(str(Path(run_dir) / "probe.safetensors"))
-    peft_model = load_exported(final, job.model.path, is_peft=True, dtype=dtype).eval()
+    quant = quantization_config(job.peft, dtype) if job.peft.method == PeftMethod.qlora else None
+    peft_model = load_exported(final, job.model.path, is_peft=True, dtype=dtype, quantization=quant).eval()
     with torch.no_grad():
         unmerged = peft_model(input_ids=probe["input_ids"], attention_mask=probe["attention_mask"]).logits.float()
+    if quant is not None:
+        # The adapter was trained against the 4-bit base, so it is merged into that base dequantised to the
+        # training dtype (NF4 rounding kept), not into the original weights.
+        base = peft_model.unload().dequantize()
+        from peft import PeftModel
+
+        peft_model = PeftModel.from_pretrained(base, final)
+        log.info("QLoRA: merging into a %s copy of the 4-bit base, dequantised", job.precision.name.value)
     merged = peft_model.merge_and_unload()
     out_dir.mkdir(parents=True, exist_ok=True)
     one_process = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))

@@ -72,6 +72,8 @@ def load_model(job: JobConfig, ds_config: dict[str, Any]):
     log.info("attention: %s (%s)", attn, reason)
     dtype = TORCH_DTYPES[job.precision.name]
     kwargs = {"dtype": dtype, "attn_implementation": attn, **_remote_code_kwargs(cfg)}
+    if job.peft.method == PeftMethod.qlora:
+        kwargs["quantization_config"] = quantization_config(job.peft, dtype)
     if cfg.init == ModelInit.random:
         config = AutoConfig.from_pretrained(cfg.path, **_remote_code_kwargs(cfg))
         model = AutoModelForCausalLM.from_config(config, **kwargs)
@@ -87,8 +89,10 @@ def load_model(job: JobConfig, ds_config: dict[str, Any]):
     return model, hf_ds_config
 
 
-def load_exported(folder, base_path: Optional[str], is_peft: bool, dtype: torch.dtype):
+def load_exported(folder, base_path: Optional[str], is_peft: bool, dtype: torch.dtype, quantization=None):
     """Load an exported ``final/`` folder the way a user would: plain transformers, or the base model + peft adapter.
+
+    ``quantization`` (QLoRA) quantises the base afresh while loading, as the run did.
 
     Safe to call on one rank of a ZeRO-3 job: the job's ``HfDeepSpeedConfig`` is switched off meanwhile, or
     transformers would build the model inside ``zero.Init``, a collective the other ranks never join.
@@ -104,11 +108,85 @@ def load_exported(folder, base_path: Optional[str], is_peft: bool, dtype: torch.
             return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, use_safetensors=True)
         from peft import PeftModel
 
-        base = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype, use_safetensors=True)
+        base = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype, use_safetensors=True, quantization_config=quantization)
+        if quantization is not None:
+            keep_standard_4bit_layout(base)
         return PeftModel.from_pretrained(base, folder)
     finally:
         if job_ds_config is not None:
             hf_deepspeed.set_hf_deepspeed_config(job_ds_config)
+
+
+def check_qlora(job: JobConfig) -> None:
+    """Refuse, before any model is loaded, QLoRA set-ups that cannot work."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError("peft=qlora needs bitsandbytes: pip install 'dtrain[qlora]' (or pip install bitsandbytes)")
+    if job.zero.offload_params:
+        raise ConfigError(
+            "peft=qlora with zero.offload_params=true: DeepSpeed cannot offload bitsandbytes' 4-bit weights (their "
+            "quantisation state stays on the module); use zero=zero3 (the 4-bit base is partitioned) or zero2_offload"
+        )
+    if job.peft.quant_type not in ("nf4", "fp4"):
+        raise ConfigError(f"peft.quant_type={job.peft.quant_type}: bitsandbytes 4-bit types are nf4 and fp4")
+
+
+def check_adamw_8bit(job: JobConfig) -> None:
+    """8-bit AdamW is a client optimizer: bitsandbytes must import and DeepSpeed must not replace it."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError("optim=adamw_8bit needs bitsandbytes: pip install 'dtrain[qlora]' (or pip install bitsandbytes)")
+    if job.zero.offload_optimizer:
+        raise ConfigError(
+            "optim=adamw_8bit with an offloaded optimizer: DeepSpeed runs its own CPU Adam on offloaded states, so the "
+            "8-bit optimizer would not be used; pick zero=zero1/zero2/zero3 (no _offload) or optim=adamw"
+        )
+
+
+def quantization_config(cfg: PeftConfig, dtype: torch.dtype):
+    """4-bit base for QLoRA: NF4 (or FP4), optional double quantisation, compute in the training dtype.
+
+    The packed 4-bit weights are stored in the training dtype too (``bnb_4bit_quant_storage``): DeepSpeed casts
+    and ZeRO-3 partitions parameters by dtype, and a uint8 storage would be neither.
+    """
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.quant_type, bnb_4bit_use_double_quant=cfg.double_quant,
+                              bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=dtype)
+
+
+def footprint_bytes(model) -> int:
+    """Bytes of the model's parameters and buffers as stored (4-bit weights count packed), across ZeRO-3 partitions."""
+    total = sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in model.parameters())
+    return total + sum(b.numel() * b.element_size() for b in model.buffers())
+
+
+def keep_standard_4bit_layout(model) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights into its CPU-only layout (no effect on GPUs).
+
+    On CPUs with AVX512-BF16 it repacks a weight in place the first time the layer runs in eval mode. Under
+    ZeRO-3 that rewrites a gathered, partitioned parameter; and saving, ``dequantize()`` and merging then read
+    the repacked bytes as standard NF4 (wrong weights). Keep the standard layout everywhere.
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
+def prepare_for_kbit_training(model, gradient_checkpointing: bool) -> None:
+    """Freeze the quantised base; with gradient checkpointing, make the embeddings' output require grad.
+
+    peft's ``prepare_model_for_kbit_training`` also upcasts norms and the head to fp32; under DeepSpeed that
+    upcast would not survive (the engine casts every parameter to the training dtype), so it is not done: the
+    frozen norms run in the training dtype and the trained LoRA weights keep FP32 master copies in the optimizer.
+    """
+    for param in model.parameters():
+        param.requires_grad = False
+    keep_standard_4bit_layout(model)
+    if gradient_checkpointing:
+        # Checkpointed blocks recompute from their inputs; with every base weight frozen those inputs must carry
+        # grad or no gradient reaches the adapters.
+        model.enable_input_require_grads()
 
 
 def count_parameters_from_config(config) -> int:
@@ -121,7 +199,10 @@ def count_parameters_from_config(config) -> int:
 
 
 def linear_target_modules(model) -> list[str]:
-    """Names (last component) of every linear layer except the output head, found from the model itself."""
+    """Names (last component) of every linear layer except the output head, found from the model itself.
+
+    bitsandbytes' ``Linear4bit`` subclasses ``nn.Linear``, so on a QLoRA base these are the quantised layers.
+    """
     head = model.get_output_embeddings()
     names = set()
     for name, module in model.named_modules():
@@ -140,23 +221,48 @@ def apply_lora(model, cfg: PeftConfig):
     return get_peft_model(model, lora)
 
 
+def _log_quantisation(model, job: JobConfig, num_parameters: int) -> None:
+    import bitsandbytes as bnb
+
+    quantised = [n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
+    after = footprint_bytes(model)
+    before = num_parameters * TORCH_DTYPES[job.precision.name].itemsize
+    log.info("QLoRA: %d linear layers quantised to 4-bit %s%s (e.g. %s)", len(quantised), job.peft.quant_type,
+             " with double quantisation" if job.peft.double_quant else "", ", ".join(quantised[:3]))
+    log.info("base model footprint: %.2f MiB in %s before quantisation -> %.2f MiB after (%.2fx smaller)",
+             before / 2**20, job.precision.name.value, after / 2**20, before / max(after, 1))
+
+
 def parameter_counts(model) -> tuple[int, int]:
-    """``(trainable, total)`` parameters, also when ZeRO-3 has partitioned them (``ds_numel``)."""
+    """``(trainable, total)`` parameters, also when ZeRO-3 has partitioned them (``ds_numel``) or bitsandbytes
+    packed them into 4 bits (counted unpacked, as peft's ``get_nb_trainable_parameters`` does)."""
     trainable = total = 0
     for p in model.parameters():
         n = getattr(p, "ds_numel", p.numel())
+        if p.__class__.__name__ == "Params4bit":  # two 4-bit weights per byte of its storage dtype
+            n *= 2 * p.element_size()
         total += n
         trainable += n if p.requires_grad else 0
     return trainable, total
 
 
-def build_model(job: JobConfig, ds_config: dict[str, Any]) -> tuple[Any, Optional[Any]]:
-    """Load the model, attach LoRA when configured, and log trainable vs total parameters."""
+def build_model(job: JobConfig, ds_config: dict[str, Any], num_parameters: int) -> tuple[Any, Optional[Any]]:
+    """Load the model, attach LoRA when configured, and log trainable vs total parameters.
+
+    Args:
+        num_parameters: The unquantised parameter count (from the config), for the QLoRA footprint report.
+    """
     model, hf_ds_config = load_model(job, ds_config)
-    if job.peft.method == PeftMethod.lora:
+    if job.peft.method == PeftMethod.qlora:
+        _log_quantisation(model, job, num_parameters)
+        prepare_for_kbit_training(model, job.model.gradient_checkpointing)
+    if job.peft.uses_adapters:
         model = apply_lora(model, job.peft)
     trainable, total = parameter_counts(model)
-    if job.zero.stage == 3:
+    if job.zero.stage == 3 and job.peft.method == PeftMethod.qlora:
+        # transformers never loads a quantised model inside zero.Init; the engine partitions it at start-up.
+        log.info("ZeRO-3: the 4-bit base was loaded whole on every rank; DeepSpeed partitions it when the engine starts")
+    elif job.zero.stage == 3:
         local = sum(p.ds_tensor.numel() for p in model.parameters() if hasattr(p, "ds_tensor"))
         log.info("ZeRO-3: weights partitioned while loading; this rank holds %s of %s parameters", f"{local:,}", f"{total:,}")
     log.info("parameters: %s trainable of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100.0 * trainable / max(total, 1))

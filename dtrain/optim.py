@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
-from dtrain.config.schema import Schedule, TrainConfig
+from dtrain.config.schema import OptimConfig, OptimName, Schedule, TrainConfig
 
 
 def parameter_groups(model, weight_decay: float) -> list[dict]:
@@ -23,6 +23,17 @@ def parameter_groups(model, weight_decay: float) -> list[dict]:
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
     return groups
+
+
+def build_client_optimizer(groups: list[dict], train: TrainConfig, optim: OptimConfig) -> Optional[torch.optim.Optimizer]:
+    """The optimizer dtrain builds itself (None: DeepSpeed builds AdamW from the JSON)."""
+    if optim.name != OptimName.adamw_8bit:
+        return None
+    import bitsandbytes as bnb
+
+    # Block-wise 8-bit m and v (2 bytes per parameter + one fp32 scale per 256 values) instead of 8 bytes.
+    return bnb.optim.AdamW8bit(groups, lr=train.lr, betas=(train.adam_beta1, train.adam_beta2), eps=train.adam_eps,
+                               weight_decay=train.weight_decay)
 
 
 def lr_multiplier(train: TrainConfig, total_steps: int) -> Callable[[int], float]:

@@ -22,7 +22,7 @@ import torch
 
 from dtrain import faults
 from dtrain.checkpoint import CheckpointManager, TrainerState, resume_key
-from dtrain.config.schema import ExportVerify, JobConfig, ModelInit, PeftMethod, Precision
+from dtrain.config.schema import ExportVerify, JobConfig, ModelInit, OptimName, PeftMethod, Precision
 from dtrain.data import ChatRenderer, StepSampler, collate, resolve_chat_template
 from dtrain.data.audit import audit_masks
 from dtrain.data.cache import load_or_prepare
@@ -36,8 +36,11 @@ from dtrain.generation import exact_match_accuracy, format_samples, generate_ans
 from dtrain.guard import StepGuard
 from dtrain.loss import count_trained_tokens, shifted_token_loss_sum
 from dtrain.metrics import MetricsLogger
-from dtrain.model import TORCH_DTYPES, build_model, count_parameters_from_config, load_exported, load_tokenizer
-from dtrain.optim import build_scheduler, parameter_groups
+from dtrain.model import (
+    TORCH_DTYPES, build_model, check_adamw_8bit, check_qlora, count_parameters_from_config, load_exported, load_tokenizer,
+    quantization_config,
+)
+from dtrain.optim import build_client_optimizer, build_scheduler, parameter_groups
 from dtrain.preemption import Preempted, PreemptionFlag
 from dtrain.watchdog import StepWatchdog
 
@@ -56,11 +59,15 @@ def check_job(job: JobConfig) -> None:
         raise ConfigError(f"train.max_steps={job.train.max_steps}: must be >= 1 (or null to use train.epochs)")
     if job.train.max_steps is None and job.train.epochs < 1:
         raise ConfigError(f"train.epochs={job.train.epochs}: must be >= 1")
-    if job.peft.method == PeftMethod.lora and job.model.init == ModelInit.random:
+    if job.peft.uses_adapters and job.model.init == ModelInit.random:
         raise ConfigError(
-            "peft=lora with model.init=random would train adapters on random weights that are saved nowhere, so the "
-            "adapter could never be reloaded; point model.path at real weights (model.init=pretrained)"
+            f"peft={job.peft.method.value} with model.init=random would train adapters on random weights that are saved "
+            "nowhere, so the adapter could never be reloaded; point model.path at real weights (model.init=pretrained)"
         )
+    if job.peft.method == PeftMethod.qlora:
+        check_qlora(job)
+    if job.optim.name == OptimName.adamw_8bit:
+        check_adamw_8bit(job)
 
 
 class Trainer:
@@ -77,8 +84,8 @@ class Trainer:
         setup_logging(self.dist, self.run_dir / "train.log")
         seed_everything(job.train.seed)
         # Before anything is (over)written: a checkpoint from other settings is refused here, not after loading.
-        is_lora = job.peft.method == PeftMethod.lora
-        self.ckpt = CheckpointManager(self.run_dir, job.ckpt, self.dist, resume_key(job, self.dist.world_size), exclude_frozen=is_lora)
+        self.ckpt = CheckpointManager(self.run_dir, job.ckpt, self.dist, resume_key(job, self.dist.world_size),
+                                      exclude_frozen=job.peft.uses_adapters)
         resume_from = self.ckpt.choose()
 
         # Data first: a bad file or template fails here, before minutes of model loading.
@@ -122,10 +129,12 @@ class Trainer:
 
         import deepspeed
 
-        model, self._hf_ds_config = build_model(job, self.ds_config)
+        model, self._hf_ds_config = build_model(job, self.ds_config, self.num_parameters)
+        groups = parameter_groups(model, job.train.weight_decay)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model,
-            model_parameters=parameter_groups(model, job.train.weight_decay),
+            model_parameters=groups,
+            optimizer=build_client_optimizer(groups, job.train, job.optim),
             config=self.ds_config,
             lr_scheduler=lambda optimizer: build_scheduler(optimizer, job.train, self.total_steps),
         )
@@ -398,7 +407,7 @@ class Trainer:
         """Write ``final/`` (all ranks take part in the ZeRO-3 gather), then re-read it and check it on rank 0."""
         job = self.job
         final = self.run_dir / "final"
-        is_lora = job.peft.method == PeftMethod.lora
+        is_lora = job.peft.uses_adapters
         shapes = save_model(self.engine.module, self.tokenizer, final, self.dist, is_lora, parse_size(job.export.max_shard_size))
         probe = self._write_probe()
         problem = None
@@ -421,7 +430,8 @@ class Trainer:
         what = f"{len(shapes)} tensors with their shapes"
         if mode == ExportVerify.logits or (mode == ExportVerify.auto and self.num_parameters <= LOGITS_CHECK_MAX_PARAMS):
             dtype = TORCH_DTYPES[self.job.precision.name]
-            diff = check_logits(lambda: load_exported(final, self.job.model.path, is_lora, dtype), probe, dtype)
+            quant = quantization_config(self.job.peft, dtype) if self.job.peft.method == PeftMethod.qlora else None
+            diff = check_logits(lambda: load_exported(final, self.job.model.path, is_lora, dtype, quant), probe, dtype)
             what += f"; reloaded logits match the engine's (max |diff| {diff:.2e})"
         log.info("export verified: %s", what)
 

@@ -55,6 +55,12 @@ class OnInvalid(str, Enum):
 class PeftMethod(str, Enum):
     none = "none"
     lora = "lora"
+    qlora = "qlora"  # LoRA on a base quantised to 4 bits (bitsandbytes NF4) while loading
+
+
+class OptimName(str, Enum):
+    adamw = "adamw"  # DeepSpeed's (fused / CPU) AdamW, fp32 states
+    adamw_8bit = "adamw_8bit"  # bitsandbytes 8-bit AdamW as a client optimizer: states in 8 bits (~1/4 the bytes)
 
 
 class Precision(str, Enum):
@@ -136,6 +142,22 @@ class PeftConfig:
     dropout: float = 0.05
     target_modules: Optional[List[str]] = None
     """Module names to adapt; ``None`` means every linear layer except the output head."""
+    quant_type: str = "nf4"
+    """qlora: the 4-bit data type (``nf4`` or ``fp4``)."""
+    double_quant: bool = True
+    """qlora: quantise the quantisation constants too (~0.4 bit/weight saved)."""
+
+    @property
+    def uses_adapters(self) -> bool:
+        """LoRA or QLoRA: the base is frozen and only the adapter is trained, saved and exported."""
+        return self.method in (PeftMethod.lora, PeftMethod.qlora)
+
+
+@dataclass
+class OptimConfig:
+    """The optimizer (``optim=adamw|adamw_8bit``); betas, eps and weight decay are in ``train``."""
+
+    name: OptimName = OptimName.adamw
 
 
 @dataclass
@@ -265,6 +287,7 @@ class JobConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     peft: PeftConfig = field(default_factory=PeftConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
     zero: ZeroConfig = field(default_factory=ZeroConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
