@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 import time
 import zlib
@@ -35,6 +36,7 @@ from dtrain.export import LOGITS_CHECK_MAX_PARAMS, ExportError, check_logits, ch
 from dtrain.generation import exact_match_accuracy, format_samples, generate_answers
 from dtrain.guard import StepGuard
 from dtrain.loss import count_trained_tokens, shifted_token_loss_sum
+from dtrain.memory import compare_plan, engine_state_bytes, format_plans, peak_memory_bytes, plan_for_run
 from dtrain.metrics import MetricsLogger
 from dtrain.model import (
     TORCH_DTYPES, build_model, check_adamw_8bit, check_qlora, count_parameters_from_config, load_exported, load_tokenizer,
@@ -126,6 +128,10 @@ class Trainer:
             (self.run_dir / "config.yaml").write_text(resolved_yaml)
             write_ds_config(self.ds_config, self.run_dir / "ds_config.json")
         self._log_plan()
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or self.dist.world_size)
+        self.memory_plan = plan_for_run(job, model_config, self.num_parameters, self.dist.world_size, local_world, self.ds_config)
+        log.info("memory plan per %s (launch/plan.py prices the alternatives):\n%s",
+                 "GPU" if torch.cuda.is_available() else "rank", format_plans([self.memory_plan]))
 
         import deepspeed
 
@@ -251,6 +257,7 @@ class Trainer:
             self.save()
             watchdog.beat("generation check")
             after = self.generate_samples("samples.jsonl")
+            self._report_memory()
         finally:
             watchdog.stop()
         return self._summarise(eval_loss, before, after)
@@ -468,6 +475,14 @@ class Trainer:
                     f.write(json.dumps(r) + "\n")
         log.info("%s: exact match %.1f%% on %d held-out prompts", filename, 100 * exact_match_accuracy(results), len(results))
         return results
+
+    def _report_memory(self) -> None:
+        """Plan vs measured (engine tensors, peak memory) from every rank into ``memory.json`` (a gather)."""
+        measured = all_gather_objects({**engine_state_bytes(self.engine), **peak_memory_bytes()})
+        if self.dist.is_main:
+            report = {"plan": self.memory_plan.as_dict(), "measured_per_rank": measured}
+            (self.run_dir / "memory.json").write_text(json.dumps(report, indent=1) + "\n")
+            log.info("memory, plan vs measured:\n%s", compare_plan(self.memory_plan, measured))
 
     def _summarise(self, eval_loss: Optional[float], before: Optional[list[dict]], after: list[dict]) -> dict:
         summary = {

@@ -201,7 +201,29 @@ def check(data):
     return lengths
 
 
+# Published shapes of the models the memory planner prices without their weights (launch/plan.py).
+PLANNER_CONFIGS = {
+    "llama2_7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096),
+    "llama2_13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
+                       num_key_value_heads=40, vocab_size=32000, max_position_embeddings=4096),
+    "llama2_70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                       num_key_value_heads=8, vocab_size=32000, max_position_embeddings=4096),
+    "llama3_8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, bos_token_id=128000,
+                      eos_token_id=128001, rope_parameters={"rope_type": "default", "rope_theta": 500000.0}),
+}
+
+
+def write_planner_configs():
+    from transformers import LlamaConfig
+
+    for name, kw in PLANNER_CONFIGS.items():
+        LlamaConfig(tie_word_embeddings=False, rms_norm_eps=1e-5, **kw).save_pretrained(ASSETS / "configs" / name)
+
+
 def main():
+    write_planner_configs()
     tok = build_tokenizer()
     TINY.mkdir(parents=True, exist_ok=True)
     DATA.mkdir(parents=True, exist_ok=True)

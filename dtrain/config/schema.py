@@ -94,6 +94,9 @@ class ModelConfig:
     trust_remote_code: bool = False
     """Only honoured together with a pinned ``revision`` (remote code runs on every rank)."""
     revision: Optional[str] = None
+    config_path: Optional[str] = None
+    """Where ``launch/plan.py`` reads the model's config.json when ``path`` is not reachable (bundled shapes of
+    popular models: ``${dtrain_asset:configs/llama2_7b}``); training always uses ``path``."""
     allow_pickle_weights: bool = False
     """Weights load only from safetensors; set true to also accept pickled ``.bin`` files (they can run code)."""
 
@@ -277,6 +280,25 @@ class PreviewConfig:
     format: PreviewFormat = PreviewFormat.text
 
 
+class PlanFormat(str, Enum):
+    text = "text"
+    json = "json"
+
+
+@dataclass
+class PlanConfig:
+    """``launch/plan.py``: the memory plan for ``gpus`` x ``nodes`` GPUs, without loading any weights."""
+
+    gpus: int = 8
+    """GPUs per node."""
+    nodes: int = 1
+    gpu: Optional[str] = "H100"
+    """GPU model for the capacity (A100-40GB, A100, H100, H200, L40S, A10G); see gpu_memory_gb."""
+    gpu_memory_gb: Optional[float] = None
+    """Capacity per GPU in GB; wins over ``gpu``."""
+    format: PlanFormat = PlanFormat.text
+
+
 @dataclass
 class JobConfig:
     """Top-level schema of ``conf/train.yaml``."""
@@ -296,6 +318,7 @@ class JobConfig:
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     preview: PreviewConfig = field(default_factory=PreviewConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
 
 
 @dataclass

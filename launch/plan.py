@@ -1,0 +1,53 @@
+"""Will it fit? Per-GPU memory for the chosen config and its alternatives, from the model config alone.
+
+    python launch/plan.py +exp=7b_zero3 plan.gpus=8
+    python launch/plan.py +exp=8b_zero3_offload plan.gpus=8 plan.nodes=2 plan.gpu=A100-40GB
+    python launch/plan.py +exp=7b_lora plan.format=json
+
+Loads no weights: the parameter count comes from the model's config.json built on the meta device.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from dtrain.config import register_configs, to_job_config
+from dtrain.config.schema import PlanFormat
+from dtrain.memory import GiB, ModelShape, format_plans, gpu_capacity_bytes, plan_job
+from dtrain.model import count_parameters_from_config
+
+
+@hydra.main(config_path="../conf", config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    from transformers import AutoConfig
+
+    if OmegaConf.is_missing(cfg.data, "path"):  # planning reads no data
+        cfg.data.path = "(not needed to plan)"
+    job = to_job_config(cfg)
+    try:
+        capacity = gpu_capacity_bytes(job.plan.gpu, job.plan.gpu_memory_gb)
+    except ValueError as e:
+        sys.exit(f"dtrain: error: {e}")
+    config = AutoConfig.from_pretrained(job.model.config_path or job.model.path, trust_remote_code=job.model.trust_remote_code, revision=job.model.revision)
+    shape = ModelShape.from_hf_config(config, count_parameters_from_config(config))
+    world = job.plan.gpus * job.plan.nodes
+    plans = plan_job(job, shape, world, job.plan.gpus, capacity)
+    if job.plan.format == PlanFormat.json:
+        print(json.dumps({"model": job.model.path, "num_parameters": shape.num_parameters, "world_size": world,
+                          "micro_batch_size": job.train.micro_batch_size, "seq_len": job.data.max_seq_len,
+                          "configs": [p.as_dict() for p in plans]}, indent=1))
+        return
+    print(f"{job.model.path}: {shape.num_parameters / 1e9:.2f}B parameters; {world} GPUs ({job.plan.gpus} x {job.plan.nodes} nodes, "
+          f"{capacity / 10**9 if capacity else '?'} GB each); micro batch {job.train.micro_batch_size} x {job.data.max_seq_len} tokens, "
+          f"{job.precision.name.value}; GiB per GPU:")
+    print(format_plans(plans))
+    print(f"(* = the config as given; activations assume full rows of data.max_seq_len; GiB = {GiB} bytes)")
+
+
+if __name__ == "__main__":
+    register_configs()
+    main()
