@@ -7,6 +7,7 @@ Set through environment variables (never through the config, so no experiment fi
     DTRAIN_FAULT_KILL_IN_SAVE=<step>:<rank>     that rank SIGKILLs itself while writing that step's checkpoint
     DTRAIN_FAULT_SIGNAL=<step>:<rank>:<name>    that rank receives signal <name> (TERM, USR1) at the start of that step
     DTRAIN_FAULT_HANG=<step>:<rank>             that rank sleeps forever at the start of that step
+    DTRAIN_FAULT_OOM=<step>:<rank>              that rank raises torch.OutOfMemoryError in that step
 """
 
 from __future__ import annotations
@@ -40,6 +41,10 @@ def at_step_start(step: int, rank: int) -> None:
     hit = _hits("DTRAIN_FAULT_SIGNAL", step, rank)
     if hit:
         os.kill(os.getpid(), getattr(signal, f"SIG{hit[2]}"))
+    if _hits("DTRAIN_FAULT_OOM", step, rank):
+        import torch
+
+        raise torch.OutOfMemoryError("CUDA out of memory (injected by DTRAIN_FAULT_OOM)")
     if _hits("DTRAIN_FAULT_HANG", step, rank):
         while True:
             time.sleep(60)

@@ -34,13 +34,15 @@ from dtrain.dist import all_gather_objects, all_reduce_sum, barrier, broadcast_o
 from dtrain.ds_config import BatchPlan, ConfigError, build_ds_config, write_ds_config
 from dtrain.export import LOGITS_CHECK_MAX_PARAMS, ExportError, check_logits, check_shapes, parse_size, save_model
 from dtrain.generation import exact_match_accuracy, format_samples, generate_answers
-from dtrain.guard import StepGuard
+from dtrain.guard import StepGuard, TrainingError
 from dtrain.loss import count_trained_tokens, shifted_token_loss_sum
-from dtrain.memory import compare_plan, engine_state_bytes, format_plans, peak_memory_bytes, plan_for_run
+from dtrain.memory import ModelShape, compare_plan, engine_state_bytes, format_plans, peak_memory_bytes, plan_for_run
 from dtrain.metrics import MetricsLogger
+from dtrain.oom import oom_report
+from dtrain.throughput import PhaseTimer, mfu, peak_flops, step_flops
 from dtrain.model import (
     TORCH_DTYPES, build_model, check_adamw_8bit, check_qlora, count_parameters_from_config, load_exported, load_tokenizer,
-    quantization_config,
+    parameter_counts, quantization_config,
 )
 from dtrain.optim import build_client_optimizer, build_scheduler, parameter_groups
 from dtrain.preemption import Preempted, PreemptionFlag
@@ -130,12 +132,17 @@ class Trainer:
         self._log_plan()
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or self.dist.world_size)
         self.memory_plan = plan_for_run(job, model_config, self.num_parameters, self.dist.world_size, local_world, self.ds_config)
+        self.shape = ModelShape.from_hf_config(model_config, self.num_parameters)
+        device_name = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+        self.peak_flops = peak_flops(device_name, job.precision.name == Precision.fp32, job.train.peak_tflops)
         log.info("memory plan per %s (launch/plan.py prices the alternatives):\n%s",
                  "GPU" if torch.cuda.is_available() else "rank", format_plans([self.memory_plan]))
 
         import deepspeed
 
         model, self._hf_ds_config = build_model(job, self.ds_config, self.num_parameters)
+        # Adapters skip the frozen weights' weight-gradient work: MFU counts 4 FLOPs per frozen weight, not 6.
+        self.trainable_weights = parameter_counts(model)[0] if job.peft.uses_adapters else None
         groups = parameter_groups(model, job.train.weight_decay)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model,
@@ -235,8 +242,18 @@ class Trainer:
                     if self.preemption.agreed():
                         self._stop_for_preemption(watchdog)
                     watchdog.beat(f"step {state.step + 1}")
-                    faults.at_step_start(state.step + 1, self.dist.rank)
-                    record = self.train_step(micro_indices)
+                    try:
+                        faults.at_step_start(state.step + 1, self.dist.rank)
+                        record = self.train_step(micro_indices)
+                    except torch.OutOfMemoryError as e:
+                        raise TrainingError(self._oom_report()) from e
+                    except RuntimeError as e:
+                        if not _is_collective_failure(e):
+                            raise
+                        raise TrainingError(
+                            f"rank {self.dist.rank}: a collective failed in step {state.step + 1} because another rank "
+                            f"died or lost its connection (its own error is above): {str(e).splitlines()[0][:300]}"
+                        ) from e
                     self._advance(micro_indices)
                     if record is not None:
                         self._log_step(record, epoch, progress)
@@ -261,6 +278,13 @@ class Trainer:
         finally:
             watchdog.stop()
         return self._summarise(eval_loss, before, after)
+
+    def _oom_report(self) -> str:
+        """On the rank that ran out of memory only (no collective: the others may be stuck in one)."""
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE") or self.dist.world_size)
+        peak = peak_memory_bytes()
+        return oom_report(self.job, self.shape, self.dist.world_size, local_world, self.memory_plan.capacity_bytes,
+                          peak.get("peak_cuda_reserved"), self.dist.rank, self.state.step + 1)
 
     def _samples_before(self) -> Optional[list[dict]]:
         if not self.job.generate.before_training:
@@ -308,14 +332,18 @@ class Trainer:
         every rank) / (number of those tokens), so it does not depend on micro-batch size or world size.
         """
         t0 = time.perf_counter()
-        batches = [self._collate([self.train_units[i] for i in idx]) for idx in micro_indices]
+        timer = PhaseTimer(self.dist.device)
+        with timer("data"):
+            batches = [self._collate([self.train_units[i] for i in idx]) for idx in micro_indices]
+        examples = [e for idx in micro_indices for i in idx for e in self.train_units[i]]
         local_tokens = sum(count_trained_tokens(b["labels"]) for b in batches)
-        local_real = sum(len(e.input_ids) for idx in micro_indices for i in idx for e in self.train_units[i])
+        local_real = sum(len(e.input_ids) for e in examples)
+        local_sq = sum(len(e.input_ids) ** 2 for e in examples)
         local_slots = sum(b["input_ids"].numel() for b in batches)
-        local_fingerprint = sum(zlib.crc32(e.source.encode()) for idx in micro_indices for i in idx for e in self.train_units[i])
+        local_fingerprint = sum(zlib.crc32(e.source.encode()) for e in examples)
         # Sync point: the normaliser must be known on every rank before the first backward of the step.
-        global_tokens, global_real, global_slots, fingerprint = all_reduce_sum(
-            [local_tokens, local_real, local_slots, local_fingerprint], self.dist.device)
+        global_tokens, global_real, global_slots, global_sq, fingerprint = all_reduce_sum(
+            [local_tokens, local_real, local_slots, local_sq, local_fingerprint], self.dist.device)
         self.state.real_tokens += int(global_real)
         self.state.token_slots += int(global_slots)
         if global_tokens == 0:
@@ -328,13 +356,16 @@ class Trainer:
         injected = faults.loss_multiplier(self.state.step + 1, self.dist.rank)
         local_loss_sum = torch.zeros((), dtype=torch.float64, device=self.dist.device)
         for batch in batches:
-            loss_sum = shifted_token_loss_sum(self._forward(batch), batch["labels"].to(self.dist.device))
-            if injected != 1.0:
-                loss_sum = loss_sum * injected
-            self.engine.backward(loss_sum * scale)
-            # DeepSpeed steps the optimizer only at the accumulation boundary, and skips the update on every rank
-            # when the global gradient norm is NaN/Inf (the overflow flag is reduced across ranks).
-            self.engine.step()
+            with timer("forward"):
+                loss_sum = shifted_token_loss_sum(self._forward(batch), batch["labels"].to(self.dist.device))
+                if injected != 1.0:
+                    loss_sum = loss_sum * injected
+            with timer("backward"):
+                self.engine.backward(loss_sum * scale)
+            with timer("optimizer"):
+                # DeepSpeed steps the optimizer only at the accumulation boundary, and skips the update on every
+                # rank when the global gradient norm is NaN/Inf (the overflow flag is reduced across ranks).
+                self.engine.step()
             local_loss_sum += loss_sum.detach().double()
         (global_loss_sum,) = all_reduce_sum([local_loss_sum.item()], self.dist.device)
         elapsed = time.perf_counter() - t0
@@ -354,8 +385,16 @@ class Trainer:
             "input_tokens": int(global_real),
             "padding_efficiency": global_real / global_slots,
             "step_time_s": elapsed,
+            "samples_per_s": self.batch.global_batch_size / elapsed,
             "batch_fingerprint": int(fingerprint),  # sum of crc32(sample id): equal batches <=> equal data order
+            **{f"time_{phase}_s": seconds for phase, seconds in timer.seconds.items()},
         }
+        flops = step_flops(self.shape, int(global_real), int(global_sq), self.trainable_weights)
+        record["tflops_per_gpu"] = flops / elapsed / self.dist.world_size / 1e12
+        record["mfu"] = mfu(flops, elapsed, self.dist.world_size, self.peak_flops)
+        if timer.seconds["data"] > 0.05 * elapsed and (self.state.step + 1) % 100 in (1,):
+            log.warning("step %d: %.0f%% of the step went to preparing data (collation); the GPU waited",
+                        self.state.step + 1, 100 * timer.seconds["data"] / elapsed)
         if verdict in ("nonfinite", "overflow"):
             record["skipped"] = verdict
         return record
@@ -518,6 +557,12 @@ class Trainer:
 def _plain(job: JobConfig) -> dict:
     """The job as plain JSON-able values (enums as strings), for W&B's run config."""
     return json.loads(json.dumps(asdict(job), default=lambda v: getattr(v, "value", str(v))))
+
+
+def _is_collective_failure(error: RuntimeError) -> bool:
+    """A communication backend's error (a peer died or timed out), as opposed to a bug in the step."""
+    text = str(error)
+    return any(marker in text for marker in ("gloo", "NCCL", "Connection closed", "Connection reset", "Timed out"))
 
 
 def _finite_or_none(value: float) -> Optional[float]:

@@ -212,6 +212,8 @@ class TrainConfig:
     a dead or stuck rank ends the job with an error naming the rank and step instead of a silent hang."""
     max_bad_steps: int = 5
     """Stop after this many consecutive optimizer steps skipped for a NaN/Inf loss or gradient norm."""
+    peak_tflops: Optional[float] = None
+    """Peak TFLOP/s of one GPU for MFU; default: looked up from the GPU's name (A100, H100, H200, ...)."""
     spike_factor: float = 10.0
     """Warn (with the sample ids) when a step's loss exceeds this multiple of the running median."""
 

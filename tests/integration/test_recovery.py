@@ -135,3 +135,17 @@ def test_stuck_rank_ends_the_job_naming_rank_and_step(tmp_path):
     )
     assert out.returncode == 86, out.stdout[-3000:] + out.stderr[-3000:]
     assert "rank 0 made no progress" in out.stderr and "in step 3" in out.stderr
+
+
+def test_out_of_memory_stops_with_a_report_and_the_peer_names_its_step(tmp_path):
+    out = launch_train(
+        ["+exp=tiny_cpu", "train.max_steps=4", "train.micro_batch_size=2", "generate.num_prompts=0",
+         "generate.before_training=false"],
+        tmp_path / "oom", env={"DTRAIN_FAULT_OOM": "2:1"}, timeout=180,
+    )
+    assert out.returncode == 3, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "out of memory on rank 1 at step 2" in out.stderr
+    for suggestion in ("train.micro_batch_size=1 train.grad_accum_steps=2", "model.gradient_checkpointing=true",
+                       "zero=zero3", "zero=zero2_offload", "peft=lora"):
+        assert suggestion in out.stderr
+    assert "rank 0: a collective failed in step 2 because another rank died" in out.stderr
