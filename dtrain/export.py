@@ -198,6 +198,28 @@ def check_logits(load: Callable[[], torch.nn.Module], probe: dict[str, torch.Ten
     return diff
 
 
+def verify_export(final: Path, shapes: dict, probe: dict[str, torch.Tensor], job, num_parameters: int) -> None:
+    """Re-read ``final/`` on this (main) rank as ``export.verify`` asks: shapes, then logits against the engine's.
+
+    Raises:
+        ExportError: a tensor is missing, empty or misshapen, or the reloaded logits differ.
+    """
+    from dtrain.config.schema import ExportVerify, PeftMethod
+    from dtrain.model import TORCH_DTYPES, load_exported, quantization_config
+
+    mode = job.export.verify
+    if mode == ExportVerify.none:
+        return
+    check_shapes(final, shapes)
+    what = f"{len(shapes)} tensors with their shapes"
+    if mode == ExportVerify.logits or (mode == ExportVerify.auto and num_parameters <= LOGITS_CHECK_MAX_PARAMS):
+        dtype = TORCH_DTYPES[job.precision.name]
+        quant = quantization_config(job.peft, dtype) if job.peft.method == PeftMethod.qlora else None
+        diff = check_logits(lambda: load_exported(final, job.model.path, job.peft.uses_adapters, dtype, quant), probe, dtype)
+        what += f"; reloaded logits match the engine's (max |diff| {diff:.2e})"
+    log.info("export verified: %s", what)
+
+
 # ---------------------------------------------------------------------------------------------- LoRA merge
 
 

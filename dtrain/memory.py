@@ -21,7 +21,7 @@ import itertools
 from dataclasses import asdict, dataclass, replace
 from typing import Optional
 
-from dtrain.config.schema import JobConfig, OptimName, PeftMethod, Precision
+from dtrain.config.schema import JobConfig, Precision
 
 GiB = 2**30
 DTYPE_BYTES = {Precision.bf16: 2, Precision.fp16: 2, Precision.fp32: 4}

@@ -35,6 +35,9 @@ class MetricsLogger:
         path = run_dir / "metrics.jsonl"
         if resume_step is not None and path.is_file():
             _drop_records_after(path, resume_step)
+        elif path.is_file():  # a fresh start in a used run directory: keep the old curve apart, not mixed in
+            path.replace(run_dir / "metrics.previous.jsonl")
+            log.info("fresh start: the earlier metrics.jsonl was moved to metrics.previous.jsonl")
         self._file = path.open("a", buffering=1)
         if wandb_cfg.mode != WandbMode.disabled:
             self._wandb = _start_wandb(run_dir, wandb_cfg, run_config, run_name, resume=resume_step is not None)

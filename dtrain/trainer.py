@@ -23,7 +23,7 @@ import torch
 
 from dtrain import faults
 from dtrain.checkpoint import CheckpointManager, TrainerState, resume_key
-from dtrain.config.schema import ExportVerify, JobConfig, ModelInit, OptimName, PeftMethod, Precision
+from dtrain.config.schema import JobConfig, ModelInit, OptimName, PeftMethod, Precision
 from dtrain.data import ChatRenderer, StepSampler, collate, resolve_chat_template
 from dtrain.data.audit import audit_masks
 from dtrain.data.cache import load_or_prepare
@@ -32,18 +32,16 @@ from dtrain.data.packing import collate_packed, pack_examples
 from dtrain.data.sources import DataError
 from dtrain.dist import all_gather_objects, all_reduce_sum, barrier, broadcast_object, init_distributed, setup_logging
 from dtrain.ds_config import BatchPlan, ConfigError, build_ds_config, write_ds_config
-from dtrain.export import LOGITS_CHECK_MAX_PARAMS, ExportError, check_logits, check_shapes, parse_size, save_model
+from dtrain.export import ExportError, parse_size, save_model, verify_export
 from dtrain.generation import exact_match_accuracy, format_samples, generate_answers
 from dtrain.guard import StepGuard, TrainingError
 from dtrain.loss import count_trained_tokens, shifted_token_loss_sum
 from dtrain.memory import ModelShape, compare_plan, engine_state_bytes, format_plans, peak_memory_bytes, plan_for_run
 from dtrain.metrics import MetricsLogger
 from dtrain.oom import oom_report
+from dtrain.report import render_report
 from dtrain.throughput import PhaseTimer, mfu, peak_flops, step_flops
-from dtrain.model import (
-    TORCH_DTYPES, build_model, check_adamw_8bit, check_qlora, count_parameters_from_config, load_exported, load_tokenizer,
-    parameter_counts, quantization_config,
-)
+from dtrain.model import build_model, check_adamw_8bit, check_qlora, count_parameters_from_config, load_tokenizer, parameter_counts
 from dtrain.optim import build_client_optimizer, build_scheduler, parameter_groups
 from dtrain.preemption import Preempted, PreemptionFlag
 from dtrain.watchdog import StepWatchdog
@@ -459,7 +457,7 @@ class Trainer:
         problem = None
         if self.dist.is_main:
             try:
-                self._verify_export(final, shapes, probe, is_lora)
+                verify_export(final, shapes, probe, job, self.num_parameters)
             except ExportError as e:
                 problem = str(e)
         # Every rank learns the verdict, so a bad export stops the whole job rather than rank 0 alone.
@@ -467,19 +465,6 @@ class Trainer:
         if problem:
             raise ExportError(problem)
         return final
-
-    def _verify_export(self, final: Path, shapes: dict, probe: dict, is_lora: bool) -> None:
-        mode = self.job.export.verify
-        if mode == ExportVerify.none:
-            return
-        check_shapes(final, shapes)
-        what = f"{len(shapes)} tensors with their shapes"
-        if mode == ExportVerify.logits or (mode == ExportVerify.auto and self.num_parameters <= LOGITS_CHECK_MAX_PARAMS):
-            dtype = TORCH_DTYPES[self.job.precision.name]
-            quant = quantization_config(self.job.peft, dtype) if self.job.peft.method == PeftMethod.qlora else None
-            diff = check_logits(lambda: load_exported(final, self.job.model.path, is_lora, dtype, quant), probe, dtype)
-            what += f"; reloaded logits match the engine's (max |diff| {diff:.2e})"
-        log.info("export verified: %s", what)
 
     @torch.no_grad()
     def _write_probe(self) -> dict[str, torch.Tensor]:
@@ -537,6 +522,10 @@ class Trainer:
         }
         if self.dist.is_main:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            try:
+                summary["report"] = str(render_report([self.run_dir], self.run_dir / "report.png"))
+            except Exception as e:  # a plotting problem must not fail a finished run
+                log.warning("could not draw report.png (%s); retry with python launch/report.py run_dir=%s", e, self.run_dir)
         self.metrics.summary(summary)
         if after:
             log.info("generation check (%s/samples.jsonl):\n%s", self.run_dir, format_samples(after))

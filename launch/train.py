@@ -59,6 +59,8 @@ def main(cfg: DictConfig) -> None:
         sys.exit(3)
     if trainer.dist.is_main:
         print(f"\ntrained model: {summary['final_dir']}")
+        if summary.get("report"):
+            print(f"run report (loss, lr, grad norm, throughput, memory, samples): {summary['report']}")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError
 
-from dtrain.config.schema import ExportJobConfig, JobConfig
+from dtrain.config.schema import ExportJobConfig, JobConfig, ReportJobConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONF_DIR = REPO_ROOT / "conf"
@@ -30,6 +30,7 @@ def register_configs() -> None:
     """
     ConfigStore.instance().store(name="job_schema", node=JobConfig)
     ConfigStore.instance().store(name="export_schema", node=ExportJobConfig)
+    ConfigStore.instance().store(name="report_schema", node=ReportJobConfig)
     if not OmegaConf.has_resolver("dtrain_asset"):
         OmegaConf.register_new_resolver("dtrain_asset", asset_path)
 

@@ -334,3 +334,14 @@ class ExportJobConfig:
     out_dir: Optional[str] = None
     """Default: ``<run_dir>/merged``."""
     max_shard_size: str = "5GB"
+
+
+@dataclass
+class ReportJobConfig:
+    """``launch/report.py``: the run report PNG of one run directory, or several side by side."""
+
+    run_dir: Optional[str] = None
+    compare: List[str] = field(default_factory=list)
+    """More run directories whose curves are overlaid on ``run_dir``'s."""
+    out: Optional[str] = None
+    """Default: ``<run_dir>/report.png`` (``report_compare.png`` with ``compare``)."""

@@ -21,3 +21,12 @@ def test_demo_learns_the_bundled_task(tmp_path):
     assert f"trained model: {run_dir.resolve() / 'final'}" in out.stdout
     assert "exact match on 64 held-out prompts" in out.stdout
     assert (run_dir / "final" / "model.safetensors").is_file()
+    # The run report: a real image of several panels, not an empty canvas.
+    import matplotlib.image
+
+    report = run_dir / "report.png"
+    assert f"run report (loss, lr, grad norm, throughput, memory, samples): {report.resolve()}" in out.stdout
+    image = matplotlib.image.imread(report)
+    assert report.stat().st_size > 50_000 and image.shape[0] >= 800 and image.shape[1] >= 1200 and image.std() > 0.05
+    memory = json.loads((run_dir / "memory.json").read_text())
+    assert memory["plan"]["zero"] == 2 and len(memory["measured_per_rank"]) == 2

@@ -80,3 +80,15 @@ def test_resume_drops_metrics_written_after_the_checkpoint(tmp_path):
     path.write_text("".join(f'{{"step": {s}, "loss": {s}}}\n' for s in range(1, 9)) + '{"step": 4, "eval_loss": 1}\n')
     _drop_records_after(path, 5)
     assert [line for line in path.read_text().splitlines()] == [f'{{"step": {s}, "loss": {s}}}' for s in range(1, 6)] + ['{"step": 4, "eval_loss": 1}']
+
+
+def test_fresh_start_moves_an_old_metrics_file_aside(tmp_path):
+    from dtrain.config.schema import WandbConfig
+    from dtrain.metrics import MetricsLogger
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n')
+    logger = MetricsLogger(tmp_path, True, WandbConfig(), {}, "run")
+    logger.log({"step": 1, "loss": 1.0})
+    logger.close()
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1, "loss": 1.0}\n'
+    assert (tmp_path / "metrics.previous.jsonl").read_text() == '{"step": 1, "loss": 9.0}\n'
