@@ -117,10 +117,14 @@ def load_exported(folder, base_path: Optional[str], is_peft: bool, dtype: torch.
             hf_deepspeed.set_hf_deepspeed_config(job_ds_config)
 
 
+def _require_bitsandbytes(what: str) -> None:
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(f"{what} needs bitsandbytes: pip install 'dtrain[qlora]' (or pip install bitsandbytes)")
+
+
 def check_qlora(job: JobConfig) -> None:
     """Refuse, before any model is loaded, QLoRA set-ups that cannot work."""
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise ConfigError("peft=qlora needs bitsandbytes: pip install 'dtrain[qlora]' (or pip install bitsandbytes)")
+    _require_bitsandbytes("peft=qlora")
     if job.zero.offload_params:
         raise ConfigError(
             "peft=qlora with zero.offload_params=true: DeepSpeed cannot offload bitsandbytes' 4-bit weights (their "
@@ -132,8 +136,7 @@ def check_qlora(job: JobConfig) -> None:
 
 def check_adamw_8bit(job: JobConfig) -> None:
     """8-bit AdamW is a client optimizer: bitsandbytes must import and DeepSpeed must not replace it."""
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise ConfigError("optim=adamw_8bit needs bitsandbytes: pip install 'dtrain[qlora]' (or pip install bitsandbytes)")
+    _require_bitsandbytes("optim=adamw_8bit")
     if job.zero.offload_optimizer:
         raise ConfigError(
             "optim=adamw_8bit with an offloaded optimizer: DeepSpeed runs its own CPU Adam on offloaded states, so the "

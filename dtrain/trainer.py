@@ -240,19 +240,8 @@ class Trainer:
                     if self.preemption.agreed():
                         self._stop_for_preemption(watchdog)
                     watchdog.beat(f"step {state.step + 1}")
-                    try:
-                        faults.at_step_start(state.step + 1, self.dist.rank)
-                        record = self.train_step(micro_indices)
-                    except torch.OutOfMemoryError as e:
-                        raise TrainingError(self._oom_report()) from e
-                    except RuntimeError as e:
-                        if not _is_collective_failure(e):
-                            raise
-                        raise TrainingError(
-                            f"rank {self.dist.rank}: a collective failed in step {state.step + 1} because another rank "
-                            f"died or lost its connection (its own error is above): {str(e).splitlines()[0][:300]}"
-                        ) from e
-                    self._advance(micro_indices)
+                    record = self._guarded_step(micro_indices)
+                    self._advance()
                     if record is not None:
                         self._log_step(record, epoch, progress)
                     progress.update(1)
@@ -277,6 +266,21 @@ class Trainer:
             watchdog.stop()
         return self._summarise(eval_loss, before, after)
 
+    def _guarded_step(self, micro_indices: list[list[int]]) -> Optional[dict]:
+        """``train_step``, turning the two failures that need their own message into a clear error."""
+        try:
+            faults.at_step_start(self.state.step + 1, self.dist.rank)
+            return self.train_step(micro_indices)
+        except torch.OutOfMemoryError as e:
+            raise TrainingError(self._oom_report()) from e
+        except RuntimeError as e:
+            if not _is_collective_failure(e):
+                raise
+            raise TrainingError(
+                f"rank {self.dist.rank}: a collective failed in step {self.state.step + 1} because another rank died "
+                f"or lost its connection (its own error is above): {str(e).splitlines()[0][:300]}"
+            ) from e
+
     def _oom_report(self) -> str:
         """On the rank that ran out of memory only (no collective: the others may be stuck in one)."""
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE") or self.dist.world_size)
@@ -292,7 +296,7 @@ class Trainer:
             return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         return self.generate_samples(path.name)
 
-    def _advance(self, micro_indices: list[list[int]]) -> None:
+    def _advance(self) -> None:
         state = self.state
         state.step += 1
         state.epoch, state.step_in_epoch = divmod(state.step, self.sampler.steps_per_epoch)
