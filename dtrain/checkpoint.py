@@ -64,6 +64,7 @@ class TrainerState:
     bad_steps_in_a_row: int = 0
     real_tokens: int = 0
     token_slots: int = 0
+    trained_tokens: int = 0
     recent_losses: list = field(default_factory=list)
     """The spike detector's window, so a resumed run warns exactly as the straight one would."""
 
@@ -293,7 +294,7 @@ class CheckpointManager:
             restore_rng(json.loads(rng_file.read_text()))
         else:
             log.warning("no RNG state for rank %d in %s: dropout masks will differ from the original run", self.dist.rank, path)
-        state = TrainerState(**{k: saved[k] for k in TrainerState.__dataclass_fields__})
+        state = TrainerState(**{k: saved[k] for k in TrainerState.__dataclass_fields__ if k in saved})
         self.last_saved_step = state.step
         log.info("resumed from %s: step %d (epoch %d, batch %d of the epoch)", path, state.step, state.epoch, state.step_in_epoch)
         return state

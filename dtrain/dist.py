@@ -51,6 +51,8 @@ def init_distributed(timeout_minutes: int = 30) -> DistInfo:
     local_rank = int(os.environ["LOCAL_RANK"])
     if accelerator.device_name() == "cuda":
         accelerator.set_device(local_rank)
+    if accelerator.device_name() == "cpu":
+        _skip_deepspeed_shm_allreduce()
     if not torch_dist.is_initialized():
         deepspeed.init_distributed(
             dist_backend=accelerator.communication_backend_name(),
@@ -67,6 +69,22 @@ def init_distributed(timeout_minutes: int = 30) -> DistInfo:
         world_size=torch_dist.get_world_size(),
         device=torch.device(device_name),
     )
+
+
+def _skip_deepspeed_shm_allreduce() -> None:
+    """CPU runs reduce through gloo, without DeepSpeed's shared-memory all-reduce op.
+
+    That op is JIT-compiled at start-up (a minute or more on a fresh machine; a build killed midway leaves a lock
+    that hangs every later run), and each launch leaves two 69 MB ``/dev/shm/deepspeed_allreduce_buffer_*``
+    segments that nothing removes: 330 of them (22 GB of RAM) had piled up on the dev machine. Must run before
+    ``deepspeed.init_distributed`` builds its backend.
+    """
+    import importlib
+
+    # importlib, not ``import deepspeed.comm.torch as ...``: deepspeed.comm re-exports ``torch``, so that import
+    # statement would bind the torch package itself.
+    ds_comm_torch = importlib.import_module("deepspeed.comm.torch")
+    ds_comm_torch.build_shm_op = lambda: None
 
 
 def setup_logging(dist: DistInfo, log_file: Optional[Path] = None) -> None:

@@ -36,7 +36,10 @@ from dtrain.export import ExportError, parse_size, save_model, verify_export
 from dtrain.generation import exact_match_accuracy, format_samples, generate_answers
 from dtrain.guard import StepGuard, TrainingError
 from dtrain.loss import count_trained_tokens, shifted_token_loss_sum
-from dtrain.memory import ModelShape, compare_plan, engine_state_bytes, format_plans, peak_memory_bytes, plan_for_run
+from dtrain.memory import (
+    DTYPE_BYTES, ModelShape, activation_bytes, compare_plan, engine_state_bytes, format_plans, measure_saved_bytes,
+    peak_memory_bytes, plan_for_run,
+)
 from dtrain.metrics import MetricsLogger
 from dtrain.oom import oom_report
 from dtrain.report import render_report
@@ -149,6 +152,8 @@ class Trainer:
             config=self.ds_config,
             lr_scheduler=lambda optimizer: build_scheduler(optimizer, job.train, self.total_steps),
         )
+        self.started = time.monotonic()
+        self.measured_activations: Optional[dict] = None
         self.resumed = resume_from is not None
         self.state = self.ckpt.restore(self.engine, resume_from) if self.resumed else TrainerState()
         self.guard = StepGuard(job.train.max_bad_steps, job.train.spike_factor, self.state.bad_steps_in_a_row, self.state.recent_losses)
@@ -348,6 +353,7 @@ class Trainer:
             [local_tokens, local_real, local_slots, local_sq, local_fingerprint], self.dist.device)
         self.state.real_tokens += int(global_real)
         self.state.token_slots += int(global_slots)
+        self.state.trained_tokens += int(global_tokens)
         if global_tokens == 0:
             self.state.skipped_steps += 1
             log.warning("step %d: no trained token in the global batch; step skipped", self.state.step + 1)
@@ -357,9 +363,12 @@ class Trainer:
         scale = self.batch.grad_accum_steps * self.batch.world_size / global_tokens
         injected = faults.loss_multiplier(self.state.step + 1, self.dist.rank)
         local_loss_sum = torch.zeros((), dtype=torch.float64, device=self.dist.device)
-        for batch in batches:
+        for k, batch in enumerate(batches):
             with timer("forward"):
-                loss_sum = shifted_token_loss_sum(self._forward(batch), batch["labels"].to(self.dist.device))
+                if k == 0 and self.job.train.measure_activations and self.measured_activations is None:
+                    loss_sum = self._measure_activations(batch)
+                else:
+                    loss_sum = shifted_token_loss_sum(self._forward(batch), batch["labels"].to(self.dist.device))
                 if injected != 1.0:
                     loss_sum = loss_sum * injected
             with timer("backward"):
@@ -384,6 +393,8 @@ class Trainer:
             "grad_norm": _finite_or_none(float(grad_norm)) if grad_norm is not None else None,
             "tokens": int(global_tokens),
             "tokens_per_s": global_tokens / elapsed,
+            "input_tokens_per_s": global_real / elapsed,
+            "tokens_seen": self.state.real_tokens,
             "input_tokens": int(global_real),
             "padding_efficiency": global_real / global_slots,
             "step_time_s": elapsed,
@@ -400,6 +411,21 @@ class Trainer:
         if verdict in ("nonfinite", "overflow"):
             record["skipped"] = verdict
         return record
+
+    def _measure_activations(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """One forward under saved-tensor hooks: the activation bytes of this micro-batch, next to the plan's."""
+        labels = batch["labels"].to(self.dist.device)
+        loss_sum, saved = measure_saved_bytes(lambda: shifted_token_loss_sum(self._forward(batch), labels),
+                                              exclude=list(self.engine.module.parameters()))
+        rows, width = batch["input_ids"].shape
+        job = self.job
+        planned = activation_bytes(self.shape, rows, width, DTYPE_BYTES[job.precision.name], job.model.gradient_checkpointing,
+                                   job.peft.r if job.peft.uses_adapters else 0, job.peft.uses_adapters and job.peft.dropout > 0,
+                                   include_recompute=False)
+        self.measured_activations = {"micro_batch": rows, "seq_len": width, "measured_bytes": saved, "planned_bytes": planned}
+        log.info("activations of one %d x %d micro-batch: measured %.1f MiB saved for backward, planned %.1f MiB",
+                 rows, width, saved / 2**20, planned / 2**20)
+        return loss_sum
 
     def _report_unusual_step(self, verdict: str, loss: float, micro_indices: list[list[int]]) -> None:
         """Warn with the ids of every sample of the step (a collective: the verdict is the same on all ranks)."""
@@ -508,7 +534,8 @@ class Trainer:
         """Plan vs measured (engine tensors, peak memory) from every rank into ``memory.json`` (a gather)."""
         measured = all_gather_objects({**engine_state_bytes(self.engine), **peak_memory_bytes()})
         if self.dist.is_main:
-            report = {"plan": self.memory_plan.as_dict(), "measured_per_rank": measured}
+            report = {"plan": self.memory_plan.as_dict(), "measured_per_rank": measured,
+                      "activations_rank0": self.measured_activations}
             (self.run_dir / "memory.json").write_text(json.dumps(report, indent=1) + "\n")
             log.info("memory, plan vs measured:\n%s", compare_plan(self.memory_plan, measured))
 
@@ -531,6 +558,10 @@ class Trainer:
             except Exception as e:  # a plotting problem must not fail a finished run
                 log.warning("could not draw report.png (%s); retry with python launch/report.py run_dir=%s", e, self.run_dir)
         self.metrics.summary(summary)
+        wall = time.monotonic() - self.started
+        log.info("done: %d steps (%d skipped), %s trained tokens of %s seen, eval loss %s, %.0f s, %.0f trained tokens/s",
+                 self.state.step, self.state.skipped_steps, f"{self.state.trained_tokens:,}", f"{self.state.real_tokens:,}",
+                 f"{eval_loss:.4f}" if eval_loss is not None else "-", wall, self.state.trained_tokens / max(wall, 1e-9))
         if after:
             log.info("generation check (%s/samples.jsonl):\n%s", self.run_dir, format_samples(after))
         if before is not None:

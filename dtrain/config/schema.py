@@ -212,6 +212,9 @@ class TrainConfig:
     a dead or stuck rank ends the job with an error naming the rank and step instead of a silent hang."""
     max_bad_steps: int = 5
     """Stop after this many consecutive optimizer steps skipped for a NaN/Inf loss or gradient norm."""
+    measure_activations: bool = False
+    """Measure the bytes autograd saves in the first micro-batch's forward (saved-tensor hooks) and keep them
+    next to the plan in memory.json. Under ZeRO-3 the figure also holds the gathered weights autograd keeps."""
     peak_tflops: Optional[float] = None
     """Peak TFLOP/s of one GPU for MFU; default: looked up from the GPU's name (A100, H100, H200, ...)."""
     spike_factor: float = 10.0

@@ -1,6 +1,7 @@
 """The embedded default really learns its task: `make demo`'s exact command, judged on held-out prompts."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -9,14 +10,21 @@ from tests.conftest import launch_train, read_jsonl
 pytestmark = pytest.mark.integration
 
 
+def shm_segments() -> set[str]:
+    shm = Path("/dev/shm")
+    return {p.name for p in shm.glob("deepspeed_allreduce_buffer_*")} if shm.is_dir() else set()
+
+
 def test_demo_learns_the_bundled_task(tmp_path):
     run_dir = tmp_path / "tiny_cpu"
+    segments_before = shm_segments()
     out = launch_train(["+exp=tiny_cpu"], run_dir)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     before, after = read_jsonl(run_dir / "samples_before.jsonl"), read_jsonl(run_dir / "samples.jsonl")
     assert len(before) == len(after) == 64
     assert summary["accuracy_before"] == sum(s["exact_match"] for s in before) / 64 <= 0.05
+    assert shm_segments() <= segments_before  # no DeepSpeed shared-memory buffers left behind in RAM
     assert summary["accuracy_after"] == sum(s["exact_match"] for s in after) / 64 >= 0.8
     assert f"trained model: {run_dir.resolve() / 'final'}" in out.stdout
     assert "exact match on 64 held-out prompts" in out.stdout

@@ -53,6 +53,8 @@ def run_and_check(tmp_path, tiny_pretrained, peft_method, zero, precision) -> li
                              f"model.gradient_checkpointing={peft_method == 'lora' and zero == 'zero2'}"]
     if (peft_method, zero, precision) == ("none", "zero2", "bf16"):
         overrides += ["data.packing=true", "train.micro_batch_size=2"]
+    if (peft_method, zero, precision) == ("none", "zero1", "fp32"):
+        overrides += ["train.measure_activations=true"]
     if (peft_method, zero, precision) == ("none", "zero3", "fp32"):
         overrides += ["export.max_shard_size=400KB"]  # gathered from ZeRO-3 partitions into several shards
     out = launch_train(overrides, run_dir)
@@ -80,6 +82,9 @@ def run_and_check(tmp_path, tiny_pretrained, peft_method, zero, precision) -> li
     for kind in ("params", "optimizer"):
         planned = plan["per_gpu_bytes"][kind] + plan["per_rank_cpu_bytes"][kind]
         assert measured[kind] + measured[f"cpu_{kind}"] == pytest.approx(planned, rel=1e-3), kind
+    if (peft_method, zero, precision) == ("none", "zero1", "fp32"):  # saved-tensor bytes of one micro-batch vs plan
+        act = memory["activations_rank0"]
+        assert act["measured_bytes"] == pytest.approx(act["planned_bytes"], rel=0.15)
     samples = read_jsonl(run_dir / "samples.jsonl")
     assert len(samples) == 2 and all({"prompt", "generated", "reference"} <= s.keys() for s in samples)
 
