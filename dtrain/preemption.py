@@ -7,15 +7,12 @@ reduction, so a signal seen by any single rank stops every rank at the same step
 
 from __future__ import annotations
 
-import logging
 import signal
 from typing import Optional
 
 import torch
 
 from dtrain.dist import all_reduce_sum
-
-log = logging.getLogger("dtrain")
 
 EXIT_PREEMPTED = 75
 """Exit code of a run that saved a checkpoint and stopped on a signal (EX_TEMPFAIL): requeue it."""
