@@ -27,6 +27,8 @@ class DistInfo:
     local_rank: int
     world_size: int
     device: torch.device
+    local_world_size: int = 1
+    """Ranks on this node (GPUs per node)."""
 
     @property
     def is_main(self) -> bool:
@@ -59,15 +61,16 @@ def init_distributed(timeout_minutes: int = 30) -> DistInfo:
             timeout=timedelta(minutes=timeout_minutes),
         )
     device_name = accelerator.device_name(local_rank) if accelerator.device_name() != "cpu" else "cpu"
+    local_world = int(os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE") or os.environ["WORLD_SIZE"])
     if device_name == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         # Ranks on one host share its cores: more threads than cores makes every op (and gloo) crawl.
-        local_world = int(os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE") or os.environ["WORLD_SIZE"])
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
     return DistInfo(
         rank=torch_dist.get_rank(),
         local_rank=local_rank,
         world_size=torch_dist.get_world_size(),
         device=torch.device(device_name),
+        local_world_size=local_world,
     )
 
 

@@ -12,13 +12,16 @@ Set through environment variables (never through the config, so no experiment fi
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import time
 from typing import Optional
 
 
+@functools.cache
 def _target(var: str) -> Optional[list[str]]:
+    """Read once per process: these checks run every step."""
     value = os.environ.get(var)
     return value.split(":") if value else None
 

@@ -214,13 +214,27 @@ def alternatives(chosen: PlanSetup) -> list[PlanSetup]:
     return variants
 
 
+def plan_for_job(job: JobConfig, shape: ModelShape, setup: Optional[PlanSetup] = None, *, world_size: int,
+                 gpus_per_node: int, capacity_bytes: Optional[int], micro_batch: Optional[int] = None,
+                 seq_len: Optional[int] = None, on_gpu: bool = True, bucket_elements: int = 0) -> MemoryPlan:
+    """:func:`plan_memory` with the job's precision, batch, sequence length and LoRA settings.
+
+    Args:
+        setup: Defaults to the job's own; ``micro_batch`` and ``seq_len`` override the job's.
+    """
+    return plan_memory(
+        shape, setup or setup_from_job(job), precision=job.precision.name,
+        micro_batch=micro_batch or job.train.micro_batch_size, seq_len=seq_len or job.data.max_seq_len,
+        world_size=world_size, gpus_per_node=gpus_per_node, lora_r=job.peft.r, lora_dropout=job.peft.dropout > 0,
+        double_quant=job.peft.double_quant, bucket_elements=bucket_elements, capacity_bytes=capacity_bytes, on_gpu=on_gpu,
+    )
+
+
 def plan_job(job: JobConfig, shape: ModelShape, world_size: int, gpus_per_node: int,
-             capacity_bytes: Optional[int], on_gpu: bool = True, bucket_elements: int = 0) -> list[MemoryPlan]:
+             capacity_bytes: Optional[int]) -> list[MemoryPlan]:
     """The chosen setup's plan and its alternatives' (same batch, sequence length, precision and world size)."""
-    kw = dict(precision=job.precision.name, micro_batch=job.train.micro_batch_size, seq_len=job.data.max_seq_len,
-              world_size=world_size, gpus_per_node=gpus_per_node, lora_r=job.peft.r, lora_dropout=job.peft.dropout > 0,
-              double_quant=job.peft.double_quant, capacity_bytes=capacity_bytes, on_gpu=on_gpu, bucket_elements=bucket_elements)
-    return [plan_memory(shape, s, **kw) for s in alternatives(setup_from_job(job))]
+    return [plan_for_job(job, shape, s, world_size=world_size, gpus_per_node=gpus_per_node, capacity_bytes=capacity_bytes)
+            for s in alternatives(setup_from_job(job))]
 
 
 def format_plans(plans: list[MemoryPlan], limit: int = 12) -> str:
@@ -335,8 +349,7 @@ def peak_memory_bytes() -> dict[str, int]:
     return {"peak_rss": int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024}
 
 
-def plan_for_run(job: JobConfig, model_config, num_parameters: int, world_size: int, local_world_size: int,
-                 ds_config: dict) -> MemoryPlan:
+def plan_for_run(job: JobConfig, shape: ModelShape, world_size: int, local_world_size: int, ds_config: dict) -> MemoryPlan:
     """The plan of the configuration being run, on this machine's GPU (no capacity on a CPU run)."""
     import torch
 
@@ -344,11 +357,8 @@ def plan_for_run(job: JobConfig, model_config, num_parameters: int, world_size: 
     capacity = int(torch.cuda.get_device_properties(0).total_memory) if on_gpu else None
     zero = ds_config.get("zero_optimization", {})
     bucket = int(zero.get("reduce_bucket_size", 0)) if job.zero.stage < 3 else 0
-    shape = ModelShape.from_hf_config(model_config, num_parameters)
-    kw = dict(precision=job.precision.name, micro_batch=job.train.micro_batch_size, seq_len=job.data.max_seq_len,
-              world_size=world_size, gpus_per_node=local_world_size, lora_r=job.peft.r, lora_dropout=job.peft.dropout > 0,
-              double_quant=job.peft.double_quant, capacity_bytes=capacity, on_gpu=on_gpu, bucket_elements=bucket)
-    return plan_memory(shape, setup_from_job(job), **kw)
+    return plan_for_job(job, shape, world_size=world_size, gpus_per_node=local_world_size, capacity_bytes=capacity,
+                        on_gpu=on_gpu, bucket_elements=bucket)
 
 
 def compare_plan(plan: MemoryPlan, measured: list[dict]) -> str:

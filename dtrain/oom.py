@@ -6,7 +6,7 @@ from dataclasses import replace
 from typing import Optional
 
 from dtrain.config.schema import JobConfig
-from dtrain.memory import GiB, ModelShape, plan_memory, setup_from_job
+from dtrain.memory import GiB, ModelShape, plan_for_job, setup_from_job
 
 
 def oom_suggestions(job: JobConfig, shape: ModelShape, world_size: int, gpus_per_node: int,
@@ -18,8 +18,6 @@ def oom_suggestions(job: JobConfig, shape: ModelShape, world_size: int, gpus_per
     """
     setup = setup_from_job(job)
     micro, accum, seq = job.train.micro_batch_size, job.train.grad_accum_steps, job.data.max_seq_len
-    base = dict(precision=job.precision.name, world_size=world_size, gpus_per_node=gpus_per_node, lora_r=job.peft.r,
-                lora_dropout=job.peft.dropout > 0, double_quant=job.peft.double_quant, capacity_bytes=capacity)
     candidates = []
     if seq > 256:
         candidates.append((f"data.max_seq_len={seq // 2}", setup, micro, seq // 2))
@@ -39,7 +37,8 @@ def oom_suggestions(job: JobConfig, shape: ModelShape, world_size: int, gpus_per
         candidates.append(("peft=qlora", replace(setup, peft="qlora"), micro, seq))
     out = []
     for overrides, s, m, q in candidates:
-        plan = plan_memory(shape, s, micro_batch=m, seq_len=q, **base)
+        plan = plan_for_job(job, shape, s, world_size=world_size, gpus_per_node=gpus_per_node, capacity_bytes=capacity,
+                            micro_batch=m, seq_len=q)
         out.append((overrides, plan.per_gpu_bytes["total"], plan.fits))
     return out
 
@@ -47,10 +46,7 @@ def oom_suggestions(job: JobConfig, shape: ModelShape, world_size: int, gpus_per
 def oom_report(job: JobConfig, shape: ModelShape, world_size: int, gpus_per_node: int, capacity: Optional[int],
                measured_peak: Optional[int], rank: int, step: int) -> str:
     """The message a run stops with after an out-of-memory error."""
-    setup = setup_from_job(job)
-    plan = plan_memory(shape, setup, precision=job.precision.name, micro_batch=job.train.micro_batch_size,
-                       seq_len=job.data.max_seq_len, world_size=world_size, gpus_per_node=gpus_per_node, lora_r=job.peft.r,
-                       lora_dropout=job.peft.dropout > 0, double_quant=job.peft.double_quant, capacity_bytes=capacity)
+    plan = plan_for_job(job, shape, world_size=world_size, gpus_per_node=gpus_per_node, capacity_bytes=capacity)
     parts = {k: v for k, v in plan.per_gpu_bytes.items() if k != "total"}
     dominant = max(parts, key=parts.get)
     cap = f" of {capacity / GiB:.1f} GiB" if capacity else ""
@@ -79,21 +75,21 @@ def first_fitting_combination(job: JobConfig, shape: ModelShape, world_size: int
         return None
     setup = setup_from_job(job)
     micro, accum = job.train.micro_batch_size, job.train.grad_accum_steps
-    steps = [(f"train.micro_batch_size=1 train.grad_accum_steps={accum * micro}", lambda s: s, 1)]
-    steps.append(("model.gradient_checkpointing=true", lambda s: replace(s, gradient_checkpointing=True), 1))
+    # The first change is the micro-batch (the setup stays); every later one keeps micro-batch 1.
+    steps = [(f"train.micro_batch_size=1 train.grad_accum_steps={accum * micro}", lambda s: s)]
+    steps.append(("model.gradient_checkpointing=true", lambda s: replace(s, gradient_checkpointing=True)))
     for stage in range(setup.zero + 1, 4):
-        steps.append((f"zero=zero{stage}", lambda s, st=stage: replace(s, zero=st), 1))
-    steps.append(("zero=zero3_offload", lambda s: replace(s, zero=3, offload_optimizer=True, offload_params=s.peft != "qlora"), 1))
+        steps.append((f"zero=zero{stage}", lambda s, st=stage: replace(s, zero=st)))
+    steps.append(("zero=zero3_offload", lambda s: replace(s, zero=3, offload_optimizer=True, offload_params=s.peft != "qlora")))
     if setup.peft == "none":
-        steps.append(("peft=lora", lambda s: replace(s, peft="lora"), 1))
-        steps.append(("peft=qlora", lambda s: replace(s, peft="qlora", offload_params=False), 1))
-    applied, current, current_micro = [], setup, micro
-    for overrides, change, new_micro in steps:
-        current, current_micro = change(current), new_micro
+        steps.append(("peft=lora", lambda s: replace(s, peft="lora")))
+        steps.append(("peft=qlora", lambda s: replace(s, peft="qlora", offload_params=False)))
+    applied, current = [], setup
+    for overrides, change in steps:
+        current = change(current)
         applied = [a for a in applied if not (a.startswith("zero=") and overrides.startswith("zero="))] + [overrides]
-        plan = plan_memory(shape, current, precision=job.precision.name, micro_batch=current_micro, seq_len=job.data.max_seq_len,
-                           world_size=world_size, gpus_per_node=gpus_per_node, lora_r=job.peft.r, lora_dropout=job.peft.dropout > 0,
-                           double_quant=job.peft.double_quant, capacity_bytes=capacity)
+        plan = plan_for_job(job, shape, current, world_size=world_size, gpus_per_node=gpus_per_node,
+                            capacity_bytes=capacity, micro_batch=1)
         if plan.fits:
             return " ".join(applied), plan.per_gpu_bytes["total"]
     return None

@@ -22,7 +22,8 @@ SHORT_RUN = [
     "+exp=tiny_cpu", "train.max_steps=8", "train.micro_batch_size=8", "train.lr=3e-3", "train.warmup_ratio=0",
     "train.eval_every=4", "generate.num_prompts=2", "generate.max_new_tokens=4", "generate.before_training=false",
 ]
-STEP_KEYS = {"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s"}
+STEP_KEYS = {"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "input_tokens_per_s", "samples_per_s",
+             "tokens_seen", "tflops_per_gpu", "mfu", "time_data_s", "time_forward_s", "time_backward_s", "time_optimizer_s"}
 
 CASES = [  # (peft, zero, precision): every stage for both methods, bf16 and fp32 for both (full FT fp32 below)
     ("none", "zero2", "bf16"),  # with packing, below
@@ -67,6 +68,11 @@ def run_and_check(tmp_path, tiny_pretrained, peft_method, zero, precision) -> li
     for r in steps:
         assert STEP_KEYS <= r.keys()
         assert math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) and r["tokens"] > 0 and r["tokens_per_s"] > 0
+        assert r["input_tokens_per_s"] > r["tokens_per_s"] and r["tflops_per_gpu"] > 0 and r["mfu"] is None  # no GPU peak
+        phases = [r[f"time_{p}_s"] for p in ("data", "forward", "backward", "optimizer")]
+        assert all(t >= 0 for t in phases) and r["time_forward_s"] > 0 and sum(phases) <= r["step_time_s"]
+    assert [r["tokens_seen"] for r in steps] == sorted({r["tokens_seen"] for r in steps})  # strictly increasing
+    assert "done: 8 steps (0 skipped)" in out.stdout
     first, last = steps[0]["loss"], sum(r["loss"] for r in steps[-2:]) / 2
     assert last < first - 0.2, [r["loss"] for r in steps]
     assert [r["step"] for r in evals] == [4, 8] and evals[1]["eval_loss"] < evals[0]["eval_loss"]
