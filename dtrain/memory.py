@@ -168,9 +168,12 @@ def plan_memory(shape: ModelShape, setup: PlanSetup, *, precision: Precision, mi
     params = base + lora * adapter_bytes
     if setup.zero == 3:
         params /= n
-    grads = trainable * b / (n if setup.zero >= 2 else 1)
-    if b < 4:  # the optimizer step reads an fp32 copy of this rank's gradient partition
-        grads += trainable * 4 / (n if setup.zero >= 1 else 1)
+    # The update reads an FP32 copy of this rank's reduced partition (a flattened copy even in FP32 training),
+    # made while the partition is alive. ZeRO-1 does not partition gradients during backward: its peak is
+    # the whole accumulated gradient if that is larger.
+    grads = trainable * (b + 4) / n
+    if setup.zero == 1:
+        grads = max(grads, trainable * b)
     optim_per_param = 12 if setup.optim == "adamw" else 4 + 2 + 8 / 256
     optimizer = trainable * optim_per_param / (n if setup.zero >= 1 else 1)
     activations = activation_bytes(shape, micro_batch, seq_len, b, setup.gradient_checkpointing,
@@ -304,13 +307,13 @@ def engine_state_bytes(engine) -> dict[str, int]:
     """Model-state bytes this rank really holds, read from the engine's own tensors (unique storages).
 
     ``params``: the module's parameters (the local ZeRO-3 partition when partitioned); ``optimizer``: the
-    optimizer's state and the FP32 master partitions it steps; ``grads``: the gradient tensors of those master
-    partitions and of the module. Offloaded tensors count under ``cpu_*``.
+    optimizer's state and the FP32 master partitions it steps. Offloaded tensors count under ``cpu_*``.
+    Gradients are gone between steps: ``GradientMeter`` counts them inside one.
     """
     import torch
 
     seen: set[int] = set()
-    out = {"params": 0, "grads": 0, "optimizer": 0, "cpu_params": 0, "cpu_grads": 0, "cpu_optimizer": 0}
+    out = {"params": 0, "optimizer": 0, "cpu_params": 0, "cpu_optimizer": 0}
 
     def add(kind: str, t) -> None:
         if not torch.is_tensor(t) or t.numel() == 0:
@@ -323,19 +326,99 @@ def engine_state_bytes(engine) -> dict[str, int]:
 
     for p in engine.module.parameters():
         add("params", getattr(p, "ds_tensor", p))
-        add("grads", p.grad)
     base = getattr(engine.optimizer, "optimizer", engine.optimizer)
     for master in getattr(engine.optimizer, "fp32_partitioned_groups_flat", []):  # ZeRO-3 keeps them outside the step
         add("optimizer", master)
     for group in base.param_groups:
         for master in group["params"]:
             add("optimizer", master)
-            add("grads", master.grad)
     for state in base.state.values():
         for value in state.values():
             for t in value.values() if isinstance(value, dict) else [value]:
                 add("optimizer", t)
     return out
+
+
+class GradientMeter:
+    """Gradient bytes a rank holds at their peak within one optimizer step, read from the engine's tensors.
+
+    DeepSpeed frees its gradient buffers inside ``engine.step()``, so ``engine_state_bytes`` at the end of a run
+    sees none. Two moments of the first step are measured and the larger is kept:
+
+    * end of the boundary's backward (ZeRO-1 only: that stage does not partition gradients, so every rank holds
+      the whole accumulated ``.grad`` of each parameter until the engine reduces it after ``loss.backward()``);
+    * the update: the reduced low-precision partitions (counted before ``engine.step()``) plus the FP32 gradient
+      copies the optimizer reads (counted by a step pre-hook). Both are alive together while ZeRO converts
+      one into the other; a copy that is the same storage (FP32 training) counts once.
+
+    The reduce buckets are buffers, planned under "other", and not counted.
+    """
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.bytes = {"grads": 0, "cpu_grads": 0}
+        self.done = False
+        self._moment: dict[str, int] = {}
+        self._seen: set[int] = set()
+        self._hook = None
+
+    def _add(self, t) -> None:
+        import torch
+
+        if not torch.is_tensor(t) or t.numel() == 0 or t.untyped_storage().data_ptr() in self._seen:
+            return
+        self._seen.add(t.untyped_storage().data_ptr())
+        offloaded = t.device.type == "cpu" and self.engine.device.type != "cpu"
+        key = "cpu_grads" if offloaded else "grads"
+        self._moment[key] = self._moment.get(key, 0) + t.untyped_storage().nbytes()
+
+    def _close_moment(self) -> None:
+        if sum(self._moment.values()) > sum(self.bytes.values()):
+            self.bytes = {"grads": 0, "cpu_grads": 0, **self._moment}
+        self._moment, self._seen = {}, set()
+
+    def watch_backward(self, loss) -> None:
+        """Under ZeRO-1, count the module's gradients in an end-of-backward callback of ``loss``'s backward."""
+        import torch
+
+        if self.engine.zero_optimization_stage() >= 2 or not loss.requires_grad:
+            return
+
+        def count_module_grads() -> None:
+            for p in self.engine.module.parameters():
+                self._add(p.grad)
+            self._close_moment()
+
+        def on_loss_grad(grad):
+            torch.autograd.Variable._execution_engine.queue_callback(count_module_grads)
+            return grad
+
+        loss.register_hook(on_loss_grad)
+
+    def before_step(self) -> None:
+        """Count the reduced gradients now, and arm the in-step count of the next optimizer step."""
+        zero_optimizer = self.engine.optimizer
+        for p in self.engine.module.parameters():
+            self._add(p.grad)
+        # This rank's reduced partitions: ZeRO-1/2 keep them as views per group, ZeRO-3 in one flat buffer.
+        for views in (getattr(zero_optimizer, "averaged_gradients", None) or {}).values():
+            for view in views or []:
+                self._add(view)
+        self._add(getattr(zero_optimizer, "grad_partitions_flat_buffer", None))
+        base = getattr(zero_optimizer, "optimizer", zero_optimizer)
+        self._hook = base.register_step_pre_hook(self._in_step)
+
+    def _in_step(self, optimizer, args, kwargs) -> None:
+        for group in optimizer.param_groups:
+            for master in group["params"]:
+                self._add(master.grad)
+
+    def after_step(self) -> None:
+        """Close the measurement (call right after the boundary's ``engine.step()``)."""
+        if self._hook is not None:
+            self._hook.remove()
+        self._close_moment()
+        self._hook, self.done = None, True
 
 
 def peak_memory_bytes() -> dict[str, int]:
@@ -365,7 +448,7 @@ def compare_plan(plan: MemoryPlan, measured: list[dict]) -> str:
     """One line per component: planned vs measured (rank 0's engine tensors; the peak over ranks)."""
     rank0 = measured[0]
     lines = []
-    for kind in ("params", "optimizer"):
+    for kind in ("params", "grads", "optimizer"):
         got = rank0[kind] + rank0.get(f"cpu_{kind}", 0)
         want = plan.per_gpu_bytes[kind] + plan.per_rank_cpu_bytes[kind]
         lines.append(f"{kind:<10} planned {want / 2**20:10.2f} MiB   measured {got / 2**20:10.2f} MiB (rank 0's engine tensors)")

@@ -36,7 +36,7 @@ from dtrain.generation import exact_match_accuracy, format_samples, generate_ans
 from dtrain.guard import StepGuard, TrainingError
 from dtrain.loss import count_trained_tokens, shifted_token_loss_sum
 from dtrain.memory import (
-    DTYPE_BYTES, ModelShape, activation_bytes, compare_plan, engine_state_bytes, format_plans, measure_saved_bytes,
+    DTYPE_BYTES, GradientMeter, ModelShape, activation_bytes, compare_plan, engine_state_bytes, format_plans, measure_saved_bytes,
     peak_memory_bytes, plan_for_run,
 )
 from dtrain.metrics import MetricsLogger
@@ -150,6 +150,7 @@ class Trainer:
             config=self.ds_config,
             lr_scheduler=lambda optimizer: build_scheduler(optimizer, job.train, self.total_steps),
         )
+        self.gradient_meter = GradientMeter(self.engine)
         self.started = time.monotonic()
         self.measured_activations: Optional[dict] = None
         self.resumed = resume_from is not None
@@ -366,12 +367,20 @@ class Trainer:
                     loss_sum = shifted_token_loss_sum(self._forward(batch), batch["labels"].to(self.dist.device))
                 if injected != 1.0:
                     loss_sum = loss_sum * injected
+            measure_grads = k == len(batches) - 1 and not self.gradient_meter.done
+            scaled_loss = loss_sum * scale
+            if measure_grads:
+                self.gradient_meter.watch_backward(scaled_loss)
             with timer("backward"):
-                self.engine.backward(loss_sum * scale)
+                self.engine.backward(scaled_loss)
+            if measure_grads:
+                self.gradient_meter.before_step()
             with timer("optimizer"):
                 # DeepSpeed steps the optimizer only at the accumulation boundary, and skips the update on every
                 # rank when the global gradient norm is NaN/Inf (the overflow flag is reduced across ranks).
                 self.engine.step()
+            if measure_grads:
+                self.gradient_meter.after_step()
             local_loss_sum += loss_sum.detach().double()
         (global_loss_sum,) = all_reduce_sum([local_loss_sum.item()], self.dist.device)
         elapsed = time.perf_counter() - t0
@@ -527,7 +536,8 @@ class Trainer:
 
     def _report_memory(self) -> None:
         """Plan vs measured (engine tensors, peak memory) from every rank into ``memory.json`` (a gather)."""
-        measured = all_gather_objects({**engine_state_bytes(self.engine), **peak_memory_bytes()})
+        # Gradients from the first step's boundary: DeepSpeed has freed its gradient buffers by now.
+        measured = all_gather_objects({**engine_state_bytes(self.engine), **self.gradient_meter.bytes, **peak_memory_bytes()})
         if self.dist.is_main:
             report = {"plan": self.memory_plan.as_dict(), "measured_per_rank": measured,
                       "activations_rank0": self.measured_activations}

@@ -82,10 +82,11 @@ def run_and_check(tmp_path, tiny_pretrained, peft_method, zero, precision) -> li
     if zero.startswith("zero3"):  # loaded partitioned: rank 0 never held the whole model
         held, total = (int(x.replace(",", "")) for x in re.search(r"this rank holds ([\d,]+) of ([\d,]+)", out.stdout).groups())
         assert held < 0.6 * total
-    # The memory plan's model states equal what rank 0's engine holds (parameters, optimizer states + masters).
+    # The memory plan's model states equal what rank 0's engine holds (parameters, gradients at their peak in
+    # the first step, optimizer states + masters).
     memory = json.loads((run_dir / "memory.json").read_text())
     plan, measured = memory["plan"], memory["measured_per_rank"][0]
-    for kind in ("params", "optimizer"):
+    for kind in ("params", "grads", "optimizer"):
         planned = plan["per_gpu_bytes"][kind] + plan["per_rank_cpu_bytes"][kind]
         assert measured[kind] + measured[f"cpu_{kind}"] == pytest.approx(planned, rel=1e-3), kind
     if (peft_method, zero, precision) == ("none", "zero1", "fp32"):  # saved-tensor bytes of one micro-batch vs plan
