@@ -12,6 +12,7 @@ import logging
 import math
 import random
 import time
+import uuid
 import zlib
 from dataclasses import asdict
 from pathlib import Path
@@ -96,8 +97,10 @@ class Trainer:
         self.tokenizer = load_tokenizer(job.model)
         resolve_chat_template(self.tokenizer, job.data.chat_template)
         self.renderer = ChatRenderer(self.tokenizer, job.data.train_on, job.data.end_of_turn_token)
+        # One token per job, agreed by all ranks: on a shared filesystem one node tokenises, the others wait.
+        job_token = broadcast_object(uuid.uuid4().hex if self.dist.is_main else None)
         self.data = load_or_prepare(job.data, self.renderer, job.train.seed, job.generate.num_prompts,
-                                    is_local_main=self.dist.local_rank == 0, barrier=barrier)
+                                    is_local_main=self.dist.local_rank == 0, barrier=barrier, job_token=job_token)
         checked = audit_masks(self.data.train, self.renderer, job.train.seed)
         log.info("mask audit: %d examples checked (trained tokens, end-of-turn tokens, labels)", checked)
         self.pad_id = self.tokenizer.pad_token_id

@@ -304,6 +304,26 @@ class PlanConfig:
     format: PlanFormat = PlanFormat.text
 
 
+class SweepDirection(str, Enum):
+    minimize = "minimize"
+    maximize = "maximize"
+
+
+@dataclass
+class SweepConfig:
+    """``launch/sweep.py``: how each job of a Hydra multirun is launched and how the jobs are ranked."""
+
+    num_gpus: int = 2
+    """Ranks per job on its node (``deepspeed --num_gpus``; CPU ranks on a machine without GPUs)."""
+    launcher_args: List[str] = field(default_factory=list)
+    """More ``deepspeed`` launcher arguments, e.g. ``[--hostfile,hosts]`` or ``[--include,localhost:0,1]``."""
+    objective: str = "eval_loss"
+    """Which job result ranks the jobs (and Optuna's objective): eval_loss, accuracy_after, tokens_per_s."""
+    direction: SweepDirection = SweepDirection.minimize
+    timeout_minutes: Optional[float] = None
+    """A job running longer is stopped and reported as failed (none: no limit)."""
+
+
 @dataclass
 class JobConfig:
     """Top-level schema of ``conf/train.yaml``."""
@@ -324,6 +344,7 @@ class JobConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
     preview: PreviewConfig = field(default_factory=PreviewConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
 
 @dataclass

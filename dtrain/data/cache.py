@@ -1,7 +1,9 @@
 """Tokenise once: an on-disk cache of prepared data, keyed by the data files, the tokenizer and the data config.
 
 Each node's local rank 0 builds the entry if it is missing and publishes it with an atomic rename; the other
-ranks wait at a barrier and read it. Arrays are stored with numpy (``allow_pickle=False``), the rest as JSON,
+ranks wait at a barrier and read it. On a filesystem shared by the nodes, a lock file holding the job's token
+(agreed by all ranks) lets one node tokenise while the others' local rank 0 wait with everyone else; a lock left
+by another (dead) job is taken over. Arrays are stored with numpy (``allow_pickle=False``), the rest as JSON,
 so reading a cache never executes code.
 """
 
@@ -106,28 +108,62 @@ def read_cache(folder: Path) -> PreparedData:
     )
 
 
+def _claim(lock: Path, token: str) -> bool:
+    """True if this process is to tokenise: it created the lock, or took over one left by another job."""
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        try:
+            holder = lock.read_text()
+        except FileNotFoundError:  # released just now: the entry is (being) published
+            return False
+        if holder == token:
+            return False  # another node of this job is tokenising
+        tmp = lock.with_name(f"{lock.name}.{os.getpid()}")
+        tmp.write_text(token)
+        os.replace(tmp, lock)
+        log.warning("took over %s, left by another job (holder %s)", lock, holder)
+        return True
+    with os.fdopen(fd, "w") as f:
+        f.write(token)
+    return True
+
+
 def load_or_prepare(
-    cfg: DataConfig, renderer: ChatRenderer, seed: int, num_prompts: int, *, is_local_main: bool, barrier: Callable[[], None]
+    cfg: DataConfig, renderer: ChatRenderer, seed: int, num_prompts: int, *, is_local_main: bool,
+    barrier: Callable[[], None], job_token: str = "",
 ) -> PreparedData:
-    """Prepared data from the cache, or prepared (on the local main rank) and cached for everyone.
+    """Prepared data from the cache, or prepared (by one local main rank) and cached for everyone.
 
     Every rank must call this (it contains one barrier). With ``data.cache_dir`` empty, every rank prepares
     the data itself and nothing is written.
+
+    Args:
+        job_token: The same string on every rank of this job and on no other job (rank 0 broadcasts one): a
+            node that finds the lock holding it waits instead of tokenising the same data again.
     """
     if not cfg.cache_dir:
         return prepare_data(cfg, renderer, seed, num_prompts)
     folder = Path(cfg.cache_dir).expanduser() / cache_key(cfg, renderer, seed, num_prompts)
     failure = folder.with_name(f"{folder.name}.error")
     error = None
+    lock = folder.with_name(f"{folder.name}.lock")
     if is_local_main and not (folder / "meta.json").is_file():
-        log.info("tokenising %s (cache miss; writing %s)", cfg.path, folder)
-        failure.unlink(missing_ok=True)
-        try:
-            write_cache(prepare_data(cfg, renderer, seed, num_prompts), folder)
-        except DataError as e:  # tell the waiting ranks instead of leaving them at the barrier
-            folder.parent.mkdir(parents=True, exist_ok=True)
-            failure.write_text(str(e))
-            error = e
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        if not _claim(lock, job_token or f"pid{os.getpid()}"):
+            log.info("another node of this job is tokenising %s into %s; waiting for it", cfg.path, folder)
+        elif (folder / "meta.json").is_file():  # published between the first look and the claim
+            lock.unlink(missing_ok=True)
+        else:
+            log.info("tokenising %s (cache miss; writing %s)", cfg.path, folder)
+            failure.unlink(missing_ok=True)
+            try:
+                write_cache(prepare_data(cfg, renderer, seed, num_prompts), folder)
+            except DataError as e:  # tell the waiting ranks instead of leaving them at the barrier
+                failure.write_text(str(e))
+                error = e
+            finally:
+                lock.unlink(missing_ok=True)
     elif is_local_main:
         log.info("tokenised data from cache %s", folder)
     # Other ranks wait here while the local main rank tokenises (a long step on big data: the process group's

@@ -1,5 +1,7 @@
 """Tokenise once: a second preparation with the same inputs reads the cache and yields identical data."""
 
+import shutil
+
 import pytest
 
 import dtrain.data.cache as cache
@@ -51,3 +53,33 @@ def test_parallel_tokenisation_gives_the_same_data(tiny_tokenizer):
     a = prepare_data(single.data, renderer, 0, 4)
     b = prepare_data(parallel.data, renderer, 0, 4)
     assert a.train == b.train and a.eval == b.eval and a.dropped == b.dropped
+
+
+
+def test_on_a_shared_filesystem_one_node_tokenises_and_a_dead_jobs_lock_is_taken_over(tmp_path, tiny_tokenizer, monkeypatch, caplog):
+    job = compose_job(["+exp=tiny_cpu", f"data.cache_dir={tmp_path}"])
+    renderer = ChatRenderer(tiny_tokenizer, job.data.train_on)
+    folder = tmp_path / cache.cache_key(job.data, renderer, job.train.seed, 4)
+    lock = folder.with_name(f"{folder.name}.lock")
+    lock.write_text("job-A")  # node 0 of job A is tokenising
+
+    # Node 1's local rank 0 of the same job: no tokenising; it waits at the barrier (which returns once node 0
+    # has published) and reads the entry.
+    monkeypatch.setattr(cache, "prepare_data", lambda *a, **k: pytest.fail("a second node tokenised too"))
+    monkeypatch.setattr(cache, "read_cache", lambda f: f"read {f.name}")
+
+    def barrier_until_node0_publishes():
+        folder.mkdir()
+        (folder / "meta.json").write_text("{}")
+
+    out = cache.load_or_prepare(job.data, renderer, job.train.seed, 4, is_local_main=True, job_token="job-A",
+                                barrier=barrier_until_node0_publishes)
+    assert out == f"read {folder.name}" and lock.read_text() == "job-A"  # node 0's lock left alone
+
+    # Job A died before publishing (its lock stays): job B takes the lock over, tokenises and releases it.
+    shutil.rmtree(folder)
+    monkeypatch.undo()
+    data = cache.load_or_prepare(job.data, renderer, job.train.seed, 4, is_local_main=True, job_token="job-B",
+                                 barrier=lambda: None)
+    assert len(data.train) > 0 and (folder / "meta.json").is_file() and not lock.exists()
+    assert "took over" in caplog.text and "holder job-A" in caplog.text
