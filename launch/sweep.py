@@ -47,6 +47,8 @@ def driver_overrides(args: list[str]) -> list[str]:
     added = [] if any(a.startswith("hydra.sweep.dir=") for a in overrides) else [DEFAULT_SWEEP_DIR]
     added += ["hydra.sweep.subdir=${hydra.job.num}", "+hydra.callbacks.sweep_table._target_=dtrain.sweep.SweepTable",
               f"+hydra.job.env_set.{SWEPT_KEYS_ENV}='{':'.join(swept_keys_of(overrides))}'"]
+    if "hydra/sweeper=optuna" in overrides and not any(a.startswith("hydra.sweeper.direction=") for a in overrides):
+        added.append("hydra.sweeper.direction=${sweep.direction}")  # Optuna optimises what the table ranks by
     return added
 
 

@@ -48,7 +48,9 @@ def test_driver_adds_sweep_dir_callback_and_swept_keys_for_each_job():
     assert "+hydra.callbacks.sweep_table._target_=dtrain.sweep.SweepTable" in added
     assert "+hydra.job.env_set.DTRAIN_SWEPT_KEYS='peft.r:train.lr'" in added
     own_dir = driver_overrides(["-m", "hydra.sweep.dir=/tmp/s", "train.lr=1,2"])
-    assert not any(a.startswith("hydra.sweep.dir=") for a in own_dir)
+    assert not any(a.startswith("hydra.sweep.dir=") for a in own_dir) and not any("direction" in a for a in own_dir)
+    optuna = driver_overrides(["-m", "hydra/sweeper=optuna", "train.lr=interval(1e-4,1e-2)"])
+    assert "hydra.sweeper.direction=${sweep.direction}" in optuna and optuna[-2].endswith("='train.lr'")
 
 
 def _finished_job(root: Path, name: str, eval_loss: float, tokens_per_s: list[float], exit_code: int = 0) -> dict:
