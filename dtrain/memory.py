@@ -118,7 +118,8 @@ def layer_bytes_per_token(shape: ModelShape, dtype_bytes: int) -> int:
 
 
 def activation_bytes(shape: ModelShape, micro_batch: int, seq_len: int, dtype_bytes: int, checkpointing: bool,
-                     lora_r: int = 0, lora_dropout: bool = False, include_recompute: bool = True) -> int:
+                     lora_r: int = 0, lora_dropout: bool = False, include_recompute: bool = True,
+                     loss_chunk_size: Optional[int] = None, head_trainable: bool = True) -> int:
     """Bytes autograd keeps for one micro-batch's backward.
 
     Per token and decoder layer (Llama, SDPA): MLP gate/up/act/product (4 x intermediate), q/k/v/attention output,
@@ -127,9 +128,15 @@ def activation_bytes(shape: ModelShape, micro_batch: int, seq_len: int, dtype_by
     adds each adapted input after dropout (and the dropout mask) and the rank-r projection. The final norm and
     the loss's fp32 log-softmax over the vocabulary come once.
 
+    With ``loss_chunk_size`` the loss head (``dtrain/chunked_loss.py``) keeps no logits: it saves the gradient
+    of the hidden states (b x hidden per token) and, when the head is trained and the tokens span several
+    chunks, one fp32 vocab x hidden weight gradient.
+
     Args:
         include_recompute: With checkpointing, add the one layer that is recomputed during backward (the peak);
             without it, the figure is what is saved across the whole forward.
+        loss_chunk_size: ``train.loss_chunk_size`` (None: plain logits).
+        head_trainable: Whether the output head is trained (full fine-tuning) or frozen (LoRA).
     """
     tokens = micro_batch * seq_len
     h = shape.hidden
@@ -137,17 +144,19 @@ def activation_bytes(shape: ModelShape, micro_batch: int, seq_len: int, dtype_by
     if lora_r:
         adapted_inputs = sum(a for a, _ in shape.linear_shapes)
         layer += adapted_inputs * (dtype_bytes + (1 if lora_dropout else 0)) + 7 * lora_r * dtype_bytes
-    head = 4 * h + dtype_bytes * h + 4 * shape.vocab
+    head = 4 * h + dtype_bytes * h + (dtype_bytes * h if loss_chunk_size else 4 * shape.vocab)
     if checkpointing:
         per_token = shape.layers * dtype_bytes * h + head + (layer if include_recompute else 0)
     else:
         per_token = shape.layers * layer + head
-    return tokens * per_token
+    weight_grad = 4 * shape.vocab * h if loss_chunk_size and head_trainable and tokens > loss_chunk_size else 0
+    return tokens * per_token + weight_grad
 
 
 def plan_memory(shape: ModelShape, setup: PlanSetup, *, precision: Precision, micro_batch: int, seq_len: int,
                 world_size: int, gpus_per_node: int, lora_r: int = 16, lora_dropout: bool = True,
                 double_quant: bool = True, bucket_elements: int = 0, capacity_bytes: Optional[int] = None,
+                loss_chunk_size: Optional[int] = None,
                 on_gpu: bool = True) -> MemoryPlan:
     """Per-GPU bytes by component, and per-node CPU bytes, for one setup."""
     b = DTYPE_BYTES[precision]
@@ -177,7 +186,8 @@ def plan_memory(shape: ModelShape, setup: PlanSetup, *, precision: Precision, mi
     optim_per_param = 12 if setup.optim == "adamw" else 4 + 2 + 8 / 256
     optimizer = trainable * optim_per_param / (n if setup.zero >= 1 else 1)
     activations = activation_bytes(shape, micro_batch, seq_len, b, setup.gradient_checkpointing,
-                                   lora_r if adapters else 0, lora_dropout and adapters)
+                                   lora_r if adapters else 0, lora_dropout and adapters,
+                                   loss_chunk_size=loss_chunk_size, head_trainable=not adapters)
     other = 2 * bucket_elements * b + (CUDA_CONTEXT_BYTES if on_gpu else 0)
     if setup.zero == 3:
         largest_layer = max(shape.vocab * shape.hidden, sum(a * c for a, c in shape.linear_shapes))
@@ -230,6 +240,7 @@ def plan_for_job(job: JobConfig, shape: ModelShape, setup: Optional[PlanSetup] =
         micro_batch=micro_batch or job.train.micro_batch_size, seq_len=seq_len or job.data.max_seq_len,
         world_size=world_size, gpus_per_node=gpus_per_node, lora_r=job.peft.r, lora_dropout=job.peft.dropout > 0,
         double_quant=job.peft.double_quant, bucket_elements=bucket_elements, capacity_bytes=capacity_bytes, on_gpu=on_gpu,
+        loss_chunk_size=job.train.loss_chunk_size,
     )
 
 

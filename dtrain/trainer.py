@@ -23,6 +23,7 @@ import torch
 
 from dtrain import faults
 from dtrain.checkpoint import CheckpointManager, TrainerState, resume_key
+from dtrain.chunked_loss import install_chunked_loss_head, liger_available
 from dtrain.config.schema import JobConfig, ModelInit, OptimName, PeftMethod, Precision
 from dtrain.data import ChatRenderer, StepSampler, collate, resolve_chat_template
 from dtrain.data.audit import audit_masks
@@ -143,6 +144,11 @@ class Trainer:
         import deepspeed
 
         model, self._hf_ds_config = build_model(job, self.ds_config, self.num_parameters)
+        # Before deepspeed.initialize: ZeRO-3 hooks the modules present then, and the head must gather its weight.
+        self.loss_head = install_chunked_loss_head(model, job.train.loss_chunk_size) if job.train.loss_chunk_size else None
+        if self.loss_head is not None:
+            log.info("loss: computed from the hidden states %d trained tokens at a time (%s); no [tokens, vocab] logits",
+                     job.train.loss_chunk_size, "Liger's fused kernel" if liger_available() else "dtrain.chunked_loss")
         # Adapters skip the frozen weights' weight-gradient work: MFU counts 4 FLOPs per frozen weight, not 6.
         self.trainable_weights = parameter_counts(model)[0] if job.peft.uses_adapters else None
         groups = parameter_groups(model, job.train.weight_decay)
@@ -367,7 +373,7 @@ class Trainer:
                 if k == 0 and self.job.train.measure_activations and self.measured_activations is None:
                     loss_sum = self._measure_activations(batch)
                 else:
-                    loss_sum = shifted_token_loss_sum(self._forward(batch), batch["labels"].to(self.dist.device))
+                    loss_sum = self._loss_sum(batch)
                 if injected != 1.0:
                     loss_sum = loss_sum * injected
             measure_grads = k == len(batches) - 1 and not self.gradient_meter.done
@@ -421,14 +427,13 @@ class Trainer:
 
     def _measure_activations(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """One forward under saved-tensor hooks: the activation bytes of this micro-batch, next to the plan's."""
-        labels = batch["labels"].to(self.dist.device)
-        loss_sum, saved = measure_saved_bytes(lambda: shifted_token_loss_sum(self._forward(batch), labels),
-                                              exclude=list(self.engine.module.parameters()))
+        loss_sum, saved = measure_saved_bytes(lambda: self._loss_sum(batch), exclude=list(self.engine.module.parameters()))
         rows, width = batch["input_ids"].shape
         job = self.job
         planned = activation_bytes(self.shape, rows, width, DTYPE_BYTES[job.precision.name], job.model.gradient_checkpointing,
                                    job.peft.r if job.peft.uses_adapters else 0, job.peft.uses_adapters and job.peft.dropout > 0,
-                                   include_recompute=False)
+                                   include_recompute=False, loss_chunk_size=job.train.loss_chunk_size,
+                                   head_trainable=not job.peft.uses_adapters)
         self.measured_activations = {"micro_batch": rows, "seq_len": width, "measured_bytes": saved, "planned_bytes": planned}
         log.info("activations of one %d x %d micro-batch: measured %.1f MiB saved for backward, planned %.1f MiB",
                  rows, width, saved / 2**20, planned / 2**20)
@@ -448,6 +453,14 @@ class Trainer:
         else:
             log.warning("step %d: non-finite loss/gradient norm (loss %s), update skipped on every rank (%d in a row); samples: %s",
                         step, loss, self.guard.bad_in_a_row, shown)
+
+    def _loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Summed token loss of one collated batch: from the logits, or by the chunked loss head when installed."""
+        labels = batch["labels"].to(self.dist.device)
+        if self.loss_head is None:
+            return shifted_token_loss_sum(self._forward(batch), labels)
+        self.loss_head.labels = labels  # consumed by the head in this forward; without labels it returns logits
+        return self._forward(batch)
 
     def _forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Logits of the engine on one collated batch (a collective under ZeRO-3: parameters are gathered)."""
@@ -473,7 +486,7 @@ class Trainer:
         for k in range(num_batches):
             chunk = shard[k * micro : (k + 1) * micro] or [filler]
             batch = collate(chunk, self.pad_id)
-            loss_sum += float(shifted_token_loss_sum(self._forward(batch), batch["labels"].to(self.dist.device)))
+            loss_sum += float(self._loss_sum(batch))
             tokens += count_trained_tokens(batch["labels"])
         self.engine.train()
         total_loss, total_tokens = all_reduce_sum([loss_sum, tokens], self.dist.device)

@@ -212,6 +212,10 @@ class TrainConfig:
     a dead or stuck rank ends the job with an error naming the rank and step instead of a silent hang."""
     max_bad_steps: int = 5
     """Stop after this many consecutive optimizer steps skipped for a NaN/Inf loss or gradient norm."""
+    loss_chunk_size: Optional[int] = None
+    """Compute the loss from the last hidden states this many trained tokens at a time, so the full
+    ``[tokens, vocab]`` float32 logits never exist (same loss and gradients; Liger's fused kernel on GPU when
+    ``dtrain[liger]`` is installed). Worth it for large vocabularies (Llama 3: 128k); null: plain logits."""
     measure_activations: bool = False
     """Measure the bytes autograd saves in the first micro-batch's forward (saved-tensor hooks) and keep them
     next to the plan in memory.json. Under ZeRO-3 the figure also holds the gathered weights autograd keeps."""
