@@ -1,0 +1,53 @@
+"""The benchmark scripts in smoke mode (a few steps of the tiny model, one launch each), so they cannot rot."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO_ROOT
+
+pytestmark = pytest.mark.integration
+
+
+def run_bench(script: str, tmp_path) -> dict:
+    out_json = tmp_path / f"{script}.json"
+    out = subprocess.run([sys.executable, f"bench/{script}.py", "--smoke", "--json", str(out_json)], cwd=REPO_ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return json.loads(out_json.read_text())
+
+
+def check_run(run: dict, steps: int) -> None:
+    assert run["exit_code"] == 0 and run["steps"] == steps and math.isfinite(run["final_loss"])
+    assert run["trained_tokens_per_s"] > 0 and run["input_tokens_per_s"] >= run["trained_tokens_per_s"]
+    assert 0 < run["padding_efficiency"] <= 1 and run["tflops_per_gpu"] > 0 and run["mfu"] is None  # no GPU peak
+    assert run["steps_per_epoch"] > 0 and run["epoch_time_s"] == pytest.approx(run["step_time_s"] * run["steps_per_epoch"])
+
+
+def test_throughput_bench(tmp_path):
+    result = run_bench("throughput", tmp_path)
+    check_run(result["run"], 3)
+    shares = [result["run"][f"{p}_share"] for p in ("data", "forward", "backward", "optimizer")]
+    assert all(s >= 0 for s in shares) and 0.5 < sum(shares) <= 1.0 + 1e-9
+
+
+def test_packing_bench(tmp_path):
+    (packed,) = run_bench("packing", tmp_path)["runs"]
+    check_run(packed, 2)
+    assert packed["name"] == "packed" and packed["padding_efficiency"] == 1.0  # one packed row per micro-batch
+
+
+def test_attention_bench(tmp_path):
+    (sdpa,) = run_bench("attention", tmp_path)["runs"]
+    check_run(sdpa, 2)
+    assert sdpa["name"] == "sdpa" and sdpa["speed_vs_first"] == 1.0
+
+
+def test_memory_bench(tmp_path):
+    (row,) = run_bench("memory", tmp_path)["runs"]
+    assert row["exit_code"] == 0 and row["config"] == "zero2 none"
+    assert row["states_ratio"] == pytest.approx(1.0, abs=1e-3)  # the engine's tensors are what the plan says
+    assert row["peak_kind"] == "peak_rss" and row["peak_mib"] > row["planned_states_mib"]
