@@ -55,16 +55,19 @@ def mfu(flops: float, seconds: float, world_size: int, peak: Optional[float]) ->
 class PhaseTimer:
     """Wall time per phase of a step (data, forward, backward, optimizer), accumulated over micro-batches.
 
-    On a GPU each phase boundary synchronises the device (kernels run asynchronously, so without it the time
-    lands in whichever phase next waits); that costs a few syncs per step, small next to a step.
+    On a GPU each phase boundary has to synchronise the device (kernels run asynchronously, so without it the
+    time lands in whichever phase next waits). Those syncs stall the CPU's kernel queueing, so the trainer asks
+    for them only on logged steps (``synchronize``); other GPU steps report no per-phase split (``reliable``).
     """
 
     PHASES = ("data", "forward", "backward", "optimizer")
 
-    def __init__(self, device):
+    def __init__(self, device, synchronize: bool = True):
         import torch
 
-        self._sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        on_gpu = device.type == "cuda"
+        self._sync = torch.cuda.synchronize if on_gpu and synchronize else (lambda: None)
+        self.reliable = synchronize or not on_gpu
         self.seconds = dict.fromkeys(self.PHASES, 0.0)
 
     def __call__(self, phase: str) -> "PhaseTimer":

@@ -30,6 +30,7 @@ from dtrain.data.audit import audit_masks
 from dtrain.data.cache import load_or_prepare
 from dtrain.data.chat import IGNORE_INDEX, TokenizedExample
 from dtrain.data.packing import collate_packed, pack_examples
+from dtrain.data.prefetch import Prefetcher
 from dtrain.data.sources import DataError
 from dtrain.dist import all_gather_objects, all_reduce_sum, barrier, broadcast_object, init_distributed, setup_logging
 from dtrain.ds_config import BatchPlan, ConfigError, build_ds_config, write_ds_config
@@ -185,6 +186,9 @@ class Trainer:
         rows = pack_examples([len(e.input_ids) for e in train], self.job.data.max_seq_len, self.job.train.seed)
         return [[train[i] for i in row] for row in rows]
 
+    def _collate_indices(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        return self._collate([self.train_units[i] for i in indices])
+
     def _collate(self, units: list[list[TokenizedExample]]) -> dict[str, torch.Tensor]:
         if self.job.data.packing:
             return collate_packed(units, self.pad_id)
@@ -249,23 +253,26 @@ class Trainer:
         try:
             while state.step < self.total_steps:
                 epoch, start = divmod(state.step, self.sampler.steps_per_epoch)
-                for micro_indices in self.sampler.steps(epoch, start):
-                    if self.preemption.agreed():
-                        self._stop_for_preemption(watchdog)
-                    watchdog.beat(f"step {state.step + 1}")
-                    record = self._guarded_step(micro_indices)
-                    state.step += 1
-                    if record is not None:
-                        self._log_step(record, epoch, progress)
-                    progress.update(1)
-                    if job.train.eval_every and state.step % job.train.eval_every == 0 and state.step < self.total_steps:
-                        watchdog.beat(f"eval after step {state.step}")
-                        self.evaluate()
-                    if job.ckpt.every_steps and state.step % job.ckpt.every_steps == 0:
-                        watchdog.beat(f"checkpoint save at step {state.step}")
-                        self.save_checkpoint()
-                    if state.step >= self.total_steps:
-                        break
+                # The next steps' batches are collated (and pinned on a GPU machine) while this step computes.
+                with Prefetcher(self.sampler.steps(epoch, start), self._collate_indices,
+                                pin_memory=self.dist.device.type == "cuda") as prefetched:
+                    for micro_indices, batches, data_wait_s in prefetched:
+                        if self.preemption.agreed():
+                            self._stop_for_preemption(watchdog)
+                        watchdog.beat(f"step {state.step + 1}")
+                        record = self._guarded_step(micro_indices, batches, data_wait_s)
+                        state.step += 1
+                        if record is not None:
+                            self._log_step(record, epoch, progress)
+                        progress.update(1)
+                        if job.train.eval_every and state.step % job.train.eval_every == 0 and state.step < self.total_steps:
+                            watchdog.beat(f"eval after step {state.step}")
+                            self.evaluate()
+                        if job.ckpt.every_steps and state.step % job.ckpt.every_steps == 0:
+                            watchdog.beat(f"checkpoint save at step {state.step}")
+                            self.save_checkpoint()
+                        if state.step >= self.total_steps:
+                            break
             progress.close()
             watchdog.beat("final eval, checkpoint and export")
             eval_loss = self.evaluate()
@@ -279,11 +286,12 @@ class Trainer:
             watchdog.stop()
         return self._summarise(eval_loss, before, after)
 
-    def _guarded_step(self, micro_indices: list[list[int]]) -> Optional[dict]:
+    def _guarded_step(self, micro_indices: list[list[int]], batches: list[dict[str, torch.Tensor]],
+                      data_wait_s: float) -> Optional[dict]:
         """``train_step``, turning the two failures that need their own message into a clear error."""
         try:
             faults.at_step_start(self.state.step + 1, self.dist.rank)
-            return self.train_step(micro_indices)
+            return self.train_step(micro_indices, batches, data_wait_s)
         except torch.OutOfMemoryError as e:
             raise TrainingError(self._oom_report()) from e
         except RuntimeError as e:
@@ -337,16 +345,22 @@ class Trainer:
         state.bad_steps_in_a_row, state.recent_losses = self.guard.bad_in_a_row, list(self.guard.recent)
         return self.ckpt.save(self.engine, self.tokenizer, state)
 
-    def train_step(self, micro_indices: list[list[int]]) -> Optional[dict]:
+    def train_step(self, micro_indices: list[list[int]], batches: list[dict[str, torch.Tensor]],
+                   data_wait_s: float = 0.0) -> Optional[dict]:
         """One optimizer step over this rank's micro-batches, with the loss normalised by the global token count.
 
         The loss of the step is (sum of token cross-entropies over every trained token of every micro-batch on
         every rank) / (number of those tokens), so it does not depend on micro-batch size or world size.
+
+        Args:
+            micro_indices: The sampler's unit indices of each micro-batch of this rank.
+            batches: Those micro-batches, collated (by the prefetcher).
+            data_wait_s: How long the step waited for ``batches``.
         """
-        t0 = time.perf_counter()
-        timer = PhaseTimer(self.dist.device)
-        with timer("data"):
-            batches = [self._collate([self.train_units[i] for i in idx]) for idx in micro_indices]
+        t0 = time.perf_counter() - data_wait_s
+        # Device syncs for the phase split only on logged steps: elsewhere kernels queue without a stall.
+        timer = PhaseTimer(self.dist.device, synchronize=self.state.step == 0 or (self.state.step + 1) % self.job.train.log_every == 0)
+        timer.seconds["data"] = data_wait_s
         examples = [e for idx in micro_indices for i in idx for e in self.train_units[i]]
         local_tokens = sum(count_trained_tokens(b["labels"]) for b in batches)
         local_real = sum(len(e.input_ids) for e in examples)
@@ -413,7 +427,7 @@ class Trainer:
             "step_time_s": elapsed,
             "samples_per_s": self.batch.global_batch_size / elapsed,
             "batch_fingerprint": int(fingerprint),  # sum of crc32(sample id): equal batches <=> equal data order
-            **{f"time_{phase}_s": seconds for phase, seconds in timer.seconds.items()},
+            **{f"time_{phase}_s": seconds if timer.reliable or phase == "data" else None for phase, seconds in timer.seconds.items()},
         }
         flops = step_flops(self.shape, int(global_real), int(global_sq), self.trainable_weights)
         record["tflops_per_gpu"] = flops / elapsed / self.dist.world_size / 1e12
@@ -456,7 +470,7 @@ class Trainer:
 
     def _loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Summed token loss of one collated batch: from the logits, or by the chunked loss head when installed."""
-        labels = batch["labels"].to(self.dist.device)
+        labels = batch["labels"].to(self.dist.device, non_blocking=True)
         if self.loss_head is None:
             return shifted_token_loss_sum(self._forward(batch), labels)
         self.loss_head.labels = labels  # consumed by the head in this forward; without labels it returns logits
@@ -466,7 +480,9 @@ class Trainer:
         """Logits of the engine on one collated batch (a collective under ZeRO-3: parameters are gathered)."""
         # use_cache=False matters beyond memory: with a cache, transformers ignores packed position_ids and
         # packed examples would attend to each other.
-        inputs = {k: v.to(self.dist.device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
+        # non_blocking: a pinned batch is copied while the GPU is still busy; the kernels that read it wait for it.
+        inputs = {k: v.to(self.dist.device, non_blocking=True) for k, v in batch.items()
+                  if k in ("input_ids", "attention_mask", "position_ids")}
         return self.engine(**inputs, use_cache=False).logits
 
     @torch.no_grad()
