@@ -29,7 +29,7 @@ from dtrain.data import ChatRenderer, StepSampler, collate, resolve_chat_templat
 from dtrain.data.audit import audit_masks
 from dtrain.data.cache import load_or_prepare
 from dtrain.data.chat import IGNORE_INDEX, TokenizedExample
-from dtrain.data.packing import collate_packed, pack_examples
+from dtrain.data.packing import choose_packing, collate_packed, pack_examples
 from dtrain.data.prefetch import Prefetcher
 from dtrain.data.sources import DataError
 from dtrain.dist import all_gather_objects, all_reduce_sum, barrier, broadcast_object, init_distributed, setup_logging
@@ -106,6 +106,11 @@ class Trainer:
         checked = audit_masks(self.data.train, self.renderer, job.train.seed)
         log.info("mask audit: %d examples checked (trained tokens, end-of-turn tokens, labels)", checked)
         self.pad_id = self.tokenizer.pad_token_id
+        if job.data.packing is None:  # resolved once, from the data: every rank and every restart decide alike
+            job.data.packing, efficiency = choose_packing([len(e.input_ids) for e in self.data.train],
+                                                          job.train.micro_batch_size, job.train.seed)
+            log.info("data.packing=null: padded micro-batches would hold %.1f%% real tokens, so %s (set data.packing to choose)",
+                     100 * efficiency, "packing on: a micro-batch is now rows of packed examples" if job.data.packing else "padding")
 
         self.batch = BatchPlan.from_config(job.train, self.dist.world_size)
         self.train_units = self._make_units()

@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 from dtrain.config import register_configs, to_job_config
 from dtrain.config.schema import PreviewFormat
 from dtrain.data import ChatRenderer, DataError, prepare_data, resolve_chat_template
-from dtrain.data.packing import pack_examples
+from dtrain.data.packing import choose_packing, pack_examples
 from dtrain.data.preview import preview_json, preview_text
 from dtrain.model import load_tokenizer
 
@@ -31,6 +31,8 @@ def main(cfg: DictConfig) -> None:
         data = prepare_data(job.data, renderer, job.train.seed, num_prompts=0)
     except DataError as e:
         sys.exit(f"dtrain: error: {e}")
+    if job.data.packing is None:
+        job.data.packing, _ = choose_packing([len(e.input_ids) for e in data.train], job.train.micro_batch_size, job.train.seed)
     if job.data.packing:
         rows = pack_examples([len(e.input_ids) for e in data.train], job.data.max_seq_len, job.train.seed)
         units = [[data.train[i] for i in row] for row in rows[: job.preview.n]]

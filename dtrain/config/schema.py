@@ -123,8 +123,10 @@ class DataConfig:
     """Processes that render and tokenise in parallel (on the rank that tokenises)."""
     cache_dir: Optional[str] = "~/.cache/dtrain/tokenized"
     """Tokenised data is cached here (keyed by files, tokenizer, data config and code); empty: no cache."""
-    packing: bool = False
-    """Pack several examples per row up to ``max_seq_len`` (no padding, no attention across examples)."""
+    packing: Optional[bool] = None
+    """Pack several examples per row up to ``max_seq_len`` (no padding, no attention across examples; a
+    micro-batch is then that many rows). null (default): pack when the data is mixed-length, i.e. padded
+    micro-batches of the training split would hold under 90% real tokens (decided and logged at start)."""
     group_by_length: bool = False
     """Without packing: batch examples of similar length together (less padding, order reshuffled each epoch).
     Off by default: length-homogeneous batches slowed convergence several-fold on the bundled task (see

@@ -74,3 +74,30 @@ def collate_packed(rows: list[list[TokenizedExample]], pad_token_id: int) -> dic
             offset += n
         position_ids[r, offset:] = torch.arange(width - offset)  # padding: a block of its own, never trained
     return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+
+
+AUTO_PACKING_BELOW = 0.90
+
+
+def padded_efficiency(lengths: list[int], micro_batch: int, seed: int) -> float:
+    """Real tokens / token slots when ``lengths`` are padded in shuffled micro-batches of ``micro_batch``."""
+    order = list(range(len(lengths)))
+    random.Random(seed).shuffle(order)
+    real = slots = 0
+    for start in range(0, len(order), micro_batch):
+        batch = [lengths[i] for i in order[start : start + micro_batch]]
+        real += sum(batch)
+        slots += max(batch) * len(batch)
+    return real / max(slots, 1)
+
+
+def choose_packing(lengths: list[int], micro_batch: int, seed: int) -> tuple[bool, float]:
+    """``data.packing=null``: pack when the data is mixed-length, i.e. padded micro-batches would hold under 90%
+    real tokens. Deterministic (same data, batch and seed give the same answer on every rank and every restart).
+
+    Returns:
+        ``(pack, padded efficiency)``.
+    """
+    efficiency = padded_efficiency(lengths, micro_batch, seed)
+    return micro_batch > 1 and efficiency < AUTO_PACKING_BELOW, efficiency
+

@@ -8,7 +8,7 @@ import torch
 
 from dtrain.config.schema import TrainOn
 from dtrain.data import IGNORE_INDEX, ChatRenderer
-from dtrain.data.packing import collate_packed, pack_examples
+from dtrain.data.packing import choose_packing, collate_packed, pack_examples, padded_efficiency
 from dtrain.loss import shifted_token_loss_sum
 
 
@@ -85,3 +85,13 @@ def test_packing_the_bundled_data_fills_over_95_percent_of_the_slots(tiny_tokeni
     assert max(lengths) > 2 * min(lengths)  # mixed-length data
     rows = pack_examples(lengths, job.data.max_seq_len, seed=0)
     assert sum(lengths) / (job.data.max_seq_len * len(rows)) > 0.95
+    # data.packing=null packs this data: padded micro-batches of 16 would be about half padding
+    pack, efficiency = choose_packing(lengths, 16, seed=0)
+    assert pack and 0.45 < efficiency < 0.65
+
+
+def test_auto_packing_pads_uniform_data_and_single_example_batches():
+    assert padded_efficiency([10, 30], 2, seed=0) == pytest.approx(40 / 60)
+    assert choose_packing([100, 98, 101, 99] * 50, 8, seed=0)[0] is False  # near-uniform: padding costs ~2%
+    assert choose_packing([10, 300] * 50, 1, seed=0)[0] is False  # one example per micro-batch: no padding at all
+    assert choose_packing([10, 300] * 50, 4, seed=0)[0] is True
