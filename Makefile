@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q "$(TORCH_SPEC)"
 	# DeepSpeed ships only a source package whose build imports torch: build it against the torch just installed.
 	$(PIP) install -q --no-build-isolation "$(DEEPSPEED_SPEC)"
-	$(PIP) install -q -e ".[dev,qlora]"
+	$(PIP) install -q -e ".[dev,qlora,bench]"
 	touch $(STAMP)
 
 install: $(STAMP)
