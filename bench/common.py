@@ -117,6 +117,25 @@ def make_tiny_pretrained(folder: Path) -> Path:
     return folder
 
 
+SHAPES = ("llama3_1b", "llama3_3b", "llama3_8b", "llama2_7b", "llama2_13b")
+
+
+def shape_model(shape: str, folder: Path) -> list[str]:
+    """Overrides that train a published model shape with random weights: its bundled config.json plus the tiny
+    tokenizer (every id it makes fits any of these vocabularies) in ``folder``. Speed does not depend on weights."""
+    import shutil
+
+    if shape not in SHAPES:
+        raise SystemExit(f"--shape {shape}: use one of {', '.join(SHAPES)}")
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copy(REPO_ROOT / "dtrain" / "assets" / "configs" / shape / "config.json", folder / "config.json")
+    tiny = REPO_ROOT / "dtrain" / "assets" / "tiny"
+    for f in tiny.iterdir():
+        if f.name != "config.json":
+            shutil.copy(f, folder / f.name)
+    return [f"model.path={folder}", "model.init=random"]
+
+
 def fmt(value: Any, spec: str = "") -> str:
     if value is None:
         return "-"

@@ -2,6 +2,9 @@
 
     .venv/bin/python bench/throughput.py +exp=tiny_cpu --num-gpus 2 --steps 30 --json throughput.json
     python bench/throughput.py +exp=7b_zero3 model.init=random data.packing=true --num-gpus 8 --steps 50   # a GPU node
+    # one H100: full fine-tuning of a 1B / 3B Llama shape, 4096-token packed rows, bf16
+    python bench/throughput.py +exp=tiny_cpu --shape llama3_1b --num-gpus 1 --steps 30 data.max_seq_len=4096 \
+        data.packing=true train.micro_batch_size=1 precision=bf16 zero=zero2 model.gradient_checkpointing=false
     .venv/bin/python bench/throughput.py --smoke --json /tmp/smoke.json
 
 Weights are random unless the overrides say otherwise (``model.init=random``: speed does not depend on them).
@@ -15,7 +18,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from common import launch, machine, table, write_json
+from common import SHAPES, launch, machine, shape_model, table, write_json
 
 SMOKE = ["+exp=tiny_cpu", "train.micro_batch_size=4"]
 
@@ -28,14 +31,17 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3, help="first steps left out of the means")
     parser.add_argument("--out", default=None, help="run directory (default: a temporary one)")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--shape", default=None, help="random-weight model of a published shape: " + ", ".join(SHAPES))
     parser.add_argument("--smoke", action="store_true", help="3 steps of the tiny model on 1 rank")
     args = parser.parse_args()
     overrides = args.overrides or ["+exp=tiny_cpu"]
     if args.smoke:
         overrides, args.steps, args.warmup, args.num_gpus = SMOKE, 3, 1, 1
-    if not any(o.startswith("model.init=") or o.startswith("model.path=") for o in overrides):
-        overrides = [*overrides, "model.init=random"]
     run_dir = Path(args.out or tempfile.mkdtemp(prefix="dtrain-bench-throughput-"))
+    if args.shape:
+        overrides = [*overrides, *shape_model(args.shape, run_dir.with_name(run_dir.name + "-model"))]
+    elif not any(o.startswith("model.init=") or o.startswith("model.path=") for o in overrides):
+        overrides = [*overrides, "model.init=random"]
     run = launch("throughput", [*overrides, f"train.max_steps={args.steps}"], run_dir, args.num_gpus, args.warmup)
     row = run.as_dict()
     row.update({f"{phase}_share": seconds / run.step_time_s for phase, seconds in run.phases_s.items()} if run.step_time_s else {})

@@ -212,6 +212,15 @@ PLANNER_CONFIGS = {
     "llama3_8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                       num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, bos_token_id=128000,
                       eos_token_id=128001, rope_parameters={"rope_type": "default", "rope_theta": 500000.0}),
+    # Llama-3.2-1B / 3B shapes: the GPU throughput benchmark builds them with random weights (bench/throughput.py --shape).
+    "llama3_1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, bos_token_id=128000,
+                      eos_token_id=128001, tie_word_embeddings=True,
+                      rope_parameters={"rope_type": "default", "rope_theta": 500000.0}),
+    "llama3_3b": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
+                      num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, bos_token_id=128000,
+                      eos_token_id=128001, tie_word_embeddings=True,
+                      rope_parameters={"rope_type": "default", "rope_theta": 500000.0}),
 }
 
 
@@ -219,7 +228,7 @@ def write_planner_configs():
     from transformers import LlamaConfig
 
     for name, kw in PLANNER_CONFIGS.items():
-        LlamaConfig(tie_word_embeddings=False, rms_norm_eps=1e-5, **kw).save_pretrained(ASSETS / "configs" / name)
+        LlamaConfig(**{"tie_word_embeddings": False, "rms_norm_eps": 1e-5, **kw}).save_pretrained(ASSETS / "configs" / name)
 
 
 def main():
