@@ -16,7 +16,7 @@ import importlib.util
 import tempfile
 from pathlib import Path
 
-from common import launch, machine, ratio, table, write_json
+from common import SHAPES, launch, machine, ratio, shape_model, table, write_json
 
 SMOKE = ["+exp=tiny_cpu", "train.micro_batch_size=4"]
 
@@ -38,14 +38,17 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--json", default=None)
     parser.add_argument("--implementations", default=None, help="comma-separated (default: every one available)")
+    parser.add_argument("--shape", default=None, help="random-weight model of a published shape: " + ", ".join(SHAPES))
     parser.add_argument("--smoke", action="store_true", help="2 steps of the tiny model on 1 rank, sdpa only")
     args = parser.parse_args()
     overrides = args.overrides or ["+exp=tiny_cpu"]
     if args.smoke:
         overrides, args.steps, args.warmup, args.num_gpus, args.implementations = SMOKE, 2, 1, 1, "sdpa"
-    if not any(o.startswith(("model.init=", "model.path=")) for o in overrides):
-        overrides = [*overrides, "model.init=random"]
     root = Path(tempfile.mkdtemp(prefix="dtrain-bench-attention-"))
+    if args.shape:
+        overrides = [*overrides, *shape_model(args.shape, root / "model")]
+    elif not any(o.startswith(("model.init=", "model.path=")) for o in overrides):
+        overrides = [*overrides, "model.init=random"]
     rows = []
     for name in args.implementations.split(",") if args.implementations else available_implementations():
         run = launch(name, [*overrides, f"model.attn_implementation={name}", f"train.max_steps={args.steps}"],
