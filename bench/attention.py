@@ -16,7 +16,7 @@ import importlib.util
 import tempfile
 from pathlib import Path
 
-from common import SHAPES, launch, machine, ratio, shape_model, table, write_json
+from common import SHAPES, finish, launch, machine, ratio, table, with_model
 
 SMOKE = ["+exp=tiny_cpu", "train.micro_batch_size=4"]
 
@@ -45,10 +45,7 @@ def main() -> None:
     if args.smoke:
         overrides, args.steps, args.warmup, args.num_gpus, args.implementations = SMOKE, 2, 1, 1, "sdpa"
     root = Path(tempfile.mkdtemp(prefix="dtrain-bench-attention-"))
-    if args.shape:
-        overrides = [*overrides, *shape_model(args.shape, root / "model")]
-    elif not any(o.startswith(("model.init=", "model.path=")) for o in overrides):
-        overrides = [*overrides, "model.init=random"]
+    overrides = with_model(overrides, args.shape, root / "model")
     rows = []
     for name in args.implementations.split(",") if args.implementations else available_implementations():
         run = launch(name, [*overrides, f"model.attn_implementation={name}", f"train.max_steps={args.steps}"],
@@ -60,10 +57,7 @@ def main() -> None:
     print(table(rows, [("name", "attention", ""), ("trained_tokens_per_s", "trained tok/s", ",.0f"),
                        ("step_time_s", "step s", ".3f"), ("mfu", "MFU", ".1%"), ("final_loss", "loss", ".4f"),
                        ("speed_vs_first", f"vs {rows[0]['name']}", ".2f")]))
-    write_json(args.json, {"bench": "attention", "machine": machine(), "num_gpus": args.num_gpus, "overrides": overrides, "runs": rows})
-    failed = [r["name"] for r in rows if r["exit_code"] != 0]
-    if failed:
-        raise SystemExit(f"failed: {', '.join(failed)}")
+    finish("attention", args.json, args.num_gpus, overrides, rows)
 
 
 if __name__ == "__main__":

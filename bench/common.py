@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import statistics
 import subprocess
 import sys
@@ -54,9 +53,9 @@ class RunFigures:
 def launch(name: str, overrides: list[str], run_dir: Path, num_gpus: int, warmup: int = 1,
            extra_env: Optional[dict] = None, timeout_s: int = 3600) -> RunFigures:
     """Run ``deepspeed --num_gpus N launch/train.py <overrides>`` and read its figures from the run directory."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from dtrain.dist import free_port
+
+    port = free_port()
     deepspeed = Path(sys.executable).parent / "deepspeed"
     cmd = [str(deepspeed), "--num_gpus", str(num_gpus), "--master_port", str(port), "launch/train.py",
            f"output_dir={run_dir}", *QUIET, *overrides]
@@ -134,6 +133,25 @@ def shape_model(shape: str, folder: Path) -> list[str]:
         if f.name != "config.json":
             shutil.copy(f, folder / f.name)
     return [f"model.path={folder}", "model.init=random"]
+
+
+def with_model(overrides: list[str], shape: Optional[str], folder: Path) -> list[str]:
+    """The overrides plus the model to benchmark: a published ``shape`` with random weights, else random weights
+    of the exp's own model unless the overrides name one (``model.path``/``model.init``)."""
+    if shape:
+        return [*overrides, *shape_model(shape, folder)]
+    if any(o.startswith(("model.init=", "model.path=")) for o in overrides):
+        return overrides
+    return [*overrides, "model.init=random"]
+
+
+def finish(bench: str, json_path: Optional[str], num_gpus: int, overrides: list[str], rows: list[dict[str, Any]],
+           name_key: str = "name") -> None:
+    """Write the JSON record of a benchmark and exit non-zero naming the runs that failed."""
+    write_json(json_path, {"bench": bench, "machine": machine(), "num_gpus": num_gpus, "overrides": overrides, "runs": rows})
+    failed = [f"{r[name_key]} ({r.get('error', '')})" for r in rows if r["exit_code"] != 0]
+    if failed:
+        raise SystemExit(f"failed: {', '.join(failed)}")
 
 
 def fmt(value: Any, spec: str = "") -> str:

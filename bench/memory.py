@@ -16,7 +16,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from common import launch, machine, make_tiny_pretrained, ratio, table, write_json
+from common import finish, launch, machine, make_tiny_pretrained, ratio, table
 
 DEFAULT_CONFIGS = "zero1:none,zero2:none,zero3:none,zero2:lora,zero3:lora"
 STATES = ("params", "grads", "optimizer")
@@ -65,10 +65,7 @@ def main() -> None:
                        ("measured_states_mib", "states measured", ",.2f"), ("states_ratio", "measured/plan", ".4f"),
                        ("planned_total_mib", "total plan MiB", ",.1f"), ("peak_mib", "peak MiB", ",.1f"),
                        ("peak_kind", "peak of", ""), ("peak_vs_plan", "peak/plan", ".2f")]))
-    write_json(args.json, {"bench": "memory", "machine": machine(), "num_gpus": args.num_gpus, "overrides": overrides, "runs": rows})
-    failed = [r["config"] for r in rows if r["exit_code"] != 0]
-    if failed:
-        raise SystemExit(f"failed: {', '.join(failed)}")
+    finish("memory", args.json, args.num_gpus, overrides, rows, name_key="config")
 
 
 if __name__ == "__main__":

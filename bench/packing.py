@@ -16,7 +16,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from common import launch, machine, ratio, table, write_json
+from common import SHAPES, finish, launch, machine, ratio, table, with_model
 
 VARIANTS = {
     "padded": ["data.packing=false", "data.group_by_length=false"],
@@ -35,6 +35,7 @@ def main() -> None:
     parser.add_argument("--packed-micro-batch", type=int, default=None,
                         help="rows per micro-batch when packed (default: the padded micro-batch / 4, at least 1)")
     parser.add_argument("--variants", default="padded,grouped,packed")
+    parser.add_argument("--shape", default=None, help="random-weight model of a published shape: " + ", ".join(SHAPES))
     parser.add_argument("--json", default=None)
     parser.add_argument("--smoke", action="store_true", help="2 steps of the tiny model on 1 rank, packed only")
     args = parser.parse_args()
@@ -42,14 +43,13 @@ def main() -> None:
     variants = args.variants.split(",")
     if args.smoke:
         overrides, args.steps, args.warmup, args.num_gpus, variants = SMOKE, 2, 1, 1, ["packed"]
-    if not any(o.startswith(("model.init=", "model.path=")) for o in overrides):
-        overrides = [*overrides, "model.init=random"]
     from dtrain.config import compose_job, register_configs
 
     register_configs()
     micro = compose_job(overrides).train.micro_batch_size
     packed_micro = args.packed_micro_batch or max(1, micro // 4)
     root = Path(tempfile.mkdtemp(prefix="dtrain-bench-packing-"))
+    overrides = with_model(overrides, args.shape, root / "model")
     rows = []
     for name in variants:
         extra = VARIANTS[name] + ([f"train.micro_batch_size={packed_micro}"] if name == "packed" else [])
@@ -65,10 +65,7 @@ def main() -> None:
                        ("steps_per_epoch", "steps/epoch", "d"), ("epoch_time_s", "epoch s", ",.1f"),
                        ("tokens_per_s_vs_first", f"tok/s vs {base['name']}", ".2f"),
                        ("epoch_time_vs_first", f"epoch vs {base['name']}", ".2f")]))
-    write_json(args.json, {"bench": "packing", "machine": machine(), "num_gpus": args.num_gpus, "overrides": overrides, "runs": rows})
-    failed = [r["name"] for r in rows if r["exit_code"] != 0]
-    if failed:
-        raise SystemExit(f"failed: {', '.join(failed)}")
+    finish("packing", args.json, args.num_gpus, overrides, rows)
 
 
 if __name__ == "__main__":

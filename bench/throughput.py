@@ -18,7 +18,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from common import SHAPES, launch, machine, shape_model, table, write_json
+from common import SHAPES, launch, machine, table, with_model, write_json
 
 SMOKE = ["+exp=tiny_cpu", "train.micro_batch_size=4"]
 
@@ -38,10 +38,7 @@ def main() -> None:
     if args.smoke:
         overrides, args.steps, args.warmup, args.num_gpus = SMOKE, 3, 1, 1
     run_dir = Path(args.out or tempfile.mkdtemp(prefix="dtrain-bench-throughput-"))
-    if args.shape:
-        overrides = [*overrides, *shape_model(args.shape, run_dir.with_name(run_dir.name + "-model"))]
-    elif not any(o.startswith("model.init=") or o.startswith("model.path=") for o in overrides):
-        overrides = [*overrides, "model.init=random"]
+    overrides = with_model(overrides, args.shape, run_dir.with_name(run_dir.name + "-model"))
     run = launch("throughput", [*overrides, f"train.max_steps={args.steps}"], run_dir, args.num_gpus, args.warmup)
     row = run.as_dict()
     row.update({f"{phase}_share": seconds / run.step_time_s for phase, seconds in run.phases_s.items()} if run.step_time_s else {})

@@ -27,11 +27,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -40,6 +38,8 @@ from datetime import datetime
 from pathlib import Path
 
 from common import REPO_ROOT, machine, make_tiny_pretrained
+
+from dtrain.dist import free_port
 
 BUNDLED_DATA = REPO_ROOT / "dtrain" / "assets" / "data" / "train.jsonl"
 SMOKE = dict(steps=3, micro_batch=4, grad_accum=2, warmup=1, examples=400)
@@ -72,19 +72,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.steps <= args.warmup:
         p.error(f"--steps {args.steps} must exceed --warmup {args.warmup} (the warm-up steps are not timed)")
     return args
-
-
-def free_port() -> int:
-    """A random free port in 30000-39999 (other launches may be running on this machine)."""
-    for _ in range(100):
-        port = random.randint(30000, 39999)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port in 30000-39999")
 
 
 def run_launch(cmd: list[str], log_path: Path, timeout: int) -> float:

@@ -134,3 +134,13 @@ def broadcast_object(obj, src: int = 0):
     box = [obj]
     torch_dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now, for a launch's ``--master_port`` (two local launches must differ)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+

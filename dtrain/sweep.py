@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from dtrain.config.schema import JobConfig, SweepConfig, SweepDirection
+from dtrain.dist import free_port
 
 RESULT_FILE = "sweep_result.json"
 LAUNCHER_LOG = "launcher.log"
@@ -88,7 +89,7 @@ def run_job(job: JobConfig, task_overrides: list[str], run_dir: Path, sweep_name
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     # The master port must differ between concurrent jobs on one node (e.g. a local joblib launcher).
     if not any(a.startswith("--master_port") for a in job.sweep.launcher_args):
-        cmd[1:1] = ["--master_port", str(_free_port())]
+        cmd[1:1] = ["--master_port", str(free_port())]
     timeout = 60 * job.sweep.timeout_minutes if job.sweep.timeout_minutes else None
     started = time.monotonic()
     with (run_dir / LAUNCHER_LOG).open("w") as log_file:
@@ -118,14 +119,6 @@ def _stop(proc: subprocess.Popen) -> None:
         except ProcessLookupError:
             pass
         proc.wait()
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def job_result(run_dir: Path, overrides: list[str], exit_code: Optional[int], wall_s: float,
