@@ -5,6 +5,7 @@ Faults are the real thing (a signal, a SIGKILL, an Inf loss), triggered at a cho
 """
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -127,14 +128,17 @@ def test_nonfinite_loss_on_one_rank_skips_the_step_on_every_rank(tmp_path):
 
 
 def test_stuck_rank_ends_the_job_naming_rank_and_step(tmp_path):
-    """Rank 1 hangs at step 3; rank 0 waits in the step's all-reduce; both watchdogs end the job after 6 s."""
+    """Rank 1 hangs at step 3; rank 0 waits in the step's all-reduce; the watchdogs end the job after 6 s.
+
+    Both ranks beat at the start of step 3, so either watchdog may fire first; the launcher then stops the other
+    rank before it can speak. Whichever fires names itself and the step."""
     out = launch_train(
         ["+exp=tiny_cpu", "train.max_steps=5", "train.micro_batch_size=2", "generate.num_prompts=0",
          "generate.before_training=false", "train.step_timeout_minutes=0.1"],
         tmp_path / "hang", env={"DTRAIN_FAULT_HANG": "3:1"}, timeout=180,
     )
     assert out.returncode == 86, out.stdout[-3000:] + out.stderr[-3000:]
-    assert "rank 0 made no progress" in out.stderr and "in step 3" in out.stderr
+    assert re.search(r"rank [01] made no progress for \d+ s in step 3 \(train.step_timeout_minutes=0.1\)", out.stderr), out.stderr[-3000:]
 
 
 def test_out_of_memory_stops_with_a_report_and_the_peer_names_its_step(tmp_path):
