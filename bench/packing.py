@@ -4,9 +4,11 @@
     python bench/packing.py +exp=7b_zero3 model.init=random data.path=/data/chat.jsonl --num-gpus 8   # a GPU node
     .venv/bin/python bench/packing.py --smoke --json /tmp/smoke.json
 
-Three jobs on identical data and settings: padded batches in random order (``data.packing=false``), padded
-batches grouped by length (``data.group_by_length=true``), and padding-free packed rows (``data.packing=true``,
-position ids restart per example). Packed rows hold several examples, so a step trains more tokens: the fair
+Jobs on identical data and settings: padded batches in shuffled order (``data.group_by_length=none``), the same
+steps with each step's examples sorted by length before the split into micro-batches (``within_step``, the
+default: same gradient per step), steps grouped by length (``across_steps``: different steps), and padding-free
+packed rows (``data.packing=true``, position ids restart per example). Sorting within a step only saves time
+when a rank runs several micro-batches per step (``train.grad_accum_steps`` > 1). Packed rows hold several examples, so a step trains more tokens: the fair
 comparison is trained tokens/s and the time of one epoch (mean step time x steps per epoch).
 """
 
@@ -19,8 +21,9 @@ from pathlib import Path
 from common import SHAPES, finish, launch, machine, ratio, table, with_model
 
 VARIANTS = {
-    "padded": ["data.packing=false", "data.group_by_length=false"],
-    "grouped": ["data.packing=false", "data.group_by_length=true"],
+    "padded": ["data.packing=false", "data.group_by_length=none"],
+    "sorted": ["data.packing=false", "data.group_by_length=within_step"],
+    "grouped": ["data.packing=false", "data.group_by_length=across_steps"],
     "packed": ["data.packing=true"],
 }
 SMOKE = ["+exp=tiny_cpu", "train.micro_batch_size=4"]
@@ -34,7 +37,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--packed-micro-batch", type=int, default=None,
                         help="rows per micro-batch when packed (default: the padded micro-batch / 4, at least 1)")
-    parser.add_argument("--variants", default="padded,grouped,packed")
+    parser.add_argument("--variants", default="padded,sorted,grouped,packed")
     parser.add_argument("--shape", default=None, help="random-weight model of a published shape: " + ", ".join(SHAPES))
     parser.add_argument("--json", default=None)
     parser.add_argument("--smoke", action="store_true", help="2 steps of the tiny model on 1 rank, packed only")

@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
             f"zero={args.zero}", f"precision={args.precision}", f"train.max_steps={args.steps}",
             f"train.micro_batch_size={args.micro_batch}", f"train.grad_accum_steps={args.grad_accum}",
             f"data.path={data}", "data.eval_path=null", "data.eval_fraction=0", f"data.max_seq_len={args.max_seq_len}",
-            "data.packing=false", "data.group_by_length=false", "data.cache_dir=", "train.eval_every=0", "train.log_every=1",
+            "data.packing=false", "data.group_by_length=none", "data.cache_dir=", "train.eval_every=0", "train.log_every=1",
             "generate.num_prompts=0", "generate.before_training=false", "export.verify=none", "ckpt.resume=never",
         ]
         print(f"[vs_trl] dtrain: {args.steps} steps, {args.micro_batch} x {args.grad_accum} x {args.ranks} ranks, "

@@ -115,8 +115,7 @@ class Trainer:
         self.batch = BatchPlan.from_config(job.train, self.dist.world_size)
         self.train_units = self._make_units()
         lengths = [sum(len(e.input_ids) for e in unit) for unit in self.train_units]
-        grouped = job.data.group_by_length and not job.data.packing
-        self.sampler = StepSampler(len(self.train_units), self.batch, self.dist.rank, job.train.seed, lengths if grouped else None)
+        self.sampler = StepSampler(len(self.train_units), self.batch, self.dist.rank, job.train.seed, lengths, job.data.group_by_length)
         if self.sampler.steps_per_epoch == 0:
             raise ConfigError(
                 f"{len(self.train_units)} training {self._unit_name} do not fill one global batch of {self.batch.global_batch_size} "
@@ -203,7 +202,7 @@ class Trainer:
         """Real tokens / token slots over epoch 0's micro-batches on all ranks (lengths only, no tensors)."""
         real = slots = 0
         for rank in range(self.dist.world_size):
-            sampler = StepSampler(self.sampler.num_examples, self.batch, rank, self.sampler.seed, self.sampler.lengths)
+            sampler = StepSampler(self.sampler.num_examples, self.batch, rank, self.sampler.seed, self.sampler.lengths, self.sampler.grouping)
             for step in sampler.steps(0):
                 for idx in step:
                     sizes = [sum(len(e.input_ids) for e in self.train_units[i]) for i in idx]
@@ -237,7 +236,7 @@ class Trainer:
             log.warning("%d example(s) %s", count, reason)
         if self.job.data.packing:
             log.info("packing: %d examples into %d rows of <= %d tokens", len(d.train), len(self.train_units), self.job.data.max_seq_len)
-        layout = "packed" if self.job.data.packing else ("padded, grouped by length" if self.sampler.lengths else "padded")
+        layout = f"{'packed' if self.job.data.packing else 'padded'}, group_by_length={self.sampler.grouping.value}"
         log.info("padding efficiency (real tokens / token slots) planned for epoch 0: %.1f%% (%s)", 100 * self._planned_padding_efficiency(), layout)
         if self.sampler.unused_per_epoch:
             log.info("%d %s per epoch do not fill a global batch; each epoch's shuffle leaves out different ones",

@@ -52,6 +52,14 @@ class OnInvalid(str, Enum):
     skip = "skip"  # skip it, count it per reason, report the counts (and still stop past max_invalid_fraction)
 
 
+class LengthGrouping(str, Enum):
+    """How examples of similar length are batched together when padding (``data.group_by_length``)."""
+
+    none = "none"  # micro-batches in shuffled order
+    within_step = "within_step"  # sort each step's examples by length before splitting them into micro-batches
+    across_steps = "across_steps"  # also gather similar lengths into the same steps (changes what a step trains on)
+
+
 class PeftMethod(str, Enum):
     none = "none"
     lora = "lora"
@@ -127,10 +135,13 @@ class DataConfig:
     """Pack several examples per row up to ``max_seq_len`` (no padding, no attention across examples; a
     micro-batch is then that many rows). null (default): pack when the data is mixed-length, i.e. padded
     micro-batches of the training split would hold under 90% real tokens (decided and logged at start)."""
-    group_by_length: bool = False
-    """Without packing: batch examples of similar length together (less padding, order reshuffled each epoch).
-    Off by default: length-homogeneous batches slowed convergence several-fold on the bundled task (see
-    docs/BENCHMARKS.md); packing removes padding without biasing batches."""
+    group_by_length: LengthGrouping = LengthGrouping.within_step
+    """within_step (default): each optimizer step draws the same shuffled examples as with ``none``, sorted by length
+    before they are split into micro-batches and ranks. The loss is normalised over the whole global batch, so the
+    step's gradient is unchanged; only padding goes down, when a rank runs several micro-batches per step.
+    across_steps: also put similar lengths into the same steps (shuffled mega-batches of 64 steps): less padding
+    still, but length-homogeneous steps slowed convergence several-fold on the bundled task (docs/BENCHMARKS.md).
+    Packed rows are sorted the same way."""
     chat_template: Optional[str] = None
     """A Jinja string or a path to a .jinja file; wins over the tokenizer's own template."""
     end_of_turn_token: Optional[str] = None

@@ -7,6 +7,7 @@ from typing import Iterator, Optional
 
 import torch
 
+from dtrain.config.schema import LengthGrouping
 from dtrain.data.chat import IGNORE_INDEX, TokenizedExample
 from dtrain.ds_config import BatchPlan
 
@@ -23,21 +24,26 @@ class StepSampler:
     epoch's shuffle), so no rank ever waits in a collective that another rank skips.
     """
 
-    def __init__(self, num_examples: int, batch: BatchPlan, rank: int, seed: int, lengths: Optional[list[int]] = None):
+    def __init__(self, num_examples: int, batch: BatchPlan, rank: int, seed: int, lengths: Optional[list[int]] = None,
+                 grouping: LengthGrouping = LengthGrouping.none):
         """
         Args:
             num_examples: Units to sample from (examples, or packed rows).
             batch: The batch plan (micro x accumulation x ranks).
             rank: This rank.
             seed: Base seed; epoch ``e`` shuffles with a seed derived from ``(seed, e)``.
-            lengths: When given, group units of similar length into the same global batch (sorted within
-                shuffled mega-batches of 64 global batches, then the batches themselves shuffled).
+            lengths: Token count of each unit; needed by any grouping but ``none``.
+            grouping: ``within_step`` sorts each step's units by length before splitting them (same units per
+                step); ``across_steps`` also sorts within shuffled mega-batches of 64 steps, then shuffles the steps.
         """
+        if grouping != LengthGrouping.none and lengths is None:
+            raise ValueError(f"grouping={grouping.value} needs the units' lengths")
         self.num_examples = num_examples
         self.batch = batch
         self.rank = rank
         self.seed = seed
         self.lengths = lengths
+        self.grouping = grouping
 
     @property
     def steps_per_epoch(self) -> int:
@@ -48,19 +54,26 @@ class StepSampler:
         return self.num_examples - self.steps_per_epoch * self.batch.global_batch_size
 
     def epoch_order(self, epoch: int) -> list[int]:
+        """All ranks' units of the epoch, step after step (each step's slice in micro-batch order)."""
         rng = random.Random(self.seed * 1_000_003 + epoch)
         order = list(range(self.num_examples))
         rng.shuffle(order)
-        if self.lengths is None:
-            return order
         size = self.batch.global_batch_size
-        mega = size * LENGTH_GROUP_BATCHES
-        grouped = []
-        for start in range(0, len(order), mega):
-            grouped += sorted(order[start : start + mega], key=lambda i: -self.lengths[i])
-        batches = [grouped[i : i + size] for i in range(0, self.steps_per_epoch * size, size)]
-        rng.shuffle(batches)
-        return [i for b in batches for i in b] + grouped[self.steps_per_epoch * size :]
+        used = self.steps_per_epoch * size
+        if self.grouping == LengthGrouping.across_steps:
+            mega = size * LENGTH_GROUP_BATCHES
+            grouped = []
+            for start in range(0, len(order), mega):
+                grouped += sorted(order[start : start + mega], key=lambda i: -self.lengths[i])
+            batches = [grouped[i : i + size] for i in range(0, used, size)]
+            rng.shuffle(batches)
+            order = [i for b in batches for i in b] + grouped[used:]
+        if self.grouping != LengthGrouping.none:
+            # Longest first within each step: a rank's micro-batches, and the ranks at each micro-batch, get
+            # similar lengths. Stable, so equal lengths keep the shuffled order.
+            steps = [sorted(order[start : start + size], key=lambda i: -self.lengths[i]) for start in range(0, used, size)]
+            order = [i for step in steps for i in step] + order[used:]
+        return order
 
     def steps(self, epoch: int, start_step: int = 0) -> Iterator[list[list[int]]]:
         """Yield, per optimizer step, this rank's ``grad_accum_steps`` micro-batches of example indices.
