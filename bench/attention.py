@@ -39,11 +39,11 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     parser.add_argument("--implementations", default=None, help="comma-separated (default: every one available)")
     parser.add_argument("--shape", default=None, help="random-weight model of a published shape: " + ", ".join(SHAPES))
-    parser.add_argument("--smoke", action="store_true", help="2 steps of the tiny model on 1 rank, sdpa only")
-    args = parser.parse_args()
+    parser.add_argument("--smoke", action="store_true", help="2 steps of the tiny model on 1 rank, sdpa only (overrides given are added)")
+    args = parser.parse_intermixed_args()  # Hydra overrides may come before, between or after the options
     overrides = args.overrides or ["+exp=tiny_cpu"]
     if args.smoke:
-        overrides, args.steps, args.warmup, args.num_gpus, args.implementations = SMOKE, 2, 1, 1, "sdpa"
+        overrides, args.steps, args.warmup, args.num_gpus, args.implementations = SMOKE + args.overrides, 2, 1, 1, "sdpa"
     root = Path(tempfile.mkdtemp(prefix="dtrain-bench-attention-"))
     overrides = with_model(overrides, args.shape, root / "model")
     rows = []

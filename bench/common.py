@@ -119,27 +119,51 @@ def make_tiny_pretrained(folder: Path) -> Path:
 SHAPES = ("llama3_1b", "llama3_3b", "llama3_8b", "llama2_7b", "llama2_13b")
 
 
-def shape_model(shape: str, folder: Path) -> list[str]:
+def shape_model(shape: str, folder: Path, save_weights: bool = False) -> list[str]:
     """Overrides that train a published model shape with random weights: its bundled config.json plus the tiny
-    tokenizer (every id it makes fits any of these vocabularies) in ``folder``. Speed does not depend on weights."""
+    tokenizer (every id it makes fits any of these vocabularies) in ``folder``. Speed does not depend on weights.
+
+    Args:
+        save_weights: Also write random bf16 weights there and load them (``model.init=pretrained``): adapters
+            (``peft=lora``) need a base that exists on disk.
+    """
     import shutil
 
-    if shape not in SHAPES:
-        raise SystemExit(f"--shape {shape}: use one of {', '.join(SHAPES)}")
+    if shape not in SHAPES and shape != "tiny":
+        raise SystemExit(f"--shape {shape}: use one of {', '.join(SHAPES)} (or tiny, for a rehearsal on CPU)")
     folder.mkdir(parents=True, exist_ok=True)
-    shutil.copy(REPO_ROOT / "dtrain" / "assets" / "configs" / shape / "config.json", folder / "config.json")
+    config = REPO_ROOT / "dtrain" / "assets" / ("tiny" if shape == "tiny" else f"configs/{shape}") / "config.json"
+    shutil.copy(config, folder / "config.json")
     tiny = REPO_ROOT / "dtrain" / "assets" / "tiny"
     for f in tiny.iterdir():
         if f.name != "config.json":
             shutil.copy(f, folder / f.name)
+    if save_weights:
+        save_random_weights(folder)
+        return [f"model.path={folder}", "model.init=pretrained"]
     return [f"model.path={folder}", "model.init=random"]
 
 
-def with_model(overrides: list[str], shape: Optional[str], folder: Path) -> list[str]:
-    """The overrides plus the model to benchmark: a published ``shape`` with random weights, else random weights
-    of the exp's own model unless the overrides name one (``model.path``/``model.init``)."""
+def save_random_weights(folder: Path) -> None:
+    """Random bf16 weights for ``folder/config.json``, saved as safetensors. Built on the GPU when there is one
+    (an 8B model initialises in seconds there, minutes on CPU)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(folder)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(folder, safe_serialization=True)
+    del model
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def with_model(overrides: list[str], shape: Optional[str], folder: Path, save_weights: bool = False) -> list[str]:
+    """The overrides plus the model to benchmark: a published ``shape`` with random weights (saved to ``folder``
+    with ``save_weights``), else random weights of the exp's own model unless the overrides name one."""
     if shape:
-        return [*overrides, *shape_model(shape, folder)]
+        return [*overrides, *shape_model(shape, folder, save_weights)]
     if any(o.startswith(("model.init=", "model.path=")) for o in overrides):
         return overrides
     return [*overrides, "model.init=random"]

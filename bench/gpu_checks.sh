@@ -1,28 +1,52 @@
 #!/usr/bin/env bash
 # Issue 7's GPU checks on one H100/H200, one after the other; every figure lands as JSON under $OUT.
 #
-#   OUT=/tmp/gpu bash bench/gpu_checks.sh            # about 15 minutes on one H100
+#   OUT=/tmp/gpu bash bench/gpu_checks.sh            # about 20 minutes on one H100
+#   # rehearsal on CPU (every command and argument, tiny model, a few steps; about 3 minutes):
+#   FULL_SHAPES=tiny LORA_SHAPE=tiny SEQ=256 STEPS=3 MEMORY_SHAPE=tiny VOCAB=32000 HIDDEN=512 OUT=/tmp/gpu-rehearsal \
+#       PY=.venv/bin/python bash bench/gpu_checks.sh
 #
-# Not yet run (no GPU has been lent to this project so far): the commands are the CPU-tested bench scripts
-# with GPU sizes. Each prints its table; copy the figures into docs/BENCHMARKS.md with the date and the GPU.
+# Not yet run on a GPU (none has been lent to this project so far): the commands are the CPU-tested bench
+# scripts with GPU sizes. Each prints its table; copy the figures into docs/BENCHMARKS.md with the date and GPU.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench-out}
-PY=${PY:-python}
+PY=${PY:-$(command -v python || command -v python3)}
+FULL_SHAPES=${FULL_SHAPES:-llama3_1b llama3_3b}
+LORA_SHAPE=${LORA_SHAPE:-llama3_8b}
+MEMORY_SHAPE=${MEMORY_SHAPE:-llama3_1b}
+SEQ=${SEQ:-4096}
+STEPS=${STEPS:-30}
+VOCAB=${VOCAB:-128256}
+HIDDEN=${HIDDEN:-4096}
 mkdir -p "$OUT"
-# 4096-token packed rows of the bundled data, bf16, ZeRO-2 on one GPU, tokenised data not cached.
-LONG=(+exp=tiny_cpu data.max_seq_len=4096 data.packing=true train.micro_batch_size=1 train.grad_accum_steps=1
+# $SEQ-token packed rows of the bundled data, bf16, ZeRO-2 on one GPU, tokenised data not cached.
+LONG=(+exp=tiny_cpu data.max_seq_len=$SEQ data.packing=true train.micro_batch_size=1 train.grad_accum_steps=1
       precision=bf16 zero=zero2 data.cache_dir= train.log_every=10)
+failed=0
+run() { echo "== $*"; "$PY" "$@" || { echo "!! failed: $*"; failed=$((failed + 1)); }; }
 
-run() { echo "== $*"; "$PY" "$@" || echo "!! failed: $*"; }
-
-for shape in llama3_1b llama3_3b; do
+# Full fine-tuning: MFU and tokens/s, gradient checkpointing off and on.
+for shape in $FULL_SHAPES; do
     for ckpt in false true; do
-        run bench/throughput.py "${LONG[@]}" --shape "$shape" --num-gpus 1 --steps 30 \
+        run bench/throughput.py "${LONG[@]}" --shape "$shape" --num-gpus 1 --steps "$STEPS" \
             model.gradient_checkpointing=$ckpt --json "$OUT/throughput_${shape}_ckpt_${ckpt}.json"
     done
 done
-run bench/attention.py "${LONG[@]}" --shape llama3_1b --num-gpus 1 --steps 20 --json "$OUT/attention_llama3_1b.json"
-run bench/chunked_loss_memory.py --vocab 128256 --hidden 4096 --tokens 4096 --chunk-size 1024 --dtype bf16 \
-    --json "$OUT/chunked_loss_128k.json"
-run bench/memory.py +exp=tiny_cpu train.micro_batch_size=8 --num-gpus 1 --json "$OUT/memory_tiny.json"
+# LoRA on an 8B shape (random bf16 weights written to disk first: adapters need a base that exists).
+run bench/throughput.py "${LONG[@]}" --shape "$LORA_SHAPE" --save-weights peft=lora model.gradient_checkpointing=true \
+    --num-gpus 1 --steps "$STEPS" --json "$OUT/throughput_${LORA_SHAPE}_lora.json"
+# Chunked loss inside training (Liger's fused kernel when liger-kernel is installed, dtrain's chunks otherwise).
+first=${FULL_SHAPES%% *}
+run bench/throughput.py "${LONG[@]}" --shape "$first" --num-gpus 1 --steps "$STEPS" train.loss_chunk_size=1024 \
+    --json "$OUT/throughput_${first}_chunked_loss.json"
+# Attention: eager, sdpa, flash-attn when installed.
+run bench/attention.py "${LONG[@]}" --shape "$first" --num-gpus 1 --steps "$STEPS" --json "$OUT/attention_${first}.json"
+# The loss head alone at a 128k vocabulary: peak memory plain vs chunked.
+run bench/chunked_loss_memory.py --vocab "$VOCAB" --hidden "$HIDDEN" --tokens "$SEQ" --chunk-size 1024 --dtype bf16 \
+    --json "$OUT/chunked_loss_${VOCAB}.json"
+# Peak CUDA memory against the planner, full fine-tuning and LoRA.
+run bench/memory.py +exp=tiny_cpu --shape "$MEMORY_SHAPE" --num-gpus 1 --configs zero2:none,zero3:none,zero2:lora \
+    --json "$OUT/memory_${MEMORY_SHAPE}.json"
+echo "gpu_checks: $failed command(s) failed; JSON in $OUT"
+exit $((failed > 0))

@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/memory.py +exp=tiny_cpu --num-gpus 2 --json memory.json
     python bench/memory.py +exp=7b_zero3 model.init=random --num-gpus 8 --configs zero2:none,zero3:none,zero3:lora
+    python bench/memory.py +exp=tiny_cpu data.max_seq_len=4096 --shape llama3_1b --num-gpus 1   # one H100
     .venv/bin/python bench/memory.py --smoke --json /tmp/smoke.json
 
 For each ``zero:peft`` configuration a short job runs and writes ``memory.json``: the plan (per GPU: params,
@@ -16,7 +17,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from common import finish, launch, machine, make_tiny_pretrained, ratio, table
+from common import SHAPES, finish, launch, machine, make_tiny_pretrained, ratio, table, with_model
 
 DEFAULT_CONFIGS = "zero1:none,zero2:none,zero3:none,zero2:lora,zero3:lora"
 STATES = ("params", "grads", "optimizer")
@@ -42,14 +43,19 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--configs", default=DEFAULT_CONFIGS, help="comma-separated zero:peft pairs")
     parser.add_argument("--json", default=None)
-    parser.add_argument("--smoke", action="store_true", help="one zero2 job of the tiny model on 1 rank")
-    args = parser.parse_args()
+    parser.add_argument("--shape", default=None, help="random-weight model of a published shape: " + ", ".join(SHAPES))
+    parser.add_argument("--smoke", action="store_true", help="one zero2 job of the tiny model on 1 rank (overrides given are added)")
+    args = parser.parse_intermixed_args()  # Hydra overrides may come before, between or after the options
     overrides = args.overrides or ["+exp=tiny_cpu", "train.micro_batch_size=8"]
     configs = [c.split(":") for c in args.configs.split(",")]
     if args.smoke:
-        overrides, args.steps, args.num_gpus, configs = ["+exp=tiny_cpu", "train.micro_batch_size=4"], 2, 1, [["zero2", "none"]]
+        smoke = ["+exp=tiny_cpu", "train.micro_batch_size=4", *args.overrides]  # the smoke settings, then any overrides given
+        overrides, args.steps, args.num_gpus, configs = smoke, 2, 1, [["zero2", "none"]]
     root = Path(tempfile.mkdtemp(prefix="dtrain-bench-memory-"))
-    if any(peft != "none" for _, peft in configs) and not any(o.startswith("model.path=") for o in overrides):
+    adapters = any(peft != "none" for _, peft in configs)
+    if args.shape:  # adapters need a base on disk: then the shape's random weights are saved first
+        overrides = with_model(overrides, args.shape, root / "model", save_weights=adapters)
+    elif adapters and not any(o.startswith("model.path=") for o in overrides):
         # Adapters need saved base weights to be reloadable; the tiny model is saved like a hub model.
         overrides = [*overrides, f"model.path={make_tiny_pretrained(root / 'tiny')}", "model.init=pretrained"]
     rows = []

@@ -40,12 +40,12 @@ def main() -> None:
     parser.add_argument("--variants", default="padded,sorted,grouped,packed")
     parser.add_argument("--shape", default=None, help="random-weight model of a published shape: " + ", ".join(SHAPES))
     parser.add_argument("--json", default=None)
-    parser.add_argument("--smoke", action="store_true", help="2 steps of the tiny model on 1 rank, packed only")
-    args = parser.parse_args()
+    parser.add_argument("--smoke", action="store_true", help="2 steps of the tiny model on 1 rank, packed only (overrides given are added)")
+    args = parser.parse_intermixed_args()  # Hydra overrides may come before, between or after the options
     overrides = args.overrides or ["+exp=tiny_cpu"]
     variants = args.variants.split(",")
     if args.smoke:
-        overrides, args.steps, args.warmup, args.num_gpus, variants = SMOKE, 2, 1, 1, ["packed"]
+        overrides, args.steps, args.warmup, args.num_gpus, variants = SMOKE + args.overrides, 2, 1, 1, ["packed"]
     from dtrain.config import compose_job, register_configs
 
     register_configs()

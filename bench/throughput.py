@@ -5,6 +5,9 @@
     # one H100: full fine-tuning of a 1B / 3B Llama shape, 4096-token packed rows, bf16
     python bench/throughput.py +exp=tiny_cpu --shape llama3_1b --num-gpus 1 --steps 30 data.max_seq_len=4096 \
         data.packing=true train.micro_batch_size=1 precision=bf16 zero=zero2 model.gradient_checkpointing=false
+    # LoRA on an 8B shape: adapters need a base on disk, so --save-weights writes random bf16 weights first
+    python bench/throughput.py +exp=tiny_cpu --shape llama3_8b --save-weights peft=lora --num-gpus 1 --steps 20 \
+        data.max_seq_len=4096 data.packing=true train.micro_batch_size=1 precision=bf16 zero=zero2
     .venv/bin/python bench/throughput.py --smoke --json /tmp/smoke.json
 
 Weights are random unless the overrides say otherwise (``model.init=random``: speed does not depend on them).
@@ -32,13 +35,15 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="run directory (default: a temporary one)")
     parser.add_argument("--json", default=None)
     parser.add_argument("--shape", default=None, help="random-weight model of a published shape: " + ", ".join(SHAPES))
-    parser.add_argument("--smoke", action="store_true", help="3 steps of the tiny model on 1 rank")
-    args = parser.parse_args()
+    parser.add_argument("--save-weights", action="store_true",
+                        help="with --shape: write random weights to disk and load them (needed by peft=lora)")
+    parser.add_argument("--smoke", action="store_true", help="3 steps of the tiny model on 1 rank (overrides given are added)")
+    args = parser.parse_intermixed_args()  # Hydra overrides may come before, between or after the options
     overrides = args.overrides or ["+exp=tiny_cpu"]
     if args.smoke:
-        overrides, args.steps, args.warmup, args.num_gpus = SMOKE, 3, 1, 1
+        overrides, args.steps, args.warmup, args.num_gpus = SMOKE + args.overrides, 3, 1, 1
     run_dir = Path(args.out or tempfile.mkdtemp(prefix="dtrain-bench-throughput-"))
-    overrides = with_model(overrides, args.shape, run_dir.with_name(run_dir.name + "-model"))
+    overrides = with_model(overrides, args.shape, run_dir.with_name(run_dir.name + "-model"), args.save_weights)
     run = launch("throughput", [*overrides, f"train.max_steps={args.steps}"], run_dir, args.num_gpus, args.warmup)
     row = run.as_dict()
     row.update({f"{phase}_share": seconds / run.step_time_s for phase, seconds in run.phases_s.items()} if run.step_time_s else {})

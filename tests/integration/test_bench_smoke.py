@@ -4,8 +4,10 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.conftest import REPO_ROOT
 
@@ -13,11 +15,18 @@ pytestmark = pytest.mark.integration
 
 
 def run_bench(script: str, tmp_path) -> dict:
+    """Hydra overrides before and after the options, as users type them, reach the launched run."""
     out_json = tmp_path / f"{script}.json"
-    out = subprocess.run([sys.executable, f"bench/{script}.py", "--smoke", "--json", str(out_json)], cwd=REPO_ROOT,
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, f"bench/{script}.py", "train.seed=7", "--smoke", "--json", str(out_json),
+                          "train.log_every=2"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    return json.loads(out_json.read_text())
+    result = json.loads(out_json.read_text())
+    assert {"train.seed=7", "train.log_every=2"} <= set(result["overrides"])
+    for run in result.get("runs", [result.get("run")]):
+        if run and run.get("run_dir"):
+            train = yaml.safe_load((Path(run["run_dir"]) / "config.yaml").read_text())["train"]
+            assert (train["seed"], train["log_every"]) == (7, 2)
+    return result
 
 
 def check_run(run: dict, steps: int) -> None:

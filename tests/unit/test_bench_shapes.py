@@ -28,3 +28,21 @@ def test_shape_model_folder_loads_as_a_model_path(tmp_path, shape, hidden, layer
 def test_unknown_shape_is_refused(tmp_path):
     with pytest.raises(SystemExit, match="--shape llama9: use one of"):
         shape_model("llama9", tmp_path)
+
+
+def test_saved_random_weights_load_as_a_bf16_base_for_adapters(tmp_path):
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from common import save_random_weights
+
+    folder = tmp_path / "tiny"
+    shutil.copytree(REPO / "dtrain" / "assets" / "tiny", folder)
+    save_random_weights(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    weights = dict(model.named_parameters())
+    assert all(torch.isfinite(w.float()).all() for w in weights.values())
+    assert weights["model.layers.0.self_attn.q_proj.weight"].float().std() > 0  # initialised, not zeros
