@@ -84,5 +84,9 @@ def load_run_config(run_dir: Path) -> JobConfig:
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: is {run_dir} a run directory written by launch/train.py?")
-    merged = OmegaConf.merge(OmegaConf.structured(JobConfig), OmegaConf.load(path))
+    written = OmegaConf.load(path)
+    grouping = OmegaConf.select(written, "data.group_by_length")
+    if isinstance(grouping, bool):  # written before it became a choice: true grouped across steps, false did not sort
+        written.data.group_by_length = "across_steps" if grouping else "none"
+    merged = OmegaConf.merge(OmegaConf.structured(JobConfig), written)
     return OmegaConf.to_object(merged)

@@ -73,3 +73,16 @@ def test_typo_inside_an_experiment_file_fails_with_the_key_name(tmp_path):
     with pytest.raises(ConfigCompositionException) as err:
         compose_job(["+exp=typo"], conf_dir=conf)
     assert "micro_batch_sise" in str(err.value) + str(err.value.__cause__ or "")
+
+
+@pytest.mark.parametrize("written, read", [("true", "across_steps"), ("false", "none"), ("within_step", "within_step")])
+def test_run_configs_written_before_group_by_length_was_a_choice_still_load(tmp_path, written, read):
+    import yaml
+    from omegaconf import OmegaConf
+
+    from dtrain.config import load_run_config
+
+    config = yaml.safe_load(OmegaConf.to_yaml(OmegaConf.structured(compose_job(["+exp=tiny_cpu"]))))
+    config["data"]["group_by_length"] = yaml.safe_load(written)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    assert load_run_config(tmp_path).data.group_by_length.value == read
