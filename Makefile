@@ -17,6 +17,8 @@ $(STAMP): pyproject.toml Makefile
 	# DeepSpeed ships only a source package whose build imports torch: build it against the torch just installed.
 	$(PIP) install -q --no-build-isolation "$(DEEPSPEED_SPEC)"
 	$(PIP) install -q -e ".[dev,qlora,bench]"
+	# DeepSpeed compiles its CPU Adam and shared-memory ops on first use (2-3 min here): once now, not in a run.
+	$(PY) -m dtrain.ds_ops
 	touch $(STAMP)
 
 install: $(STAMP)
