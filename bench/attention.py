@@ -39,7 +39,8 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     parser.add_argument("--implementations", default=None, help="comma-separated (default: every one available)")
     parser.add_argument("--shape", default=None, help="random-weight model of a published shape: " + ", ".join(SHAPES))
-    parser.add_argument("--smoke", action="store_true", help="2 steps of the tiny model on 1 rank, sdpa only (overrides given are added)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="2 steps of the tiny model on 1 rank, sdpa only (overrides given are added)")
     args = parser.parse_intermixed_args()  # Hydra overrides may come before, between or after the options
     overrides = args.overrides or ["+exp=tiny_cpu"]
     if args.smoke:

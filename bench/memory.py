@@ -44,7 +44,8 @@ def main() -> None:
     parser.add_argument("--configs", default=DEFAULT_CONFIGS, help="comma-separated zero:peft pairs")
     parser.add_argument("--json", default=None)
     parser.add_argument("--shape", default=None, help="random-weight model of a published shape: " + ", ".join(SHAPES))
-    parser.add_argument("--smoke", action="store_true", help="one zero2 job of the tiny model on 1 rank (overrides given are added)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="one zero2 job of the tiny model on 1 rank (overrides given are added)")
     args = parser.parse_intermixed_args()  # Hydra overrides may come before, between or after the options
     overrides = args.overrides or ["+exp=tiny_cpu", "train.micro_batch_size=8"]
     configs = [c.split(":") for c in args.configs.split(",")]

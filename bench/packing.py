@@ -8,8 +8,9 @@ Jobs on identical data and settings: padded batches in shuffled order (``data.gr
 steps with each step's examples sorted by length before the split into micro-batches (``within_step``, the
 default: same gradient per step), steps grouped by length (``across_steps``: different steps), and padding-free
 packed rows (``data.packing=true``, position ids restart per example). Sorting within a step only saves time
-when a rank runs several micro-batches per step (``train.grad_accum_steps`` > 1). Packed rows hold several examples, so a step trains more tokens: the fair
-comparison is trained tokens/s and the time of one epoch (mean step time x steps per epoch).
+when a rank runs several micro-batches per step (``train.grad_accum_steps`` > 1). Packed rows hold several
+examples, so a step trains more tokens: the fair comparison is trained tokens/s and the time of one epoch (mean
+step time x steps per epoch).
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ def main() -> None:
     parser.add_argument("--variants", default="padded,sorted,grouped,packed")
     parser.add_argument("--shape", default=None, help="random-weight model of a published shape: " + ", ".join(SHAPES))
     parser.add_argument("--json", default=None)
-    parser.add_argument("--smoke", action="store_true", help="2 steps of the tiny model on 1 rank, packed only (overrides given are added)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="2 steps of the tiny model on 1 rank, packed only (overrides given are added)")
     args = parser.parse_intermixed_args()  # Hydra overrides may come before, between or after the options
     overrides = args.overrides or ["+exp=tiny_cpu"]
     variants = args.variants.split(",")

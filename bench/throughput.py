@@ -37,7 +37,8 @@ def main() -> None:
     parser.add_argument("--shape", default=None, help="random-weight model of a published shape: " + ", ".join(SHAPES))
     parser.add_argument("--save-weights", action="store_true",
                         help="with --shape: write random weights to disk and load them (needed by peft=lora)")
-    parser.add_argument("--smoke", action="store_true", help="3 steps of the tiny model on 1 rank (overrides given are added)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="3 steps of the tiny model on 1 rank (overrides given are added)")
     args = parser.parse_intermixed_args()  # Hydra overrides may come before, between or after the options
     overrides = args.overrides or ["+exp=tiny_cpu"]
     if args.smoke:

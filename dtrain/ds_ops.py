@@ -9,12 +9,9 @@ waits on one compile lock under ``~/.cache/torch_extensions``; built here, no ru
 
 from __future__ import annotations
 
-import logging
 import time
 
 OPS = ("CPUAdamBuilder", "ShareMemCommBuilder", "FusedAdamBuilder")
-
-log = logging.getLogger("dtrain.ds_ops")
 
 
 def prebuild_ops(names: tuple[str, ...] = OPS) -> dict[str, str]:

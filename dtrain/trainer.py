@@ -109,7 +109,8 @@ class Trainer:
         if job.data.packing is None:  # resolved once, from the data: every rank and every restart decide alike
             job.data.packing, efficiency = choose_packing([len(e.input_ids) for e in self.data.train],
                                                           job.train.micro_batch_size, job.train.seed)
-            log.info("data.packing=null: padded micro-batches would hold %.1f%% real tokens, so %s (set data.packing to choose)",
+            log.info("data.packing=null: padded micro-batches in shuffled order would hold %.1f%% real tokens, so %s "
+                     "(set data.packing to choose)",
                      100 * efficiency, "packing on: a micro-batch is now rows of packed examples" if job.data.packing else "padding")
 
         self.batch = BatchPlan.from_config(job.train, self.dist.world_size)

@@ -134,7 +134,8 @@ class DataConfig:
     packing: Optional[bool] = None
     """Pack several examples per row up to ``max_seq_len`` (no padding, no attention across examples; a
     micro-batch is then that many rows). null (default): pack when the data is mixed-length, i.e. padded
-    micro-batches of the training split would hold under 90% real tokens (decided and logged at start)."""
+    micro-batches of the training split, in shuffled order, would hold under 90% real tokens (decided and logged
+    at start)."""
     group_by_length: LengthGrouping = LengthGrouping.within_step
     """within_step (default): each optimizer step draws the same shuffled examples as with ``none``, sorted by length
     before they are split into micro-batches and ranks. The loss is normalised over the whole global batch, so the
