@@ -19,6 +19,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from dtrain.metrics import PHASES, read_metrics
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Every run: no generation check, no periodic eval, no export check: only the training steps are measured.
 QUIET = ["generate.num_prompts=0", "generate.before_training=false", "train.eval_every=0", "export.verify=none"]
@@ -75,23 +77,21 @@ def launch(name: str, overrides: list[str], run_dir: Path, num_gpus: int, warmup
 def read_run(name: str, run_dir: Path, warmup: int = 1) -> RunFigures:
     """The figures of a finished (or failed) run directory; steps before ``warmup`` are left out of the means."""
     figures = RunFigures(name=name, exit_code=0, run_dir=str(run_dir))
-    metrics = run_dir / "metrics.jsonl"
-    steps = [r for r in map(json.loads, metrics.read_text().splitlines()) if "loss" in r] if metrics.is_file() else []
+    steps = read_metrics(run_dir).steps
     if not steps:
         return figures
     timed = steps[warmup:] or steps
     figures.steps = len(steps)
-    figures.step_time_s = statistics.fmean(r["step_time_s"] for r in timed)
-    seconds = sum(r["step_time_s"] for r in timed)
-    figures.trained_tokens_per_s = sum(r["tokens"] for r in timed) / seconds
-    figures.input_tokens_per_s = sum(r["input_tokens"] for r in timed) / seconds
-    figures.padding_efficiency = sum(r["input_tokens"] for r in timed) / sum(r["input_tokens"] / r["padding_efficiency"] for r in timed)
-    figures.tflops_per_gpu = statistics.fmean(r["tflops_per_gpu"] for r in timed)
-    mfus = [r["mfu"] for r in timed if r.get("mfu") is not None]
+    figures.step_time_s = statistics.fmean(r.step_time_s for r in timed)
+    seconds = sum(r.step_time_s for r in timed)
+    figures.trained_tokens_per_s = sum(r.tokens for r in timed) / seconds
+    figures.input_tokens_per_s = sum(r.input_tokens for r in timed) / seconds
+    figures.padding_efficiency = sum(r.input_tokens for r in timed) / sum(r.input_tokens / r.padding_efficiency for r in timed)
+    figures.tflops_per_gpu = statistics.fmean(r.tflops_per_gpu for r in timed)
+    mfus = [r.mfu for r in timed if r.mfu is not None]
     figures.mfu = statistics.fmean(mfus) if mfus else None
-    figures.final_loss = steps[-1]["loss"]
-    figures.phases_s = {phase: statistics.fmean(r.get(f"time_{phase}_s", 0.0) for r in timed)
-                        for phase in ("data", "forward", "backward", "optimizer")}
+    figures.final_loss = steps[-1].loss
+    figures.phases_s = {phase: statistics.fmean(r.phase_seconds(phase) or 0.0 for r in timed) for phase in PHASES}
     log = run_dir / "train.log"
     match = re.search(r"(\d+) steps/epoch", log.read_text()) if log.is_file() else None
     if match:

@@ -116,7 +116,7 @@ def training_template(tokenizer, conversations: list[list[dict]], override: str 
 def dtrain_order(num_examples: int, micro: int, accum: int, world: int, seed: int, steps: int) -> list[int]:
     """Example indices in the order dtrain's sampler trains them, ``steps`` global batches long."""
     from dtrain.data import StepSampler
-    from dtrain.ds_config import BatchPlan
+    from dtrain.config.batch import BatchPlan
 
     sampler = StepSampler(num_examples, BatchPlan(micro, accum, world), rank=0, seed=seed)
     used = sampler.steps_per_epoch * sampler.batch.global_batch_size

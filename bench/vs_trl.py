@@ -40,6 +40,7 @@ from pathlib import Path
 from common import REPO_ROOT, machine, make_tiny_pretrained
 
 from dtrain.dist import free_port
+from dtrain.metrics import read_metrics
 
 BUNDLED_DATA = REPO_ROOT / "dtrain" / "assets" / "data" / "train.jsonl"
 SMOKE = dict(steps=3, micro_batch=4, grad_accum=2, warmup=1, examples=400)
@@ -104,20 +105,17 @@ def deepspeed_cmd(ranks: int, script: str) -> list[str]:
 
 def dtrain_steps(run_dir: Path) -> list[dict]:
     """Per step: loss, trained/input tokens, in-step time, and the step-end to step-end wall time from train.log."""
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    steps = [r for r in records if "step_time_s" in r]
     ends = {}
     for line in (run_dir / "train.log").read_text().splitlines():
         m = STEP_LINE.match(line)
         if m:
             ends[int(m.group(2))] = datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
     rows = []
-    for r in steps:
-        step = r["step"]
-        interval = ends[step] - ends[step - 1] if step in ends and step - 1 in ends else None
-        rows.append({"step": step, "loss": r["loss"], "grad_norm": r.get("grad_norm"), "trained_tokens": r["tokens"],
-                     "input_tokens": r["input_tokens"], "in_step_time_s": r["step_time_s"],
-                     "step_time_s": interval if interval is not None else r["step_time_s"]})
+    for r in read_metrics(run_dir).steps:
+        interval = ends[r.step] - ends[r.step - 1] if r.step in ends and r.step - 1 in ends else None
+        rows.append({"step": r.step, "loss": r.loss, "grad_norm": r.grad_norm, "trained_tokens": r.tokens,
+                     "input_tokens": r.input_tokens, "in_step_time_s": r.step_time_s,
+                     "step_time_s": interval if interval is not None else r.step_time_s})
     return rows
 
 

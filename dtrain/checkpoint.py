@@ -34,7 +34,7 @@ import torch
 
 from dtrain.config.schema import CheckpointConfig, JobConfig
 from dtrain.dist import DistInfo, barrier, broadcast_object
-from dtrain.ds_config import ConfigError
+from dtrain.errors import ConfigError
 from dtrain import faults
 
 log = logging.getLogger("dtrain")

@@ -9,43 +9,18 @@ from __future__ import annotations
 
 import copy
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 from dtrain.config.registry import REPO_ROOT
-from dtrain.config.schema import JobConfig, OptimName, Precision, TrainConfig
+from dtrain.config.batch import BatchPlan
+from dtrain.config.schema import JobConfig, OptimName, Precision
+from dtrain.errors import ConfigError
 
 DS_TEMPLATES_DIR = REPO_ROOT / "ds_configs"
 
 
 BUCKET_KEYS = ("reduce_bucket_size", "allgather_bucket_size", "stage3_prefetch_bucket_size")
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot run, with the fix in the message."""
-
-
-@dataclass(frozen=True)
-class BatchPlan:
-    """Examples per optimizer step: ``micro_batch_size x grad_accum_steps x world_size``."""
-
-    micro_batch_size: int
-    grad_accum_steps: int
-    world_size: int
-
-    @classmethod
-    def from_config(cls, train: TrainConfig, world_size: int) -> "BatchPlan":
-        if train.micro_batch_size < 1 or train.grad_accum_steps < 1 or world_size < 1:
-            raise ConfigError(
-                f"train.micro_batch_size ({train.micro_batch_size}), train.grad_accum_steps "
-                f"({train.grad_accum_steps}) and the world size ({world_size}) must all be >= 1"
-            )
-        return cls(train.micro_batch_size, train.grad_accum_steps, world_size)
-
-    @property
-    def global_batch_size(self) -> int:
-        return self.micro_batch_size * self.grad_accum_steps * self.world_size
 
 
 def load_template(name: str) -> dict[str, Any]:
@@ -74,14 +49,13 @@ def build_ds_config(
         hidden_size: The model's hidden size; sizes ZeRO-3's buckets the way HF's ``"auto"`` would.
         num_parameters: The model's parameter count; no communication bucket is made larger than the model
             (DeepSpeed allocates full buckets up front, which costs a small model seconds and memory for nothing).
-        cuda_available: Whether a CUDA device is present; fp16 is refused without one.
+        cuda_available: Whether a CUDA device is present (the job was checked by ``dtrain.config.checks``).
 
     Returns:
         A JSON-serialisable dict for ``deepspeed.initialize(config=...)``.
 
     Raises:
-        ConfigError: For combinations that cannot run (fp16 on CPU, parameter offload below ZeRO-3,
-            a template whose stage disagrees with ``zero.stage``).
+        ConfigError: A template that is missing or whose stage disagrees with ``zero.stage``.
     """
     zero, train, precision = job.zero, job.train, job.precision
     ds = copy.deepcopy(load_template(zero.template))
@@ -118,12 +92,8 @@ def build_ds_config(
         ds["optimizer"]["params"]["torch_adam"] = True
 
     if zero.offload_optimizer:
-        if zero.stage < 1:
-            raise ConfigError("zero.offload_optimizer=true needs ZeRO stage >= 1")
         zero_opt["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     if zero.offload_params:
-        if zero.stage != 3:
-            raise ConfigError("zero.offload_params=true needs ZeRO-3 (zero=zero3_offload); stages 1-2 keep full parameters on every GPU")
         zero_opt["offload_param"] = {"device": "cpu", "pin_memory": True}
     if zero.stage == 3 and hidden_size:
         zero_opt.setdefault("reduce_bucket_size", hidden_size * hidden_size)
@@ -136,11 +106,6 @@ def build_ds_config(
                 zero_opt[key] = min(int(zero_opt[key]), num_parameters)
 
     if precision.name == Precision.fp16:
-        if not cuda_available:
-            raise ConfigError(
-                "precision=fp16 needs a CUDA GPU (DeepSpeed's fp16 loss scaling does not exist on CPU); "
-                "use precision=bf16 (same memory, no loss scaling) or precision=fp32"
-            )
         ds["fp16"] = {
             "enabled": True,
             "loss_scale": 0,  # 0 = dynamic loss scaling

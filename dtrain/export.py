@@ -18,6 +18,7 @@ from typing import Callable, Iterator, Optional
 import torch
 
 from dtrain.dist import DistInfo, barrier
+from dtrain.errors import ConfigError, ExportError
 
 log = logging.getLogger("dtrain")
 
@@ -28,15 +29,11 @@ LOGITS_CHECK_MAX_PARAMS = 3_000_000_000
 """``export.verify=auto`` reloads the model on CPU for the logits check only up to this size."""
 
 
-class ExportError(RuntimeError):
-    """The exported folder does not hold what the engine trained."""
-
-
 def parse_size(text: str) -> int:
     """``"5GB"`` / ``"500MB"`` / ``"1024"`` -> bytes (decimal units, as ``transformers`` uses)."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?B)?\s*", text.upper())
     if not m:
-        raise ValueError(f"export.max_shard_size={text!r}: expected a size such as 5GB or 500MB")
+        raise ConfigError(f"export.max_shard_size={text!r}: expected a size such as 5GB or 500MB")
     unit = {None: 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}[m.group(2)]
     return int(float(m.group(1)) * unit)
 
@@ -241,8 +238,10 @@ def merge_lora_run(run_dir: Path, out_dir: Path, max_shard_bytes: int) -> float:
 
     job = load_run_config(run_dir)
     if not job.peft.uses_adapters:
-        raise ExportError(f"{run_dir} is a full fine-tuning run: {run_dir / 'final'} is already a complete model")
+        raise ConfigError(f"{run_dir} is a full fine-tuning run: {run_dir / 'final'} is already a complete model")
     final, dtype = Path(run_dir) / "final", TORCH_DTYPES[job.precision.name]
+    if not (Path(run_dir) / "probe.safetensors").is_file():
+        raise ConfigError(f"{run_dir} has no probe.safetensors: the run did not finish its export, so there is nothing to merge")
     probe = load_file(str(Path(run_dir) / "probe.safetensors"))
     quant = quantization_config(job.peft, dtype) if job.peft.method == PeftMethod.qlora else None
     peft_model = load_exported(final, job.model.path, is_peft=True, dtype=dtype, quantization=quant).eval()

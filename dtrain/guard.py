@@ -1,16 +1,20 @@
-"""Step health: non-finite steps (skipped by the optimizer on every rank) and loss spikes."""
+"""Step health: non-finite steps (skipped by the optimizer on every rank), loss spikes, and the failures of a
+step that need their own message (out of memory, a dead peer)."""
 
 from __future__ import annotations
 
 import math
 import statistics
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+import torch
+
+from dtrain import faults
+from dtrain.errors import TrainingError
 
 SPIKE_WINDOW = 50
 SPIKE_MIN_HISTORY = 10
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on safely (too many bad steps, or an update applied from a non-finite gradient)."""
 
 
 class StepGuard:
@@ -54,3 +58,33 @@ class StepGuard:
         spike = (len(self.recent) >= SPIKE_MIN_HISTORY and loss > self.spike_factor * statistics.median(self.recent))
         self.recent = (self.recent + [loss])[-SPIKE_WINDOW:]
         return "spike" if spike else "ok"
+
+
+@contextmanager
+def step_failures(step: int, rank: int, oom_report: Callable[[], str]) -> Iterator[float]:
+    """Run optimizer step ``step`` (1-based), turning an out-of-memory error and a failed collective into a
+    :class:`TrainingError` that says what happened (``oom_report`` is called on the failing rank only: no collective,
+    the other ranks may be stuck in one).
+
+    Yields:
+        The factor for this rank's loss: 1, or Inf where the recovery tests inject a non-finite loss
+        (``dtrain/faults.py``: every injected failure enters the step here).
+    """
+    faults.at_step_start(step, rank)
+    try:
+        yield faults.loss_multiplier(step, rank)
+    except torch.OutOfMemoryError as e:
+        raise TrainingError(oom_report()) from e
+    except RuntimeError as e:
+        if not is_collective_failure(e):
+            raise
+        raise TrainingError(
+            f"rank {rank}: a collective failed in step {step} because another rank died or lost its connection "
+            f"(its own error is above): {str(e).splitlines()[0][:300]}"
+        ) from e
+
+
+def is_collective_failure(error: RuntimeError) -> bool:
+    """A communication backend's error (a peer died or timed out), as opposed to a bug in the step."""
+    text = str(error)
+    return any(marker in text for marker in ("gloo", "NCCL", "Connection closed", "Connection reset", "Timed out"))

@@ -9,7 +9,7 @@ from typing import Any, Optional
 import torch
 
 from dtrain.config.schema import JobConfig, ModelConfig, ModelInit, PeftConfig, PeftMethod, Precision
-from dtrain.ds_config import ConfigError
+from dtrain.config.checks import check_remote_code
 
 log = logging.getLogger("dtrain")
 
@@ -17,10 +17,7 @@ TORCH_DTYPES = {Precision.bf16: torch.bfloat16, Precision.fp16: torch.float16, P
 
 
 def _remote_code_kwargs(cfg: ModelConfig) -> dict[str, Any]:
-    if cfg.trust_remote_code and not cfg.revision:
-        raise ConfigError(
-            "model.trust_remote_code=true runs the model repo's Python on every rank; pin it with model.revision=<commit sha>"
-        )
+    check_remote_code(cfg)
     kwargs: dict[str, Any] = {"trust_remote_code": cfg.trust_remote_code}
     if cfg.revision:
         kwargs["revision"] = cfg.revision
@@ -115,33 +112,6 @@ def load_exported(folder, base_path: Optional[str], is_peft: bool, dtype: torch.
     finally:
         if job_ds_config is not None:
             hf_deepspeed.set_hf_deepspeed_config(job_ds_config)
-
-
-def _require_bitsandbytes(what: str) -> None:
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise ConfigError(f"{what} needs bitsandbytes: pip install 'dtrain[qlora]' (or pip install bitsandbytes)")
-
-
-def check_qlora(job: JobConfig) -> None:
-    """Refuse, before any model is loaded, QLoRA set-ups that cannot work."""
-    _require_bitsandbytes("peft=qlora")
-    if job.zero.offload_params:
-        raise ConfigError(
-            "peft=qlora with zero.offload_params=true: DeepSpeed cannot offload bitsandbytes' 4-bit weights (their "
-            "quantisation state stays on the module); use zero=zero3 (the 4-bit base is partitioned) or zero2_offload"
-        )
-    if job.peft.quant_type not in ("nf4", "fp4"):
-        raise ConfigError(f"peft.quant_type={job.peft.quant_type}: bitsandbytes 4-bit types are nf4 and fp4")
-
-
-def check_adamw_8bit(job: JobConfig) -> None:
-    """8-bit AdamW is a client optimizer: bitsandbytes must import and DeepSpeed must not replace it."""
-    _require_bitsandbytes("optim=adamw_8bit")
-    if job.zero.offload_optimizer:
-        raise ConfigError(
-            "optim=adamw_8bit with an offloaded optimizer: DeepSpeed runs its own CPU Adam on offloaded states, so the "
-            "8-bit optimizer would not be used; pick zero=zero1/zero2/zero3 (no _offload) or optim=adamw"
-        )
 
 
 def quantization_config(cfg: PeftConfig, dtype: torch.dtype):

@@ -6,7 +6,7 @@ from dataclasses import replace
 from typing import Optional
 
 from dtrain.config.schema import JobConfig
-from dtrain.memory import GiB, ModelShape, plan_for_job, setup_from_job
+from dtrain.memory.plan import GiB, ModelShape, plan_for_job, setup_from_job
 
 
 def oom_suggestions(job: JobConfig, shape: ModelShape, world_size: int, gpus_per_node: int,

@@ -14,14 +14,7 @@ import torch
 
 from dtrain.dist import all_reduce_sum
 
-EXIT_PREEMPTED = 75
-"""Exit code of a run that saved a checkpoint and stopped on a signal (EX_TEMPFAIL): requeue it."""
-
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-
-class Preempted(Exception):
-    """Raised after the preemption checkpoint is complete; the entry point exits with ``EXIT_PREEMPTED``."""
 
 
 class PreemptionFlag:

@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 import textwrap
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Optional
+
+from dtrain.metrics import PHASES, StepRecord, read_metrics
 
 MiB = 2**20
 
@@ -24,9 +26,18 @@ def _read_json(path: Path) -> Optional[dict]:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
-    points = [(r["step"], r[key]) for r in records if r.get(key) is not None and "step" in r]
+def _series(records: list, value: Callable[[Any], Optional[float]]) -> tuple[list[int], list[float]]:
+    points = [(r.step, value(r)) for r in records if value(r) is not None]
     return [p[0] for p in points], [p[1] for p in points]
+
+
+PANELS: list[tuple[str, Callable[[StepRecord], Optional[float]], str]] = [
+    ("loss", lambda r: r.loss, "train loss (token mean) and eval loss"),
+    ("lr", lambda r: r.lr, "learning rate"),
+    ("grad_norm", lambda r: r.grad_norm, "gradient norm (before clipping)"),
+    ("tokens_per_s", lambda r: r.tokens_per_s, "trained tokens / s (all ranks)"),
+    ("mfu", lambda r: r.mfu, "MFU"),
+]
 
 
 def render_report(run_dirs: list[Path], out: Path) -> Path:
@@ -36,34 +47,27 @@ def render_report(run_dirs: list[Path], out: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = [(Path(d), _read_jsonl(Path(d) / "metrics.jsonl")) for d in run_dirs]
+    runs = [(Path(d), read_metrics(Path(d))) for d in run_dirs]
     fig, axes = plt.subplots(3, 3, figsize=(18, 13))
-    panels = [
-        (axes[0, 0], "loss", "train loss (token mean) and eval loss"),
-        (axes[0, 1], "lr", "learning rate"),
-        (axes[0, 2], "grad_norm", "gradient norm (before clipping)"),
-        (axes[1, 0], "tokens_per_s", "trained tokens / s (all ranks)"),
-        (axes[1, 1], "mfu", "MFU"),
-    ]
-    for ax, key, title in panels:
-        for run_dir, records in runs:
-            steps, values = _series(records, key)
+    for ax, (name, value, title) in zip([axes[0, 0], axes[0, 1], axes[0, 2], axes[1, 0], axes[1, 1]], PANELS):
+        for run_dir, metrics in runs:
+            steps, values = _series(metrics.steps, value)
             if values:
-                ax.plot(steps, values, label=f"{run_dir.name}" + (" train" if key == "loss" else ""))
-            if key == "loss":
-                steps, values = _series(records, "eval_loss")
+                ax.plot(steps, values, label=f"{run_dir.name}" + (" train" if name == "loss" else ""))
+            if name == "loss":
+                steps, values = _series(metrics.evals, lambda r: r.eval_loss)
                 if values:
                     ax.plot(steps, values, "o--", label=f"{run_dir.name} eval")
-        if key == "mfu" and not ax.lines:
-            key, title = "tflops_per_gpu", "TFLOP/s per device (MFU needs a known GPU peak)"
-            for run_dir, records in runs:
-                steps, values = _series(records, key)
+        if name == "mfu" and not ax.lines:
+            title = "TFLOP/s per device (MFU needs a known GPU peak)"
+            for run_dir, metrics in runs:
+                steps, values = _series(metrics.steps, lambda r: r.tflops_per_gpu)
                 ax.plot(steps, values, label=run_dir.name)
         ax.set_title(title)
         ax.set_xlabel("optimizer step")
         if ax.lines:
             ax.legend(fontsize=8)
-    _time_panel(axes[1, 2], runs[0][1])
+    _time_panel(axes[1, 2], runs[0][1].steps)
     _memory_panel(axes[2, 0], _read_json(runs[0][0] / "memory.json"))
     _text_panel(axes[2, 1], "summary", _summary_text(runs[0][0]))
     _text_panel(axes[2, 2], "generation samples (after training)", _samples_text(runs[0][0]))
@@ -75,12 +79,11 @@ def render_report(run_dirs: list[Path], out: Path) -> Path:
     return out
 
 
-def _time_panel(ax, records: list[dict]) -> None:
-    phases = ("data", "forward", "backward", "optimizer")
-    steps = [r for r in records if r.get("time_forward_s") is not None]
+def _time_panel(ax, records: list[StepRecord]) -> None:
+    steps = [r for r in records if r.time_forward_s is not None]
     if steps:
-        means = [sum(r[f"time_{p}_s"] for r in steps) / len(steps) for p in phases]
-        ax.bar(phases, [1000 * m for m in means], color=["#999", "#4c72b0", "#dd8452", "#55a868"])
+        means = [sum(r.phase_seconds(p) or 0.0 for r in steps) / len(steps) for p in PHASES]
+        ax.bar(PHASES, [1000 * m for m in means], color=["#999", "#4c72b0", "#dd8452", "#55a868"])
         ax.set_ylabel("ms per step (mean)")
     ax.set_title("where a step's time goes")
 

@@ -22,6 +22,7 @@ from typing import Any, Optional
 
 from dtrain.config.schema import JobConfig, SweepConfig, SweepDirection
 from dtrain.dist import free_port
+from dtrain.metrics import StepRecord, read_metrics
 
 RESULT_FILE = "sweep_result.json"
 LAUNCHER_LOG = "launcher.log"
@@ -134,18 +135,16 @@ def job_result(run_dir: Path, overrides: list[str], exit_code: Optional[int], wa
     if exit_code == 0 and summary_path.is_file():
         summary = json.loads(summary_path.read_text())
         row.update(eval_loss=summary.get("eval_loss"), accuracy_after=summary.get("accuracy_after"), steps=summary.get("steps"))
-        row["tokens_per_s"] = _mean_step_value(run_dir / "metrics.jsonl", "tokens_per_s")
+        row["tokens_per_s"] = mean_tokens_per_s(read_metrics(run_dir).steps)
     else:
         row["status"] = "timeout" if exit_code is None else f"failed (exit {exit_code})"
         row["error"] = _last_error(run_dir / LAUNCHER_LOG)
     return row
 
 
-def _mean_step_value(path: Path, key: str) -> Optional[float]:
-    """Mean of ``key`` over the step records, leaving out the first (start-up, compilation) when there are more."""
-    if not path.is_file():
-        return None
-    values = [r[key] for r in map(json.loads, path.read_text().splitlines()) if r.get(key) is not None]
+def mean_tokens_per_s(steps: list[StepRecord]) -> Optional[float]:
+    """Mean trained tokens/s over the steps, leaving out the first (start-up, compilation) when there are more."""
+    values = [r.tokens_per_s for r in steps if r.tokens_per_s is not None]
     values = values[1:] if len(values) > 1 else values
     return sum(values) / len(values) if values else None
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from dtrain.memory import ModelShape
+from dtrain.memory.plan import ModelShape
 
 PEAK_BF16_TFLOPS = {"A100": 312.0, "H100": 989.0, "H200": 989.0, "L40S": 362.0, "A10G": 125.0}
 """Dense bf16/fp16 tensor-core peaks (TFLOP/s) by GPU name; fp32 runs use TF32 at half of these."""

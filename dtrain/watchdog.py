@@ -12,8 +12,7 @@ import sys
 import threading
 import time
 
-EXIT_HUNG = 86
-"""Exit code when a rank made no progress for ``train.step_timeout_minutes``."""
+from dtrain.errors import EXIT_HUNG
 
 
 class StepWatchdog:

@@ -9,7 +9,6 @@ One process on CPU; the merged folder is re-read and its logits compared with ba
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 
 import hydra
@@ -17,22 +16,20 @@ from omegaconf import DictConfig, OmegaConf
 
 from dtrain.config import register_configs
 from dtrain.config.schema import ExportJobConfig
-from dtrain.export import ExportError, merge_lora_run, parse_size
+from dtrain.errors import ConfigError, exit_on_error
+from dtrain.export import merge_lora_run, parse_size
 
 
 @hydra.main(config_path="../conf", config_name="export", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     job: ExportJobConfig = OmegaConf.to_object(cfg)
     logging.basicConfig(level=logging.INFO, format="[dtrain] %(message)s")
-    if not job.merge:
-        sys.exit("dtrain: nothing to do: <run_dir>/final is already the exported model; pass merge=true to merge a LoRA adapter")
     run_dir = Path(job.run_dir).resolve()
     out_dir = Path(job.out_dir).resolve() if job.out_dir else run_dir / "merged"
-    try:
+    with exit_on_error():
+        if not job.merge:
+            raise ConfigError("nothing to do: <run_dir>/final is already the exported model; pass merge=true to merge a LoRA adapter")
         merge_lora_run(run_dir, out_dir, parse_size(job.max_shard_size))
-    except (ExportError, FileNotFoundError, ValueError) as e:
-        print(f"dtrain: error: {e}", file=sys.stderr)
-        sys.exit(2)
     print(f"merged model: {out_dir}")
 
 

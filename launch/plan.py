@@ -10,14 +10,14 @@ Loads no weights: the parameter count comes from the model's config.json built o
 from __future__ import annotations
 
 import json
-import sys
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from dtrain.config import register_configs, to_job_config
 from dtrain.config.schema import PlanFormat
-from dtrain.memory import GiB, ModelShape, format_plans, gpu_capacity_bytes, plan_job
+from dtrain.errors import exit_on_error
+from dtrain.memory.plan import GiB, ModelShape, format_plans, gpu_capacity_bytes, plan_job
 from dtrain.model import count_parameters_from_config
 
 
@@ -28,10 +28,8 @@ def main(cfg: DictConfig) -> None:
     if OmegaConf.is_missing(cfg.data, "path"):  # planning reads no data
         cfg.data.path = "(not needed to plan)"
     job = to_job_config(cfg)
-    try:
+    with exit_on_error():
         capacity = gpu_capacity_bytes(job.plan.gpu, job.plan.gpu_memory_gb)
-    except ValueError as e:
-        sys.exit(f"dtrain: error: {e}")
     config = AutoConfig.from_pretrained(job.model.config_path or job.model.path, trust_remote_code=job.model.trust_remote_code, revision=job.model.revision)
     shape = ModelShape.from_hf_config(config, count_parameters_from_config(config))
     world = job.plan.gpus * job.plan.nodes

@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import hydra
@@ -14,18 +13,20 @@ from omegaconf import DictConfig, OmegaConf
 
 from dtrain.config import register_configs
 from dtrain.config.schema import ReportJobConfig
+from dtrain.errors import ConfigError, exit_on_error
 from dtrain.report import render_report
 
 
 @hydra.main(config_path="../conf", config_name="report", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     job: ReportJobConfig = OmegaConf.to_object(cfg)
-    if not job.run_dir:
-        sys.exit("dtrain: error: pass run_dir=<a run directory written by launch/train.py>")
-    run_dirs = [Path(job.run_dir), *map(Path, job.compare)]
-    missing = [d for d in run_dirs if not (d / "metrics.jsonl").is_file()]
-    if missing:
-        sys.exit(f"dtrain: error: no metrics.jsonl in {', '.join(map(str, missing))}: not a run directory")
+    with exit_on_error():
+        if not job.run_dir:
+            raise ConfigError("pass run_dir=<a run directory written by launch/train.py>")
+        run_dirs = [Path(job.run_dir), *map(Path, job.compare)]
+        missing = [d for d in run_dirs if not (d / "metrics.jsonl").is_file()]
+        if missing:
+            raise ConfigError(f"no metrics.jsonl in {', '.join(map(str, missing))}: not a run directory")
     default = run_dirs[0] / ("report_compare.png" if job.compare else "report.png")
     print(f"report: {render_report(run_dirs, Path(job.out) if job.out else default)}")
 

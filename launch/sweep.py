@@ -21,6 +21,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from dtrain.config import register_configs, to_job_config
+from dtrain.errors import ConfigError, exit_on_error
 from dtrain.sweep import SWEPT_KEYS_ENV, objective_value, run_job, swept_keys_of
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -30,7 +31,11 @@ DEFAULT_SWEEP_DIR = "hydra.sweep.dir=outputs/sweeps/${run_name}-${now:%Y-%m-%d_%
 
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float:
-    job = to_job_config(cfg)
+    with exit_on_error():
+        return _run_one(to_job_config(cfg))
+
+
+def _run_one(job) -> float:
     hydra_cfg = HydraConfig.get()
     swept = [key for key in os.environ.get(SWEPT_KEYS_ENV, "").split(":") if key]
     run_dir = Path(hydra_cfg.runtime.output_dir)
@@ -55,7 +60,8 @@ def driver_overrides(args: list[str]) -> list[str]:
 if __name__ == "__main__":
     args = sys.argv[1:]
     if not any(a in MULTIRUN_FLAGS for a in args):
-        sys.exit("launch/sweep.py runs sweeps: add -m (python launch/sweep.py -m +exp=tiny_cpu train.lr=1e-4,3e-4); "
+        with exit_on_error():
+            raise ConfigError("launch/sweep.py runs sweeps: add -m (python launch/sweep.py -m +exp=tiny_cpu train.lr=1e-4,3e-4); "
                  "one job is: deepspeed --num_gpus 2 launch/train.py +exp=...")
     sys.argv = [sys.argv[0], *args, *driver_overrides(args)]
     register_configs()

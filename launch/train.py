@@ -12,11 +12,10 @@ from __future__ import annotations
 import sys
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from dtrain.config import register_configs, to_job_config
-from dtrain.data import DataError
-from dtrain.ds_config import ConfigError
+from dtrain.errors import ConfigError, Preempted, exit_on_error
 
 MULTIRUN_FLAGS = ("-m", "--multirun")
 
@@ -36,27 +35,18 @@ def strip_launcher_args(argv: list[str]) -> list[str]:
 
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from dtrain.export import ExportError
-    from dtrain.guard import TrainingError
-    from dtrain.preemption import EXIT_PREEMPTED, Preempted
     from dtrain.trainer import Trainer
 
     job = to_job_config(cfg)
-    try:
-        trainer = Trainer(job, OmegaConf.to_yaml(cfg, resolve=True))
+    # dtrain's errors become one line and their exit code (dtrain/errors.py), not a traceback from every rank.
+    with exit_on_error():
+        trainer = Trainer(job)
         try:
             summary = trainer.train()
-        except Preempted as e:  # checkpoint complete on every rank: the scheduler may requeue the job
-            print(f"dtrain: {e}; exit code {EXIT_PREEMPTED} (requeue)", file=sys.stderr)
+        except Preempted:  # checkpoint complete on every rank: the scheduler may requeue the job
             trainer.close()
-            sys.exit(EXIT_PREEMPTED)
+            raise
         trainer.close()
-    except (ConfigError, DataError) as e:  # bad input: a clear message, not a traceback from every rank
-        print(f"dtrain: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except (TrainingError, ExportError) as e:  # the run could not go on safely, or its output is wrong
-        print(f"dtrain: error: {e}", file=sys.stderr)
-        sys.exit(3)
     if trainer.dist.is_main:
         print(f"\ntrained model: {summary['final_dir']}")
         if summary.get("report"):
@@ -66,7 +56,8 @@ def main(cfg: DictConfig) -> None:
 if __name__ == "__main__":
     args = strip_launcher_args(sys.argv[1:])
     if any(a in MULTIRUN_FLAGS for a in args):
-        sys.exit("launch/train.py runs one job per launch; sweep with: python launch/sweep.py -m +exp=... key=a,b")
+        with exit_on_error():
+            raise ConfigError("launch/train.py runs one job per launch; sweep with: python launch/sweep.py -m +exp=... key=a,b")
     sys.argv = [sys.argv[0], *args]
     register_configs()
     main()

@@ -4,7 +4,7 @@
 """
 
 from dtrain.config import asset_path, compose_job
-from dtrain.memory import GiB, ModelShape, PlanSetup, plan_memory
+from dtrain.memory.plan import GiB, ModelShape, PlanSetup, plan_memory
 from dtrain.model import count_parameters_from_config
 
 MODELS = ["llama2_7b", "llama3_8b", "llama2_13b", "llama2_70b"]

@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError
 
 from dtrain.config.schema import ExportJobConfig, JobConfig, ReportJobConfig
+from dtrain.errors import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONF_DIR = REPO_ROOT / "conf"
@@ -83,7 +84,7 @@ def load_run_config(run_dir: Path) -> JobConfig:
     """The typed config of a finished run, from the ``config.yaml`` it wrote (checked against the schema)."""
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: is {run_dir} a run directory written by launch/train.py?")
+        raise ConfigError(f"{path} not found: is {run_dir} a run directory written by launch/train.py?")
     written = OmegaConf.load(path)
     grouping = OmegaConf.select(written, "data.group_by_length")
     if isinstance(grouping, bool):  # written before it became a choice: true grouped across steps, false did not sort

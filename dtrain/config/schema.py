@@ -282,7 +282,8 @@ class GenerateConfig:
 
 @dataclass
 class WandbConfig:
-    mode: WandbMode = WandbMode.disabled
+    mode: Optional[WandbMode] = None
+    """online, offline or disabled; null (default): W&B's own ``WANDB_MODE`` decides, and without it W&B is off."""
     project: str = "dtrain"
     entity: Optional[str] = None
     group: Optional[str] = None
@@ -360,6 +361,8 @@ class JobConfig:
     export: ExportConfig = field(default_factory=ExportConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    tensorboard: bool = False
+    """Also write every metric as TensorBoard events under ``<output_dir>/tensorboard`` (``pip install 'dtrain[tensorboard]'``)."""
     preview: PreviewConfig = field(default_factory=PreviewConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)

@@ -7,7 +7,7 @@ import random
 from dtrain.config.schema import TrainOn
 from dtrain.data.chat import IGNORE_INDEX, ChatRenderer, TokenizedExample
 from dtrain.data.preview import highlight
-from dtrain.data.sources import DataError
+from dtrain.errors import DataError
 
 
 def _trained_spans(example: TokenizedExample) -> list[tuple[int, int]]:

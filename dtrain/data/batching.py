@@ -9,7 +9,7 @@ import torch
 
 from dtrain.config.schema import LengthGrouping
 from dtrain.data.chat import IGNORE_INDEX, TokenizedExample
-from dtrain.ds_config import BatchPlan
+from dtrain.config.batch import BatchPlan
 
 
 LENGTH_GROUP_BATCHES = 64

@@ -25,7 +25,8 @@ from dtrain import __version__
 from dtrain.config.schema import DataConfig
 from dtrain.data.chat import ChatRenderer, TokenizedExample
 from dtrain.data.dataset import GenerationPrompt, PreparedData, prepare_data
-from dtrain.data.sources import DATA_SUFFIXES, DataError
+from dtrain.data.sources import DATA_SUFFIXES
+from dtrain.errors import DataError
 
 log = logging.getLogger("dtrain")
 

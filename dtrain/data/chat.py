@@ -14,7 +14,7 @@ from typing import Optional
 
 from dtrain.config.schema import TrainOn
 from dtrain.data.formats import Message
-from dtrain.data.sources import DataError
+from dtrain.errors import DataError
 
 IGNORE_INDEX = -100
 

@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from dtrain.config.schema import DataConfig, OnInvalid, Truncation
 from dtrain.data.chat import ChatRenderer, TokenizedExample
 from dtrain.data.formats import Message, to_messages
-from dtrain.data.sources import DataError, InvalidRecord, RawRecord, load_records
+from dtrain.data.sources import InvalidRecord, RawRecord, load_records
+from dtrain.errors import DataError
 
 log = logging.getLogger("dtrain")
 

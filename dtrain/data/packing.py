@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import bisect
 import random
+from typing import Iterable
 
 import torch
 
@@ -79,16 +80,20 @@ def collate_packed(rows: list[list[TokenizedExample]], pad_token_id: int) -> dic
 AUTO_PACKING_BELOW = 0.90
 
 
+def padding_efficiency(micro_batches: Iterable[list[int]]) -> float:
+    """Real tokens / token slots of micro-batches given as their units' lengths (each padded to its longest)."""
+    real = slots = 0
+    for lengths in micro_batches:
+        real += sum(lengths)
+        slots += max(lengths) * len(lengths)
+    return real / max(slots, 1)
+
+
 def padded_efficiency(lengths: list[int], micro_batch: int, seed: int) -> float:
     """Real tokens / token slots when ``lengths`` are padded in shuffled micro-batches of ``micro_batch``."""
     order = list(range(len(lengths)))
     random.Random(seed).shuffle(order)
-    real = slots = 0
-    for start in range(0, len(order), micro_batch):
-        batch = [lengths[i] for i in order[start : start + micro_batch]]
-        real += sum(batch)
-        slots += max(batch) * len(batch)
-    return real / max(slots, 1)
+    return padding_efficiency([lengths[i] for i in order[start : start + micro_batch]] for start in range(0, len(order), micro_batch))
 
 
 def choose_packing(lengths: list[int], micro_batch: int, seed: int) -> tuple[bool, float]:

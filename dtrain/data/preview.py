@@ -7,9 +7,9 @@
 from __future__ import annotations
 
 import json
+from typing import Callable
 
 from dtrain.data.chat import IGNORE_INDEX, TokenizedExample
-from dtrain.data.packing import collate_packed
 
 GREEN, RESET = "\033[1;32m", "\033[0m"
 
@@ -45,12 +45,16 @@ def preview_text(units: list[list[TokenizedExample]], tokenizer, color: bool) ->
     return "\n\n".join(blocks)
 
 
-def preview_json(units: list[list[TokenizedExample]], pad_token_id: int, packed: bool) -> list[str]:
-    """One JSON line per unit with the exact tensors the loop will see (labels unshifted, -100 = no loss)."""
+def preview_json(units: list[list[TokenizedExample]], collate_unit: Callable[[list[TokenizedExample]], dict], packed: bool) -> list[str]:
+    """One JSON line per unit with the exact tensors the loop will see (labels unshifted, -100 = no loss).
+
+    Args:
+        collate_unit: The loader's collation of one unit into a batch of one row.
+    """
     lines = []
     for unit in units:
         if packed:
-            batch = collate_packed([unit], pad_token_id)
+            batch = collate_unit(unit)
             record = {"sources": [e.source for e in unit], **{k: v[0].tolist() for k, v in batch.items()}}
         else:
             e = unit[0]

@@ -10,11 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from dtrain.errors import DataError
+
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
-
-
-class DataError(ValueError):
-    """Bad input data; the message names the file and line (or row) and the fix."""
 
 
 class InvalidRecord(DataError):

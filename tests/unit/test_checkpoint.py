@@ -14,7 +14,7 @@ from dtrain.checkpoint import (
 from dtrain.config import compose_job
 from dtrain.config.schema import CheckpointConfig
 from dtrain.dist import DistInfo
-from dtrain.ds_config import ConfigError
+from dtrain.errors import ConfigError
 
 ONE_PROCESS = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
 

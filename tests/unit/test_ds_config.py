@@ -11,7 +11,10 @@ import pytest
 
 from dtrain.config import compose_job
 from dtrain.config.schema import TrainConfig
-from dtrain.ds_config import BatchPlan, ConfigError, build_ds_config
+from dtrain.config.batch import BatchPlan
+from dtrain.config.checks import check_job
+from dtrain.ds_config import build_ds_config
+from dtrain.errors import ConfigError
 
 SNAPSHOTS = Path(__file__).parent / "snapshots" / "ds_config"
 ZEROS = ["zero1", "zero2", "zero3", "zero2_offload", "zero3_offload"]
@@ -74,13 +77,13 @@ def test_zero_batch_is_refused():
 def test_fp16_without_cuda_names_bf16():
     job = compose_job(["+exp=tiny_cpu", "precision=fp16"])
     with pytest.raises(ConfigError, match="precision=bf16"):
-        build_ds_config(job, BatchPlan.from_config(job.train, 2), cuda_available=False)
+        check_job(job, cuda_available=False)
 
 
 def test_parameter_offload_needs_zero3():
     job = compose_job(["+exp=tiny_cpu", "zero=zero2", "zero.offload_params=true"])
     with pytest.raises(ConfigError, match="ZeRO-3"):
-        build_ds_config(job, BatchPlan.from_config(job.train, 2))
+        check_job(job, cuda_available=False)
 
 
 def test_buckets_never_exceed_the_model():

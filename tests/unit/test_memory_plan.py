@@ -10,9 +10,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from dtrain.config import asset_path, compose_job
 from dtrain.loss import shifted_token_loss_sum
-from dtrain.memory import (
-    ModelShape, PlanSetup, activation_bytes, layer_bytes_per_token, measure_saved_bytes, plan_memory,
-)
+from dtrain.memory.meters import measure_saved_bytes
+from dtrain.memory.plan import ModelShape, PlanSetup, activation_bytes, layer_bytes_per_token, plan_memory
 from dtrain.model import count_parameters_from_config
 from tests.conftest import REPO_ROOT, TINY_DIR
 

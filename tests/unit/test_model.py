@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dtrain.config.schema import ModelConfig
-from dtrain.ds_config import ConfigError
+from dtrain.errors import ConfigError
 from dtrain.model import _remote_code_kwargs, choose_attn_implementation, count_parameters_from_config, linear_target_modules
 
 

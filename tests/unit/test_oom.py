@@ -3,7 +3,7 @@
 from transformers import AutoConfig
 
 from dtrain.config import asset_path, compose_job
-from dtrain.memory import ModelShape
+from dtrain.memory.plan import ModelShape
 from dtrain.model import count_parameters_from_config
 from dtrain.oom import oom_report, oom_suggestions
 

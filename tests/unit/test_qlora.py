@@ -6,9 +6,12 @@ import pytest
 import torch
 
 from dtrain.config import compose_job
-from dtrain.ds_config import BatchPlan, ConfigError, build_ds_config
+from dtrain.config.batch import BatchPlan
+from dtrain.ds_config import build_ds_config
+from dtrain.errors import ConfigError
+from dtrain.config.checks import check_adamw_8bit, check_qlora
 from dtrain.model import (
-    apply_lora, check_adamw_8bit, check_qlora, footprint_bytes, parameter_counts, prepare_for_kbit_training,
+    apply_lora, footprint_bytes, parameter_counts, prepare_for_kbit_training,
     quantization_config,
 )
 

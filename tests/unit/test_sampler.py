@@ -4,7 +4,7 @@ import pytest
 
 from dtrain.config.schema import LengthGrouping
 from dtrain.data import StepSampler
-from dtrain.ds_config import BatchPlan
+from dtrain.config.batch import BatchPlan
 
 
 def step_sets(n, micro, accum, world, epoch=0, seed=0):

@@ -362,3 +362,18 @@ def test_deepspeed_launcher_turns_the_rendered_command_into_the_right_world(slur
                                              f"output_dir={REPO}/outputs/${{run_name}}-slurm{JOB_ID}", *OVERRIDES]
         assert (env["WORLD_SIZE"], env["MASTER_ADDR"], env["MASTER_PORT"]) == ("8", "node01", MASTER_PORT)
         assert env["WANDB_API_KEY"] == "wandb-secret"
+
+
+def test_exit_codes_are_read_from_dtrain_errors():
+    """The job script has no copy of dtrain's exit codes: it parses dtrain/errors.py, the one list."""
+    import dtrain.errors as errors
+
+    text = SBATCH.read_text()
+    function = text[text.index("read_exit_codes() {"):]
+    function = function[: function.index("\n}\n") + 3]
+    script = f'{function}\nread_exit_codes dtrain/errors.py\necho "$EXIT_OK $EXIT_BAD_INPUT $EXIT_TRAINING_STOPPED $EXIT_PREEMPTED $EXIT_HUNG"'
+    out = subprocess.run([BASH, "-c", script], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == [str(c) for c in (errors.EXIT_OK, errors.EXIT_BAD_INPUT, errors.EXIT_TRAINING_STOPPED,
+                                                    errors.EXIT_PREEMPTED, errors.EXIT_HUNG)]
+    assert sorted(errors.EXIT_CODES) == sorted(int(c) for c in out.stdout.split())
+    assert "EXIT_PREEMPTED=" not in text  # no second definition to drift apart

@@ -9,10 +9,11 @@ import sys
 import pytest
 import torch
 
-from dtrain.guard import SPIKE_MIN_HISTORY, StepGuard, TrainingError
+from dtrain.errors import TrainingError
+from dtrain.guard import SPIKE_MIN_HISTORY, StepGuard
 from dtrain.metrics import _drop_records_after
 from dtrain.preemption import PreemptionFlag
-from dtrain.watchdog import EXIT_HUNG
+from dtrain.errors import EXIT_HUNG
 
 
 def test_nonfinite_steps_counted_and_stop_after_max_bad_steps():
@@ -83,12 +84,12 @@ def test_resume_drops_metrics_written_after_the_checkpoint(tmp_path):
 
 
 def test_fresh_start_moves_an_old_metrics_file_aside(tmp_path):
-    from dtrain.config.schema import WandbConfig
-    from dtrain.metrics import MetricsLogger
+    from dtrain.config.schema import WandbConfig, WandbMode
+    from dtrain.metrics import EvalRecord, MetricsLogger, read_metrics
 
-    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n')
-    logger = MetricsLogger(tmp_path, True, WandbConfig(), {}, "run")
-    logger.log({"step": 1, "loss": 1.0})
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "eval_loss": 9.0, "eval_tokens": 3}\n')
+    logger = MetricsLogger(tmp_path, True, WandbConfig(mode=WandbMode.disabled), {}, "run")
+    logger.log(EvalRecord(step=1, eval_loss=1.0, eval_tokens=3))
     logger.close()
-    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1, "loss": 1.0}\n'
-    assert (tmp_path / "metrics.previous.jsonl").read_text() == '{"step": 1, "loss": 9.0}\n'
+    assert read_metrics(tmp_path).evals == [EvalRecord(1, 1.0, 3)]
+    assert read_metrics(tmp_path / "metrics.previous.jsonl").evals == [EvalRecord(1, 9.0, 3)]

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from dtrain.config.schema import SweepConfig, SweepDirection
+from dtrain.errors import EXIT_BAD_INPUT
 from dtrain.sweep import (
     RESULT_FILE, collect_results, format_table, job_overrides, job_result, launcher_command, objective_value,
     swept_keys_of, swept_tags, write_results,
@@ -105,4 +106,4 @@ def test_sweep_without_multirun_flag_says_how(tmp_path):
     import subprocess
 
     out = subprocess.run([sys.executable, "launch/sweep.py", "+exp=tiny_cpu"], cwd=REPO, capture_output=True, text=True, timeout=60)
-    assert out.returncode == 1 and "add -m" in out.stderr
+    assert out.returncode == EXIT_BAD_INPUT and "dtrain: error: launch/sweep.py runs sweeps: add -m" in out.stderr

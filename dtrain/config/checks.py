@@ -1,0 +1,86 @@
+"""Every cross-field check of a job, in one place, run once before any data or model is loaded.
+
+Types and unknown keys are checked by the schema at compose time; what needs two fields at once, the machine
+(CUDA present?) or an optional package (bitsandbytes) is checked here. Each error names the keys and the fix.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+from dtrain.config.schema import JobConfig, ModelConfig, ModelInit, OptimName, PeftMethod, Precision
+from dtrain.errors import ConfigError
+
+
+def check_job(job: JobConfig, *, cuda_available: bool) -> None:
+    """Refuse a job that cannot run.
+
+    Args:
+        job: The composed job.
+        cuda_available: Whether this machine has a CUDA device.
+
+    Raises:
+        ConfigError: The first problem found, with the fix.
+    """
+    train, zero = job.train, job.zero
+    if train.max_steps is not None and train.max_steps < 1:
+        raise ConfigError(f"train.max_steps={train.max_steps}: must be >= 1 (or null to use train.epochs)")
+    if train.max_steps is None and train.epochs < 1:
+        raise ConfigError(f"train.epochs={train.epochs}: must be >= 1")
+    if train.micro_batch_size < 1 or train.grad_accum_steps < 1:
+        raise ConfigError(f"train.micro_batch_size ({train.micro_batch_size}) and train.grad_accum_steps "
+                          f"({train.grad_accum_steps}) must be >= 1")
+    if job.peft.uses_adapters and job.model.init == ModelInit.random:
+        raise ConfigError(
+            f"peft={job.peft.method.value} with model.init=random would train adapters on random weights that are saved "
+            "nowhere, so the adapter could never be reloaded; point model.path at real weights (model.init=pretrained)"
+        )
+    check_remote_code(job.model)
+    if job.precision.name == Precision.fp16 and not cuda_available:
+        raise ConfigError(
+            "precision=fp16 needs a CUDA GPU (DeepSpeed's fp16 loss scaling does not exist on CPU); "
+            "use precision=bf16 (same memory, no loss scaling) or precision=fp32"
+        )
+    if zero.offload_optimizer and zero.stage < 1:
+        raise ConfigError("zero.offload_optimizer=true needs ZeRO stage >= 1")
+    if zero.offload_params and zero.stage != 3:
+        raise ConfigError("zero.offload_params=true needs ZeRO-3 (zero=zero3_offload); stages 1-2 keep full parameters on every GPU")
+    if job.peft.method == PeftMethod.qlora:
+        check_qlora(job)
+    if job.optim.name == OptimName.adamw_8bit:
+        check_adamw_8bit(job)
+
+
+def check_remote_code(cfg: ModelConfig) -> None:
+    """Remote code runs on every rank: only at a pinned revision."""
+    if cfg.trust_remote_code and not cfg.revision:
+        raise ConfigError(
+            "model.trust_remote_code=true runs the model repo's Python on every rank; pin it with model.revision=<commit sha>"
+        )
+
+
+def _require_bitsandbytes(what: str) -> None:
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(f"{what} needs bitsandbytes: pip install 'dtrain[qlora]' (or pip install bitsandbytes)")
+
+
+def check_qlora(job: JobConfig) -> None:
+    """Refuse, before any model is loaded, QLoRA set-ups that cannot work."""
+    _require_bitsandbytes("peft=qlora")
+    if job.zero.offload_params:
+        raise ConfigError(
+            "peft=qlora with zero.offload_params=true: DeepSpeed cannot offload bitsandbytes' 4-bit weights (their "
+            "quantisation state stays on the module); use zero=zero3 (the 4-bit base is partitioned) or zero2_offload"
+        )
+    if job.peft.quant_type not in ("nf4", "fp4"):
+        raise ConfigError(f"peft.quant_type={job.peft.quant_type}: bitsandbytes 4-bit types are nf4 and fp4")
+
+
+def check_adamw_8bit(job: JobConfig) -> None:
+    """8-bit AdamW is a client optimizer: bitsandbytes must import and DeepSpeed must not replace it."""
+    _require_bitsandbytes("optim=adamw_8bit")
+    if job.zero.offload_optimizer:
+        raise ConfigError(
+            "optim=adamw_8bit with an offloaded optimizer: DeepSpeed runs its own CPU Adam on offloaded states, so the "
+            "8-bit optimizer would not be used; pick zero=zero1/zero2/zero3 (no _offload) or optim=adamw"
+        )

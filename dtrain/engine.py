@@ -1,0 +1,114 @@
+"""The model side of a run: its shape from the config, the DeepSpeed engine, and the loss of a batch on it.
+
+    deepspeed --num_gpus 2 launch/train.py +exp=tiny_cpu     # builds all of this on every rank
+
+``build_engine`` loads the model (partitioned while loading under ZeRO-3), installs the chunked loss head when
+configured, and hands model, optimizer and schedule to ``deepspeed.initialize``. :class:`BatchLoss` is the one
+forward the trainer, eval, the export probe and the activation meter share.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from dtrain.chunked_loss import ChunkedLossHead, install_chunked_loss_head, liger_available
+from dtrain.config.schema import JobConfig
+from dtrain.data.dataset import PreparedData
+from dtrain.errors import DataError
+from dtrain.loss import shifted_token_loss_sum
+from dtrain.memory.plan import ModelShape
+from dtrain.model import build_model, count_parameters_from_config, parameter_counts
+from dtrain.optim import build_client_optimizer, build_scheduler, parameter_groups
+
+log = logging.getLogger("dtrain")
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the model's config says, before any weight is loaded."""
+
+    num_parameters: int
+    hidden_size: Optional[int]
+    shape: ModelShape
+
+
+def read_model_facts(job: JobConfig, data: PreparedData) -> ModelFacts:
+    """The model's size and shape from its ``config.json``; the data's token ids are checked against its vocabulary.
+
+    Raises:
+        DataError: A token id the embedding does not have (the tokenizer belongs to another model).
+    """
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(job.model.path, trust_remote_code=job.model.trust_remote_code, revision=job.model.revision)
+    biggest = max(max(e.input_ids) for e in data.train + data.eval)
+    if biggest >= config.vocab_size:
+        raise DataError(
+            f"token id {biggest} does not fit the model's {config.vocab_size} embedding rows: the tokenizer at "
+            f"{job.model.path} does not belong to this model (or added tokens need resize_token_embeddings)"
+        )
+    num_parameters = count_parameters_from_config(config)
+    return ModelFacts(num_parameters, getattr(config, "hidden_size", None), ModelShape.from_hf_config(config, num_parameters))
+
+
+class BatchLoss:
+    """Logits and summed token loss of a collated batch on the engine (each call a collective under ZeRO-3)."""
+
+    def __init__(self, engine, device: torch.device, loss_head: Optional[ChunkedLossHead]):
+        self.engine = engine
+        self.device = device
+        self.loss_head = loss_head
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Logits of the engine on one collated batch."""
+        # use_cache=False matters beyond memory: with a cache, transformers ignores packed position_ids and
+        # packed examples would attend to each other.
+        # non_blocking: a pinned batch is copied while the GPU is still busy; the kernels that read it wait for it.
+        inputs = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()
+                  if k in ("input_ids", "attention_mask", "position_ids")}
+        return self.engine(**inputs, use_cache=False).logits
+
+    def __call__(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Sum of next-token cross-entropies over the batch's trained tokens (no host sync)."""
+        labels = batch["labels"].to(self.device, non_blocking=True)
+        if self.loss_head is None:
+            return shifted_token_loss_sum(self.forward(batch), labels)
+        self.loss_head.labels = labels  # consumed by the head in this forward; without labels it returns logits
+        return self.forward(batch)
+
+
+@dataclass
+class EngineParts:
+    engine: Any
+    scheduler: Any
+    loss: BatchLoss
+    trainable_weights: Optional[int]
+    """Trained parameters when adapters freeze the rest (MFU counts frozen weights at 4 FLOPs, not 6), else None."""
+    hf_ds_config: Any
+    """Keep referenced for the life of the model: transformers holds it weakly (ZeRO-3 saving and generation)."""
+
+
+def build_engine(job: JobConfig, ds_config: dict[str, Any], facts: ModelFacts, total_steps: int, device: torch.device) -> EngineParts:
+    """Load the model and start the DeepSpeed engine (a collective: every rank calls it)."""
+    import deepspeed
+
+    model, hf_ds_config = build_model(job, ds_config, facts.num_parameters)
+    # Before deepspeed.initialize: ZeRO-3 hooks the modules present then, and the head must gather its weight.
+    loss_head = install_chunked_loss_head(model, job.train.loss_chunk_size) if job.train.loss_chunk_size else None
+    if loss_head is not None:
+        log.info("loss: computed from the hidden states %d trained tokens at a time (%s); no [tokens, vocab] logits",
+                 job.train.loss_chunk_size, "Liger's fused kernel" if liger_available() else "dtrain.chunked_loss")
+    trainable_weights = parameter_counts(model)[0] if job.peft.uses_adapters else None
+    groups = parameter_groups(model, job.train.weight_decay)
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model,
+        model_parameters=groups,
+        optimizer=build_client_optimizer(groups, job.train, job.optim),
+        config=ds_config,
+        lr_scheduler=lambda optimizer: build_scheduler(optimizer, job.train, total_steps),
+    )
+    return EngineParts(engine, scheduler, BatchLoss(engine, device, loss_head), trainable_weights, hf_ds_config)

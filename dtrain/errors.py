@@ -1,0 +1,77 @@
+"""Every error a user can meet, each with its exit code: a contract with job scripts and schedulers.
+
+    python -c "import dtrain.errors as e; print(e.EXIT_CODES)"
+
+``launch/slurm/train.sbatch`` reads the ``EXIT_*`` lines below (it requeues on ``EXIT_PREEMPTED``), and the
+README's table lists them. Every ``launch/`` script runs its work inside :func:`exit_on_error`, which turns these
+exceptions into one ``dtrain: error: ...`` line on stderr and the code, instead of a traceback from every rank.
+"""
+
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+from typing import Iterator
+
+EXIT_OK = 0
+EXIT_BAD_INPUT = 2
+EXIT_TRAINING_STOPPED = 3
+EXIT_PREEMPTED = 75
+EXIT_HUNG = 86
+
+EXIT_CODES = {
+    EXIT_OK: "done",
+    EXIT_BAD_INPUT: "bad config or data: nothing was trained (the message names the key, file, line or sample and the fix)",
+    EXIT_TRAINING_STOPPED: "training stopped: too many non-finite steps, out of memory, a rank died, or a failed export check",
+    EXIT_PREEMPTED: "preempted: a complete checkpoint was saved on a signal; requeue to resume (EX_TEMPFAIL)",
+    EXIT_HUNG: "a rank made no progress for train.step_timeout_minutes (a dead peer or a hung collective)",
+}
+
+
+class DtrainError(Exception):
+    """Base of the errors below; ``exit_code`` is what the entry point exits with."""
+
+    exit_code = EXIT_TRAINING_STOPPED
+
+
+class ConfigError(DtrainError, ValueError):
+    """A configuration that cannot run, with the fix in the message."""
+
+    exit_code = EXIT_BAD_INPUT
+
+
+class DataError(DtrainError, ValueError):
+    """Input data that cannot be trained on: the message names the file, line or sample, and the fix."""
+
+    exit_code = EXIT_BAD_INPUT
+
+
+class TrainingError(DtrainError, RuntimeError):
+    """Training cannot go on safely (too many bad steps, out of memory, a dead peer)."""
+
+    exit_code = EXIT_TRAINING_STOPPED
+
+
+class ExportError(DtrainError, RuntimeError):
+    """The exported model is missing tensors or does not reproduce the engine's logits."""
+
+    exit_code = EXIT_TRAINING_STOPPED
+
+
+class Preempted(DtrainError):
+    """Raised after the preemption checkpoint is complete on every rank."""
+
+    exit_code = EXIT_PREEMPTED
+
+
+@contextmanager
+def exit_on_error() -> Iterator[None]:
+    """Turn a :class:`DtrainError` into its one-line message on stderr and its exit code (``SystemExit``)."""
+    try:
+        yield
+    except Preempted as e:
+        print(f"dtrain: {e}; exit code {e.exit_code} (requeue)", file=sys.stderr)
+        raise SystemExit(e.exit_code) from None
+    except DtrainError as e:
+        print(f"dtrain: error: {e}", file=sys.stderr)
+        raise SystemExit(e.exit_code) from None

@@ -1,0 +1,1 @@
+"""Memory: the planner (``plan``, no torch) and the runtime meters (``meters``)."""

@@ -1,0 +1,84 @@
+"""A run's set-up, in the order it happens: check, join the job, load the data, resolve, write the run files.
+
+    deepspeed --num_gpus 2 launch/train.py +exp=tiny_cpu     # every rank runs these before the first step
+
+Cheap failures come first: the config is checked before the process group exists, the data (a bad file or
+template) before minutes of model loading, and a checkpoint from other settings is refused before the model loads.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dtrain.config.checks import check_job
+from dtrain.config.schema import JobConfig
+from dtrain.data import ChatRenderer, PreparedData, resolve_chat_template
+from dtrain.data.audit import audit_masks
+from dtrain.data.cache import load_or_prepare
+from dtrain.dist import DistInfo, barrier, broadcast_object, init_distributed, setup_logging
+from dtrain.ds_config import write_ds_config
+from dtrain.model import load_tokenizer
+from dtrain.resolve import ResolvedJob
+
+log = logging.getLogger("dtrain")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def start_run(job: JobConfig) -> tuple[DistInfo, Path]:
+    """Check the job, join the process group, make the run directory and start logging (every rank).
+
+    Raises:
+        ConfigError: The job cannot run; nothing was started.
+    """
+    check_job(job, cuda_available=torch.cuda.is_available())
+    dist = init_distributed(job.train.dist_timeout_minutes)
+    run_dir = Path(job.output_dir).resolve()
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    barrier()  # the run directory exists before any rank opens a file in it
+    setup_logging(dist, run_dir / "train.log")
+    seed_everything(job.train.seed)
+    return dist, run_dir
+
+
+@dataclass
+class RunData:
+    tokenizer: Any
+    renderer: ChatRenderer
+    data: PreparedData
+
+
+def load_data(job: JobConfig, dist: DistInfo) -> RunData:
+    """Tokenizer, chat template and the tokenised data (from the cache, or prepared once per node), mask-audited."""
+    tokenizer = load_tokenizer(job.model)
+    resolve_chat_template(tokenizer, job.data.chat_template)
+    renderer = ChatRenderer(tokenizer, job.data.train_on, job.data.end_of_turn_token)
+    # One token per job, agreed by all ranks: on a shared filesystem one node tokenises, the others wait.
+    job_token = broadcast_object(uuid.uuid4().hex if dist.is_main else None)
+    data = load_or_prepare(job.data, renderer, job.train.seed, job.generate.num_prompts,
+                           is_local_main=dist.local_rank == 0, barrier=barrier, job_token=job_token)
+    checked = audit_masks(data.train, renderer, job.train.seed)
+    log.info("mask audit: %d examples checked (trained tokens, end-of-turn tokens, labels)", checked)
+    return RunData(tokenizer, renderer, data)
+
+
+def write_run_files(run: ResolvedJob, ds_config: dict[str, Any], run_dir: Path, dist: DistInfo) -> None:
+    """``config.yaml`` (the resolved job: what runs) and ``ds_config.json``, by rank 0."""
+    for line in run.decisions:
+        log.info("%s", line)
+    if dist.is_main:
+        (run_dir / "config.yaml").write_text(run.config_yaml())
+        write_ds_config(ds_config, run_dir / "ds_config.json")

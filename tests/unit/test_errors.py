@@ -1,0 +1,59 @@
+"""One error contract: every user-facing error has its exit code, and every entry point maps them the same way."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dtrain import errors
+from dtrain.errors import (
+    EXIT_BAD_INPUT, EXIT_PREEMPTED, EXIT_TRAINING_STOPPED, ConfigError, DataError, ExportError, Preempted, TrainingError,
+    exit_on_error,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("error, code", [(ConfigError("c"), EXIT_BAD_INPUT), (DataError("d"), EXIT_BAD_INPUT),
+                                         (TrainingError("t"), EXIT_TRAINING_STOPPED), (ExportError("e"), EXIT_TRAINING_STOPPED)])
+def test_each_error_exits_with_its_code_and_one_line(capsys, error, code):
+    with pytest.raises(SystemExit) as stop, exit_on_error():
+        raise error
+    assert stop.value.code == code
+    assert capsys.readouterr().err == f"dtrain: error: {error}\n"
+
+
+def test_preemption_says_requeue(capsys):
+    with pytest.raises(SystemExit) as stop, exit_on_error():
+        raise Preempted("stopped at step 4")
+    assert stop.value.code == EXIT_PREEMPTED == 75
+    assert capsys.readouterr().err == "dtrain: stopped at step 4; exit code 75 (requeue)\n"
+
+
+def test_other_exceptions_keep_their_traceback():
+    with pytest.raises(KeyError), exit_on_error():
+        raise KeyError("a bug, not a user error")
+
+
+def test_every_code_is_listed_in_the_readme():
+    readme = (REPO / "README.md").read_text()
+    for code, meaning in errors.EXIT_CODES.items():
+        assert f"| {code} |" in readme, (code, meaning)
+
+
+def test_entry_points_report_bad_input_the_same_way(tmp_path):
+    """Each launch/ script: one `dtrain: error:` line naming the problem, exit code 2, no traceback."""
+    cases = [
+        ([sys.executable, "launch/report.py"], "pass run_dir="),
+        ([sys.executable, "launch/report.py", f"run_dir={tmp_path}"], "no metrics.jsonl"),
+        ([sys.executable, "launch/export.py", f"run_dir={tmp_path}", "merge=true"], "config.yaml not found"),
+        ([sys.executable, "launch/plan.py", "+exp=tiny_cpu", "plan.gpu=B200X"], "plan.gpu=B200X: unknown GPU"),
+        ([sys.executable, "launch/preview.py", "+exp=tiny_cpu", f"data.path={tmp_path / 'missing.jsonl'}"], "no such file"),
+        ([sys.executable, "launch/train.py", "-m", "+exp=tiny_cpu"], "python launch/sweep.py -m"),
+    ]
+    for cmd, message in cases:
+        out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert out.returncode == EXIT_BAD_INPUT, (cmd, out.stderr[-2000:])
+        assert "dtrain: error:" in out.stderr and message in out.stderr, (cmd, out.stderr[-2000:])
+        assert "Traceback" not in out.stderr, (cmd, out.stderr[-2000:])

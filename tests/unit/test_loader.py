@@ -1,0 +1,105 @@
+"""The loader: the sampler's units collated, per-step counts, resume at any step, eval shards, the export probe."""
+
+import random
+import zlib
+from contextlib import closing
+from itertools import islice
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from dtrain.config.batch import BatchPlan
+from dtrain.config.schema import LengthGrouping
+from dtrain.data import IGNORE_INDEX, TokenizedExample
+from dtrain.data.loader import TrainLoader, eval_batches, probe_batch
+from dtrain.errors import ConfigError
+
+PAD = 0
+
+
+def synthetic(n: int, seed: int = 0, longest: int = 40) -> list[TokenizedExample]:
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        length = rng.randint(4, longest)
+        prompt = rng.randint(1, length - 2)
+        ids = [rng.randint(1, 250) for _ in range(length)]
+        out.append(TokenizedExample(f"data.jsonl:{i + 1}", ids, [IGNORE_INDEX] * prompt + ids[prompt:]))
+    return out
+
+
+def loader(examples, batch=BatchPlan(2, 2, 2), rank=0, packing=False, grouping=LengthGrouping.within_step):
+    return TrainLoader(examples, batch, rank, packing=packing, max_seq_len=64, seed=7, grouping=grouping, pad_token_id=PAD)
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_step_counts_describe_the_collated_tensors(packing):
+    examples = synthetic(100)
+    with closing(loader(examples, packing=packing).step_batches(0)) as steps:
+        for batch in islice(steps, 5):
+            stats = batch.stats
+            assert stats.trained_tokens == sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batch.micro_batches)
+            # Packed or not, an example's first label is never a target: the same count as one at a time.
+            assert stats.trained_tokens == sum(e.num_trained for e in batch.examples)
+            assert stats.real_tokens == sum(len(e.input_ids) for e in batch.examples)
+            assert stats.token_slots == sum(b["input_ids"].numel() for b in batch.micro_batches) >= stats.real_tokens
+            assert stats.fingerprint == sum(zlib.crc32(e.source.encode()) for e in batch.examples)
+            assert len(batch.micro_batches) == 2
+
+
+def test_resuming_at_any_step_gives_the_same_batches_across_epochs():
+    examples = synthetic(40)  # 5 steps per epoch at 8 examples per step
+    straight = loader(examples)
+    assert straight.steps_per_epoch == 5
+    with closing(straight.step_batches(0)) as steps:
+        reference = [([e.source for e in b.examples], b.epoch) for b in islice(steps, 12)]
+    for start in (3, 5, 7):
+        with closing(loader(examples).step_batches(start)) as steps:
+            assert [([e.source for e in b.examples], b.epoch) for b in islice(steps, 12 - start)] == reference[start:]
+    assert [epoch for _, epoch in reference] == [0] * 5 + [1] * 5 + [2] * 2
+
+
+def test_ranks_split_each_step_without_overlap():
+    examples = synthetic(64)
+    per_rank = []
+    for rank in (0, 1):
+        with closing(loader(examples, rank=rank).step_batches(0)) as steps:
+            per_rank.append([{e.source for e in b.examples} for b in islice(steps, 4)])
+    for a, b in zip(*per_rank):
+        assert len(a) == len(b) == 4 and not a & b
+
+
+def test_planned_padding_efficiency_is_what_the_batches_hold():
+    examples = synthetic(96, longest=60)
+    plan = BatchPlan(3, 2, 2)
+    planned = loader(examples, batch=plan, grouping=LengthGrouping.none).planned_padding_efficiency()
+    real = slots = 0
+    for rank in (0, 1):
+        rank_loader = loader(examples, batch=plan, rank=rank, grouping=LengthGrouping.none)
+        with closing(rank_loader.step_batches(0)) as steps:
+            for batch in islice(steps, rank_loader.steps_per_epoch):
+                real += batch.stats.real_tokens
+                slots += batch.stats.token_slots
+    assert planned == pytest.approx(real / slots, rel=1e-12)
+
+
+def test_too_little_data_for_one_step_is_a_config_error():
+    with pytest.raises(ConfigError, match="do not fill one global batch of 8"):
+        loader(synthetic(7))
+
+
+def test_eval_shards_run_the_same_number_of_batches_and_count_every_token_once():
+    examples = synthetic(11)
+    shards = [list(eval_batches(examples, rank, 2, 4, PAD)) for rank in (0, 1)]
+    assert len(shards[0]) == len(shards[1]) == 2  # rank 1 has 5 examples: 2 batches, like rank 0's 6
+    assert sum(n for shard in shards for _, n in shard) == sum(e.num_trained for e in examples)
+
+
+def test_probe_batch_of_long_examples_is_cut_and_can_be_saved(tmp_path):
+    long = synthetic(2, longest=900)
+    long = [TokenizedExample(e.source, e.input_ids * 20, e.labels * 20) for e in long]  # well over 256 tokens
+    batch = probe_batch(long, PAD, max_tokens=256)
+    assert batch["input_ids"].shape == (2, 256) and all(t.is_contiguous() for t in batch.values())
+    assert torch.equal(batch["input_ids"][0], torch.tensor(long[0].input_ids[:256]))
+    save_file({k: v for k, v in batch.items()}, str(tmp_path / "probe.safetensors"))  # refused before the fix
