@@ -1,5 +1,6 @@
 # make demo   - install into .venv and run the embedded default on 2 CPU ranks (see README)
-# make test   - install with the dev extras and run the whole suite (what CI runs)
+# make test   - install with the dev extras, lint (ruff), and run the whole suite (what CI runs)
+# make lint   - ruff check + ruff format --check (configured in pyproject.toml); make format rewrites
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
@@ -8,7 +9,7 @@ TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 'torch>=2.6'
 DEEPSPEED_SPEC ?= deepspeed==0.19.8
 STAMP := $(VENV)/.dtrain-installed
 
-.PHONY: install demo test test-unit test-integration clean
+.PHONY: install demo test test-unit test-integration lint format clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -26,7 +27,15 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/deepspeed --num_gpus 2 launch/train.py +exp=tiny_cpu
 
-test: $(STAMP)
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+test: lint
 	$(PY) -m pytest -q --durations=15
 
 test-unit: $(STAMP)

@@ -39,8 +39,7 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     parser.add_argument("--implementations", default=None, help="comma-separated (default: every one available)")
     parser.add_argument("--shape", default=None, help="random-weight model of a published shape: " + ", ".join(SHAPES))
-    parser.add_argument("--smoke", action="store_true",
-                        help="2 steps of the tiny model on 1 rank, sdpa only (overrides given are added)")
+    parser.add_argument("--smoke", action="store_true", help="2 steps of the tiny model on 1 rank, sdpa only (overrides given are added)")
     args = parser.parse_intermixed_args()  # Hydra overrides may come before, between or after the options
     overrides = args.overrides or ["+exp=tiny_cpu"]
     if args.smoke:
@@ -49,15 +48,30 @@ def main() -> None:
     overrides = with_model(overrides, args.shape, root / "model")
     rows = []
     for name in args.implementations.split(",") if args.implementations else available_implementations():
-        run = launch(name, [*overrides, f"model.attn_implementation={name}", f"train.max_steps={args.steps}"],
-                     root / name, args.num_gpus, args.warmup)
+        run = launch(
+            name,
+            [*overrides, f"model.attn_implementation={name}", f"train.max_steps={args.steps}"],
+            root / name,
+            args.num_gpus,
+            args.warmup,
+        )
         rows.append(run.as_dict())
     for row in rows:
         row["speed_vs_first"] = ratio(row["trained_tokens_per_s"], rows[0]["trained_tokens_per_s"])
     print(f"\n{machine()}, {args.num_gpus} rank(s), {args.steps} steps each (first {args.warmup} left out): {' '.join(overrides)}")
-    print(table(rows, [("name", "attention", ""), ("trained_tokens_per_s", "trained tok/s", ",.0f"),
-                       ("step_time_s", "step s", ".3f"), ("mfu", "MFU", ".1%"), ("final_loss", "loss", ".4f"),
-                       ("speed_vs_first", f"vs {rows[0]['name']}", ".2f")]))
+    print(
+        table(
+            rows,
+            [
+                ("name", "attention", ""),
+                ("trained_tokens_per_s", "trained tok/s", ",.0f"),
+                ("step_time_s", "step s", ".3f"),
+                ("mfu", "MFU", ".1%"),
+                ("final_loss", "loss", ".4f"),
+                ("speed_vs_first", f"vs {rows[0]['name']}", ".2f"),
+            ],
+        )
+    )
     finish("attention", args.json, args.num_gpus, overrides, rows)
 
 

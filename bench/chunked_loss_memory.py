@@ -101,9 +101,24 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict:
 
 
 def _in_subprocess(variant: str, args: argparse.Namespace) -> dict:
-    cmd = [sys.executable, __file__, "--child", variant, "--vocab", str(args.vocab), "--hidden", str(args.hidden),
-           "--tokens", str(args.tokens), "--chunk-size", str(args.chunk_size), "--dtype", args.dtype,
-           "--ignored-fraction", str(args.ignored_fraction)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        variant,
+        "--vocab",
+        str(args.vocab),
+        "--hidden",
+        str(args.hidden),
+        "--tokens",
+        str(args.tokens),
+        "--chunk-size",
+        str(args.chunk_size),
+        "--dtype",
+        args.dtype,
+        "--ignored-fraction",
+        str(args.ignored_fraction),
+    ]
     cmd += ["--device", args.device] if args.device else []
     cmd += ["--repeats", str(args.repeats)] if args.repeats else []
     # Large frees go straight back to the OS, so RSS follows the live tensors instead of malloc's free lists.
@@ -128,8 +143,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     p.add_argument("--device", default=None, help="cuda when available, else cpu")
     p.add_argument("--repeats", type=int, default=None, help="timed runs per variant (default: 3 on CUDA, 1 on CPU)")
-    p.add_argument("--ignored-fraction", type=float, default=0.0,
-                   help="fraction of labels set to IGNORE_INDEX (prompt tokens); 0 compares the worst case")
+    p.add_argument(
+        "--ignored-fraction",
+        type=float,
+        default=0.0,
+        help="fraction of labels set to IGNORE_INDEX (prompt tokens); 0 compares the worst case",
+    )
     p.add_argument("--smoke", action="store_true", help=f"tiny sizes for tests: {SMOKE}")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -148,12 +167,23 @@ def main(argv: list[str] | None = None) -> dict:
     if args.device.startswith("cuda") and results["plain"]["liger_available"]:
         results["liger"] = _in_subprocess("liger", args)
     plain = results["plain"]
-    measure = ("torch.cuda.max_memory_allocated above the inputs" if args.device.startswith("cuda") else
-               "peak RSS (getrusage ru_maxrss) above the RSS once inputs exist, fresh process per variant")
+    measure = (
+        "torch.cuda.max_memory_allocated above the inputs"
+        if args.device.startswith("cuda")
+        else "peak RSS (getrusage ru_maxrss) above the RSS once inputs exist, fresh process per variant"
+    )
     report = {
-        "config": {"vocab": args.vocab, "hidden": args.hidden, "tokens": args.tokens, "chunk_size": args.chunk_size,
-                   "dtype": args.dtype, "device": args.device, "repeats": args.repeats,
-                   "ignored_fraction": args.ignored_fraction, "smoke": args.smoke},
+        "config": {
+            "vocab": args.vocab,
+            "hidden": args.hidden,
+            "tokens": args.tokens,
+            "chunk_size": args.chunk_size,
+            "dtype": args.dtype,
+            "device": args.device,
+            "repeats": args.repeats,
+            "ignored_fraction": args.ignored_fraction,
+            "smoke": args.smoke,
+        },
         "memory_measure": measure,
         "variants": results,
         "float32_logits_bytes": args.tokens * args.vocab * 4,
@@ -161,16 +191,22 @@ def main(argv: list[str] | None = None) -> dict:
         "loss_rel_diff": max(abs(r["loss"] - plain["loss"]) for r in results.values()) / max(abs(plain["loss"]), 1e-30),
         "peak_saved_bytes": plain["peak_bytes"] - results["chunked"]["peak_bytes"],
     }
-    print(f"loss forward+backward: vocab {args.vocab}, hidden {args.hidden}, tokens {args.tokens}, "
-          f"chunk {args.chunk_size}, {args.dtype} on {args.device}")
+    print(
+        f"loss forward+backward: vocab {args.vocab}, hidden {args.hidden}, tokens {args.tokens}, "
+        f"chunk {args.chunk_size}, {args.dtype} on {args.device}"
+    )
     print(f"memory: {measure}; one float32 [tokens, vocab] logits tensor = {_gib(report['float32_logits_bytes'])}")
     print(f"{'variant':<8} {'peak':>12} {'time':>9} {'loss':>16} {'|grad h|':>12} {'|grad W|':>12}")
     for name, r in results.items():
-        print(f"{name:<8} {_gib(r['peak_bytes']):>12} {r['time_s']:>8.3f}s {r['loss']:>16.6f} "
-              f"{r['grad_hidden_norm']:>12.6g} {r['grad_weight_norm']:>12.6g}")
-    print(f"peak saved by chunking: {_gib(report['peak_saved_bytes'])} "
-          f"({plain['peak_bytes'] / max(results['chunked']['peak_bytes'], 1):.1f}x less); "
-          f"loss difference {report['loss_abs_diff']:.3g} (relative {report['loss_rel_diff']:.2g})")
+        print(
+            f"{name:<8} {_gib(r['peak_bytes']):>12} {r['time_s']:>8.3f}s {r['loss']:>16.6f} "
+            f"{r['grad_hidden_norm']:>12.6g} {r['grad_weight_norm']:>12.6g}"
+        )
+    print(
+        f"peak saved by chunking: {_gib(report['peak_saved_bytes'])} "
+        f"({plain['peak_bytes'] / max(results['chunked']['peak_bytes'], 1):.1f}x less); "
+        f"loss difference {report['loss_abs_diff']:.3g} (relative {report['loss_rel_diff']:.2g})"
+    )
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     return report

@@ -52,15 +52,25 @@ class RunFigures:
         return asdict(self)
 
 
-def launch(name: str, overrides: list[str], run_dir: Path, num_gpus: int, warmup: int = 1,
-           extra_env: Optional[dict] = None, timeout_s: int = 3600) -> RunFigures:
+def launch(
+    name: str, overrides: list[str], run_dir: Path, num_gpus: int, warmup: int = 1, extra_env: Optional[dict] = None, timeout_s: int = 3600
+) -> RunFigures:
     """Run ``deepspeed --num_gpus N launch/train.py <overrides>`` and read its figures from the run directory."""
     from dtrain.dist import free_port
 
     port = free_port()
     deepspeed = Path(sys.executable).parent / "deepspeed"
-    cmd = [str(deepspeed), "--num_gpus", str(num_gpus), "--master_port", str(port), "launch/train.py",
-           f"output_dir={run_dir}", *QUIET, *overrides]
+    cmd = [
+        str(deepspeed),
+        "--num_gpus",
+        str(num_gpus),
+        "--master_port",
+        str(port),
+        "launch/train.py",
+        f"output_dir={run_dir}",
+        *QUIET,
+        *overrides,
+    ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": os.environ.get("WANDB_MODE", "disabled"), **(extra_env or {})}
     print(f"[bench] {name}: {' '.join(cmd[5:])}", flush=True)
     started = time.monotonic()
@@ -169,8 +179,9 @@ def with_model(overrides: list[str], shape: Optional[str], folder: Path, save_we
     return [*overrides, "model.init=random"]
 
 
-def finish(bench: str, json_path: Optional[str], num_gpus: int, overrides: list[str], rows: list[dict[str, Any]],
-           name_key: str = "name") -> None:
+def finish(
+    bench: str, json_path: Optional[str], num_gpus: int, overrides: list[str], rows: list[dict[str, Any]], name_key: str = "name"
+) -> None:
     """Write the JSON record of a benchmark and exit non-zero naming the runs that failed."""
     write_json(json_path, {"bench": bench, "machine": machine(), "num_gpus": num_gpus, "overrides": overrides, "runs": rows})
     failed = [f"{r[name_key]} ({r.get('error', '')})" for r in rows if r["exit_code"] != 0]

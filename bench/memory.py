@@ -31,9 +31,15 @@ def compare(memory: dict) -> dict:
     peak_key = "peak_cuda_allocated" if "peak_cuda_allocated" in rank0 else "peak_rss"
     peak = max(m[peak_key] for m in memory["measured_per_rank"])
     mib = 2**20
-    return {"planned_states_mib": planned_states / mib, "measured_states_mib": measured_states / mib,
-            "states_ratio": ratio(measured_states, planned_states), "planned_total_mib": plan["per_gpu_bytes"]["total"] / mib,
-            "peak_mib": peak / mib, "peak_kind": peak_key, "peak_vs_plan": ratio(peak, plan["per_gpu_bytes"]["total"])}
+    return {
+        "planned_states_mib": planned_states / mib,
+        "measured_states_mib": measured_states / mib,
+        "states_ratio": ratio(measured_states, planned_states),
+        "planned_total_mib": plan["per_gpu_bytes"]["total"] / mib,
+        "peak_mib": peak / mib,
+        "peak_kind": peak_key,
+        "peak_vs_plan": ratio(peak, plan["per_gpu_bytes"]["total"]),
+    }
 
 
 def main() -> None:
@@ -44,8 +50,7 @@ def main() -> None:
     parser.add_argument("--configs", default=DEFAULT_CONFIGS, help="comma-separated zero:peft pairs")
     parser.add_argument("--json", default=None)
     parser.add_argument("--shape", default=None, help="random-weight model of a published shape: " + ", ".join(SHAPES))
-    parser.add_argument("--smoke", action="store_true",
-                        help="one zero2 job of the tiny model on 1 rank (overrides given are added)")
+    parser.add_argument("--smoke", action="store_true", help="one zero2 job of the tiny model on 1 rank (overrides given are added)")
     args = parser.parse_intermixed_args()  # Hydra overrides may come before, between or after the options
     overrides = args.overrides or ["+exp=tiny_cpu", "train.micro_batch_size=8"]
     configs = [c.split(":") for c in args.configs.split(",")]
@@ -61,17 +66,32 @@ def main() -> None:
         overrides = [*overrides, f"model.path={make_tiny_pretrained(root / 'tiny')}", "model.init=pretrained"]
     rows = []
     for zero, peft in configs:
-        run = launch(f"{zero} {peft}", [*overrides, f"zero={zero}", f"peft={peft}", f"train.max_steps={args.steps}"],
-                     root / f"{zero}-{peft}", args.num_gpus)
+        run = launch(
+            f"{zero} {peft}",
+            [*overrides, f"zero={zero}", f"peft={peft}", f"train.max_steps={args.steps}"],
+            root / f"{zero}-{peft}",
+            args.num_gpus,
+        )
         row = {"config": f"{zero} {peft}", "exit_code": run.exit_code, "error": run.error}
         if run.memory:
             row.update(compare(run.memory))
         rows.append(row)
     print(f"\n{machine()}, {args.num_gpus} rank(s): {' '.join(overrides)}")
-    print(table(rows, [("config", "config", ""), ("planned_states_mib", "states plan MiB", ",.2f"),
-                       ("measured_states_mib", "states measured", ",.2f"), ("states_ratio", "measured/plan", ".4f"),
-                       ("planned_total_mib", "total plan MiB", ",.1f"), ("peak_mib", "peak MiB", ",.1f"),
-                       ("peak_kind", "peak of", ""), ("peak_vs_plan", "peak/plan", ".2f")]))
+    print(
+        table(
+            rows,
+            [
+                ("config", "config", ""),
+                ("planned_states_mib", "states plan MiB", ",.2f"),
+                ("measured_states_mib", "states measured", ",.2f"),
+                ("states_ratio", "measured/plan", ".4f"),
+                ("planned_total_mib", "total plan MiB", ",.1f"),
+                ("peak_mib", "peak MiB", ",.1f"),
+                ("peak_kind", "peak of", ""),
+                ("peak_vs_plan", "peak/plan", ".2f"),
+            ],
+        )
+    )
     finish("memory", args.json, args.num_gpus, overrides, rows, name_key="config")
 
 

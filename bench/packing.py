@@ -36,13 +36,16 @@ def main() -> None:
     parser.add_argument("--num-gpus", type=int, default=2)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--packed-micro-batch", type=int, default=None,
-                        help="rows per micro-batch when packed (default: the padded micro-batch / 4, at least 1)")
+    parser.add_argument(
+        "--packed-micro-batch",
+        type=int,
+        default=None,
+        help="rows per micro-batch when packed (default: the padded micro-batch / 4, at least 1)",
+    )
     parser.add_argument("--variants", default="padded,sorted,grouped,packed")
     parser.add_argument("--shape", default=None, help="random-weight model of a published shape: " + ", ".join(SHAPES))
     parser.add_argument("--json", default=None)
-    parser.add_argument("--smoke", action="store_true",
-                        help="2 steps of the tiny model on 1 rank, packed only (overrides given are added)")
+    parser.add_argument("--smoke", action="store_true", help="2 steps of the tiny model on 1 rank, packed only (overrides given are added)")
     args = parser.parse_intermixed_args()  # Hydra overrides may come before, between or after the options
     overrides = args.overrides or ["+exp=tiny_cpu"]
     variants = args.variants.split(",")
@@ -65,11 +68,21 @@ def main() -> None:
         row["tokens_per_s_vs_first"] = ratio(row["trained_tokens_per_s"], base["trained_tokens_per_s"])
         row["epoch_time_vs_first"] = ratio(row["epoch_time_s"], base["epoch_time_s"])
     print(f"\n{machine()}, {args.num_gpus} rank(s), {args.steps} steps each (first {args.warmup} left out): {' '.join(overrides)}")
-    print(table(rows, [("name", "batching", ""), ("trained_tokens_per_s", "trained tok/s", ",.0f"),
-                       ("padding_efficiency", "padding eff", ".1%"), ("step_time_s", "step s", ".3f"),
-                       ("steps_per_epoch", "steps/epoch", "d"), ("epoch_time_s", "epoch s", ",.1f"),
-                       ("tokens_per_s_vs_first", f"tok/s vs {base['name']}", ".2f"),
-                       ("epoch_time_vs_first", f"epoch vs {base['name']}", ".2f")]))
+    print(
+        table(
+            rows,
+            [
+                ("name", "batching", ""),
+                ("trained_tokens_per_s", "trained tok/s", ",.0f"),
+                ("padding_efficiency", "padding eff", ".1%"),
+                ("step_time_s", "step s", ".3f"),
+                ("steps_per_epoch", "steps/epoch", "d"),
+                ("epoch_time_s", "epoch s", ",.1f"),
+                ("tokens_per_s_vs_first", f"tok/s vs {base['name']}", ".2f"),
+                ("epoch_time_vs_first", f"epoch vs {base['name']}", ".2f"),
+            ],
+        )
+    )
     finish("packing", args.json, args.num_gpus, overrides, rows)
 
 

@@ -35,10 +35,10 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="run directory (default: a temporary one)")
     parser.add_argument("--json", default=None)
     parser.add_argument("--shape", default=None, help="random-weight model of a published shape: " + ", ".join(SHAPES))
-    parser.add_argument("--save-weights", action="store_true",
-                        help="with --shape: write random weights to disk and load them (needed by peft=lora)")
-    parser.add_argument("--smoke", action="store_true",
-                        help="3 steps of the tiny model on 1 rank (overrides given are added)")
+    parser.add_argument(
+        "--save-weights", action="store_true", help="with --shape: write random weights to disk and load them (needed by peft=lora)"
+    )
+    parser.add_argument("--smoke", action="store_true", help="3 steps of the tiny model on 1 rank (overrides given are added)")
     args = parser.parse_intermixed_args()  # Hydra overrides may come before, between or after the options
     overrides = args.overrides or ["+exp=tiny_cpu"]
     if args.smoke:
@@ -49,10 +49,23 @@ def main() -> None:
     row = run.as_dict()
     row.update({f"{phase}_share": seconds / run.step_time_s for phase, seconds in run.phases_s.items()} if run.step_time_s else {})
     print(f"\n{machine()}, {args.num_gpus} rank(s), {run.steps} steps (first {args.warmup} left out): {' '.join(overrides)}")
-    print(table([row], [("trained_tokens_per_s", "trained tok/s", ",.0f"), ("input_tokens_per_s", "input tok/s", ",.0f"),
-                        ("tflops_per_gpu", "TFLOP/s/GPU", ".3g"), ("mfu", "MFU", ".1%"), ("step_time_s", "step s", ".3f"),
-                        ("data_share", "data", ".0%"), ("forward_share", "fwd", ".0%"), ("backward_share", "bwd", ".0%"),
-                        ("optimizer_share", "optim", ".0%"), ("padding_efficiency", "padding eff", ".1%")]))
+    print(
+        table(
+            [row],
+            [
+                ("trained_tokens_per_s", "trained tok/s", ",.0f"),
+                ("input_tokens_per_s", "input tok/s", ",.0f"),
+                ("tflops_per_gpu", "TFLOP/s/GPU", ".3g"),
+                ("mfu", "MFU", ".1%"),
+                ("step_time_s", "step s", ".3f"),
+                ("data_share", "data", ".0%"),
+                ("forward_share", "fwd", ".0%"),
+                ("backward_share", "bwd", ".0%"),
+                ("optimizer_share", "optim", ".0%"),
+                ("padding_efficiency", "padding eff", ".1%"),
+            ],
+        )
+    )
     write_json(args.json, {"bench": "throughput", "machine": machine(), "num_gpus": args.num_gpus, "overrides": overrides, "run": row})
     if run.exit_code != 0:
         raise SystemExit(f"the run failed (exit {run.exit_code}): {run.error}")

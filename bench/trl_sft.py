@@ -79,11 +79,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup-ratio", type=float, default=defaults.warmup_ratio)
     p.add_argument("--min-lr-ratio", type=float, default=defaults.min_lr_ratio)
     p.add_argument("--schedule", default=defaults.schedule.value, choices=["cosine", "linear", "constant"])
-    p.add_argument("--order", default="dtrain", choices=["dtrain", "random"],
-                   help="dtrain: dtrain's StepSampler order read sequentially (same batches); random: HF's shuffling sampler")
-    p.add_argument("--training-template", default=None,
-                   help="a chat template with {%% generation %%} markers (Jinja string or .jinja file); default: the "
-                        "marked ChatML copy above, used only if it renders like the tokenizer's own template")
+    p.add_argument(
+        "--order",
+        default="dtrain",
+        choices=["dtrain", "random"],
+        help="dtrain: dtrain's StepSampler order read sequentially (same batches); random: HF's shuffling sampler",
+    )
+    p.add_argument(
+        "--training-template",
+        default=None,
+        help="a chat template with {%% generation %%} markers (Jinja string or .jinja file); default: the "
+        "marked ChatML copy above, used only if it renders like the tokenizer's own template",
+    )
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # appended by the deepspeed launcher
     return p.parse_args(argv)
 
@@ -107,16 +114,19 @@ def training_template(tokenizer, conversations: list[list[dict]], override: str 
         template = CHATML_TRAINING_TEMPLATE
     for messages in conversations:
         if tokenizer.apply_chat_template(messages, tokenize=False) != tokenizer.apply_chat_template(
-                messages, tokenize=False, chat_template=template):
-            sys.exit("bench/trl_sft.py: the marked training template renders differently from the tokenizer's chat template; "
-                     "pass --training-template with {% generation %} markers around each assistant turn of *that* template")
+            messages, tokenize=False, chat_template=template
+        ):
+            sys.exit(
+                "bench/trl_sft.py: the marked training template renders differently from the tokenizer's chat template; "
+                "pass --training-template with {% generation %} markers around each assistant turn of *that* template"
+            )
     return template
 
 
 def dtrain_order(num_examples: int, micro: int, accum: int, world: int, seed: int, steps: int) -> list[int]:
     """Example indices in the order dtrain's sampler trains them, ``steps`` global batches long."""
-    from dtrain.data import StepSampler
     from dtrain.config.batch import BatchPlan
+    from dtrain.data import StepSampler
 
     sampler = StepSampler(num_examples, BatchPlan(micro, accum, world), rank=0, seed=seed)
     used = sampler.steps_per_epoch * sampler.batch.global_batch_size
@@ -139,8 +149,9 @@ def trl_ds_config(path: str, micro: int, accum: int, world: int, lr: float) -> t
     params = ds.get("optimizer", {}).get("params")
     if params is not None:
         params["lr"] = lr
-        hf.update(adam_beta1=params["betas"][0], adam_beta2=params["betas"][1], adam_epsilon=params["eps"],
-                  weight_decay=params["weight_decay"])
+        hf.update(
+            adam_beta1=params["betas"][0], adam_beta2=params["betas"][1], adam_epsilon=params["eps"], weight_decay=params["weight_decay"]
+        )
     if ds.get("fp16", {}).get("enabled"):
         sys.exit("bench/trl_sft.py: fp16 runs need CUDA; this benchmark compares bf16 or fp32")
     hf["bf16"] = bool(ds.get("bf16", {}).get("enabled"))
@@ -233,8 +244,7 @@ def main(argv: list[str] | None = None) -> None:
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, attn_implementation="sdpa", use_safetensors=True)
     model.config.use_cache = False
 
-    schedule = TrainConfig(lr=args.lr, warmup_ratio=args.warmup_ratio, min_lr_ratio=args.min_lr_ratio,
-                           schedule=Schedule(args.schedule))
+    schedule = TrainConfig(lr=args.lr, warmup_ratio=args.warmup_ratio, min_lr_ratio=args.min_lr_ratio, schedule=Schedule(args.schedule))
 
     class CountingSFTTrainer(SFTTrainer):
         """Counts this rank's trained and input tokens per micro-batch; dtrain's LR schedule."""
@@ -269,8 +279,15 @@ def main(argv: list[str] | None = None) -> None:
 
         def on_step_end(self, args_, state, control, **kw):
             now = time.perf_counter()
-            self.rows.append({"step": state.global_step, "step_time_s": now - self.last, "compute_time_s": now - self.begin,
-                              "local_trained": int(trainer.trained_tokens), "local_input": int(trainer.input_tokens)})
+            self.rows.append(
+                {
+                    "step": state.global_step,
+                    "step_time_s": now - self.last,
+                    "compute_time_s": now - self.begin,
+                    "local_trained": int(trainer.trained_tokens),
+                    "local_input": int(trainer.input_tokens),
+                }
+            )
             trainer.trained_tokens = trainer.input_tokens = 0
             self.last = now
 
@@ -288,8 +305,9 @@ def main(argv: list[str] | None = None) -> None:
     wall = time.perf_counter() - t0
 
     # Global token counts per step: every rank's own micro-batches, summed (a collective: all ranks call it).
-    counts = torch.tensor([[r["local_trained"], r["local_input"]] for r in clock.rows], dtype=torch.float64,
-                          device=trainer.accelerator.device)  # NCCL reduces only GPU tensors
+    counts = torch.tensor(
+        [[r["local_trained"], r["local_input"]] for r in clock.rows], dtype=torch.float64, device=trainer.accelerator.device
+    )  # NCCL reduces only GPU tensors
     if dist.is_initialized() and world > 1:
         dist.all_reduce(counts, op=dist.ReduceOp.SUM)
     engine = trainer.model_wrapped
@@ -304,8 +322,12 @@ def main(argv: list[str] | None = None) -> None:
             r.update(trained_tokens=int(trained), input_tokens=int(inputs))
         metrics = {
             "framework": "trl",
-            "versions": {"trl": trl.__version__, "transformers": transformers.__version__, "deepspeed": deepspeed.__version__,
-                         "torch": torch.__version__},
+            "versions": {
+                "trl": trl.__version__,
+                "transformers": transformers.__version__,
+                "deepspeed": deepspeed.__version__,
+                "torch": torch.__version__,
+            },
             "steps": len(steps),
             "per_step": steps,
             "total_train_time_s": result.metrics.get("train_runtime"),
@@ -317,10 +339,13 @@ def main(argv: list[str] | None = None) -> None:
             "max_seq_len": args.max_seq_len,
             "precision": "bf16" if hf_from_ds["bf16"] else "fp32",
             "zero_stage": engine.zero_optimization_stage(),
-            "engine": {"class": type(engine).__name__, "bf16": engine.bfloat16_enabled(),
-                       "optimizer": type(engine.optimizer).__name__,
-                       "basic_optimizer": type(getattr(engine, "basic_optimizer", None)).__name__,
-                       "distributed_type": str(trainer.accelerator.distributed_type)},
+            "engine": {
+                "class": type(engine).__name__,
+                "bf16": engine.bfloat16_enabled(),
+                "optimizer": type(engine.optimizer).__name__,
+                "basic_optimizer": type(getattr(engine, "basic_optimizer", None)).__name__,
+                "distributed_type": str(trainer.accelerator.distributed_type),
+            },
             "order": args.order,
             "threads_per_rank": torch.get_num_threads(),
             "examples": len(keep),
@@ -328,9 +353,11 @@ def main(argv: list[str] | None = None) -> None:
             "mask_check": mask_check,
         }
         (out / "trl_metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
-        print(f"bench/trl_sft.py: {len(steps)} steps, {metrics['trained_tokens_total']} trained tokens, "
-              f"{wall:.1f} s in train(); masks equal to dtrain's on {mask_check['labels_equal']}/{mask_check['examples']} examples; "
-              f"wrote {out / 'trl_metrics.json'}")
+        print(
+            f"bench/trl_sft.py: {len(steps)} steps, {metrics['trained_tokens_total']} trained tokens, "
+            f"{wall:.1f} s in train(); masks equal to dtrain's on {mask_check['labels_equal']}/{mask_check['examples']} examples; "
+            f"wrote {out / 'trl_metrics.json'}"
+        )
 
 
 def check_masks(train_dataset, reference) -> dict:
@@ -343,10 +370,14 @@ def check_masks(train_dataset, reference) -> dict:
         ids_equal += same_ids
         labels_equal += same_labels
         if first_difference is None and not (same_ids and same_labels):
-            first_difference = {"index": i, "trl_input_ids": list(row["input_ids"]), "trl_labels": list(row["labels"]),
-                                "dtrain_input_ids": ref.input_ids, "dtrain_labels": ref.labels}
-    return {"examples": len(reference), "input_ids_equal": ids_equal, "labels_equal": labels_equal,
-            "first_difference": first_difference}
+            first_difference = {
+                "index": i,
+                "trl_input_ids": list(row["input_ids"]),
+                "trl_labels": list(row["labels"]),
+                "dtrain_input_ids": ref.input_ids,
+                "dtrain_labels": ref.labels,
+            }
+    return {"examples": len(reference), "input_ids_equal": ids_equal, "labels_equal": labels_equal, "first_difference": first_difference}
 
 
 if __name__ == "__main__":

@@ -37,10 +37,10 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from common import REPO_ROOT, machine, make_tiny_pretrained
-
 from dtrain.dist import free_port
 from dtrain.metrics import read_metrics
+
+from common import REPO_ROOT, machine, make_tiny_pretrained
 
 BUNDLED_DATA = REPO_ROOT / "dtrain" / "assets" / "data" / "train.jsonl"
 SMOKE = dict(steps=3, micro_batch=4, grad_accum=2, warmup=1, examples=400)
@@ -63,9 +63,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workdir", default=None, help="keep both runs here (default: a temporary folder, removed)")
     p.add_argument("--timeout", type=int, default=900, help="seconds per launch")
     p.add_argument("--json", default=None, help="write the results here")
-    p.add_argument("--smoke", action="store_true",
-                   help=f"{SMOKE['steps']} steps, micro-batch {SMOKE['micro_batch']} x accumulation {SMOKE['grad_accum']}, "
-                        f"first {SMOKE['examples']} records: checks the pipeline, not the speed")
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help=f"{SMOKE['steps']} steps, micro-batch {SMOKE['micro_batch']} x accumulation {SMOKE['grad_accum']}, "
+        f"first {SMOKE['examples']} records: checks the pipeline, not the speed",
+    )
     args = p.parse_args(argv)
     if args.smoke:
         args.steps, args.micro_batch, args.grad_accum = SMOKE["steps"], SMOKE["micro_batch"], SMOKE["grad_accum"]
@@ -113,16 +116,33 @@ def dtrain_steps(run_dir: Path) -> list[dict]:
     rows = []
     for r in read_metrics(run_dir).steps:
         interval = ends[r.step] - ends[r.step - 1] if r.step in ends and r.step - 1 in ends else None
-        rows.append({"step": r.step, "loss": r.loss, "grad_norm": r.grad_norm, "trained_tokens": r.tokens,
-                     "input_tokens": r.input_tokens, "in_step_time_s": r.step_time_s,
-                     "step_time_s": interval if interval is not None else r.step_time_s})
+        rows.append(
+            {
+                "step": r.step,
+                "loss": r.loss,
+                "grad_norm": r.grad_norm,
+                "trained_tokens": r.tokens,
+                "input_tokens": r.input_tokens,
+                "in_step_time_s": r.step_time_s,
+                "step_time_s": interval if interval is not None else r.step_time_s,
+            }
+        )
     return rows
 
 
 def trl_steps(metrics: dict) -> list[dict]:
-    return [{"step": r["step"], "loss": r.get("loss"), "grad_norm": r.get("grad_norm"), "trained_tokens": r["trained_tokens"],
-             "input_tokens": r["input_tokens"], "in_step_time_s": r["compute_time_s"], "step_time_s": r["step_time_s"]}
-            for r in metrics["per_step"]]
+    return [
+        {
+            "step": r["step"],
+            "loss": r.get("loss"),
+            "grad_norm": r.get("grad_norm"),
+            "trained_tokens": r["trained_tokens"],
+            "input_tokens": r["input_tokens"],
+            "in_step_time_s": r["compute_time_s"],
+            "step_time_s": r["step_time_s"],
+        }
+        for r in metrics["per_step"]
+    ]
 
 
 def summarise(rows: list[dict], warmup: int, steps_per_epoch: int, launch_wall: float) -> dict:
@@ -149,8 +169,10 @@ def format_table(results: dict) -> str:
     lines = [head, "-" * len(head)]
     for name in ("dtrain", "trl"):
         r = results[name]
-        lines.append(f"{name:<9} {r['steps']:>5} {r['step_time_s']:>8.3f} {r['in_step_time_s']:>9.3f} "
-                     f"{r['trained_tokens_per_s']:>13.0f} {r['epoch_time_s']:>8.1f} {r['final_loss']:>10.4f}")
+        lines.append(
+            f"{name:<9} {r['steps']:>5} {r['step_time_s']:>8.3f} {r['in_step_time_s']:>9.3f} "
+            f"{r['trained_tokens_per_s']:>13.0f} {r['epoch_time_s']:>8.1f} {r['final_loss']:>10.4f}"
+        )
     ratios = results["ratios"]
     lines.append(f"dtrain/TRL: time per epoch {ratios['time_per_epoch']:.3f}x, trained tokens/s {ratios['trained_tokens_per_s']:.3f}x")
     return "\n".join(lines)
@@ -171,15 +193,34 @@ def main(argv: list[str] | None = None) -> dict:
 
         run_dir = workdir / "dtrain"
         overrides = [
-            "+exp=tiny_cpu", f"output_dir={run_dir}", f"model.path={model}", "model.init=pretrained",
-            f"zero={args.zero}", f"precision={args.precision}", f"train.max_steps={args.steps}",
-            f"train.micro_batch_size={args.micro_batch}", f"train.grad_accum_steps={args.grad_accum}",
-            f"data.path={data}", "data.eval_path=null", "data.eval_fraction=0", f"data.max_seq_len={args.max_seq_len}",
-            "data.packing=false", "data.group_by_length=none", "data.cache_dir=", "train.eval_every=0", "train.log_every=1",
-            "generate.num_prompts=0", "generate.before_training=false", "export.verify=none", "ckpt.resume=never",
+            "+exp=tiny_cpu",
+            f"output_dir={run_dir}",
+            f"model.path={model}",
+            "model.init=pretrained",
+            f"zero={args.zero}",
+            f"precision={args.precision}",
+            f"train.max_steps={args.steps}",
+            f"train.micro_batch_size={args.micro_batch}",
+            f"train.grad_accum_steps={args.grad_accum}",
+            f"data.path={data}",
+            "data.eval_path=null",
+            "data.eval_fraction=0",
+            f"data.max_seq_len={args.max_seq_len}",
+            "data.packing=false",
+            "data.group_by_length=none",
+            "data.cache_dir=",
+            "train.eval_every=0",
+            "train.log_every=1",
+            "generate.num_prompts=0",
+            "generate.before_training=false",
+            "export.verify=none",
+            "ckpt.resume=never",
         ]
-        print(f"[vs_trl] dtrain: {args.steps} steps, {args.micro_batch} x {args.grad_accum} x {args.ranks} ranks, "
-              f"{args.zero}, {args.precision} -> {run_dir}", flush=True)
+        print(
+            f"[vs_trl] dtrain: {args.steps} steps, {args.micro_batch} x {args.grad_accum} x {args.ranks} ranks, "
+            f"{args.zero}, {args.precision} -> {run_dir}",
+            flush=True,
+        )
         dtrain_wall = run_launch(deepspeed_cmd(args.ranks, "launch/train.py") + overrides, workdir / "dtrain.log", args.timeout)
 
         import yaml
@@ -187,11 +228,32 @@ def main(argv: list[str] | None = None) -> dict:
         train_cfg = yaml.safe_load((run_dir / "config.yaml").read_text())["train"]
         trl_out = workdir / "trl"
         trl_args = [
-            "--ds-config", str(run_dir / "ds_config.json"), "--model", str(model), "--data", str(data),
-            "--max-seq-len", str(args.max_seq_len), "--micro-batch", str(args.micro_batch), "--grad-accum", str(args.grad_accum),
-            "--steps", str(args.steps), "--lr", str(train_cfg["lr"]), "--seed", str(train_cfg["seed"]),
-            "--warmup-ratio", str(train_cfg["warmup_ratio"]), "--min-lr-ratio", str(train_cfg["min_lr_ratio"]),
-            "--schedule", str(train_cfg["schedule"]), "--out", str(trl_out),
+            "--ds-config",
+            str(run_dir / "ds_config.json"),
+            "--model",
+            str(model),
+            "--data",
+            str(data),
+            "--max-seq-len",
+            str(args.max_seq_len),
+            "--micro-batch",
+            str(args.micro_batch),
+            "--grad-accum",
+            str(args.grad_accum),
+            "--steps",
+            str(args.steps),
+            "--lr",
+            str(train_cfg["lr"]),
+            "--seed",
+            str(train_cfg["seed"]),
+            "--warmup-ratio",
+            str(train_cfg["warmup_ratio"]),
+            "--min-lr-ratio",
+            str(train_cfg["min_lr_ratio"]),
+            "--schedule",
+            str(train_cfg["schedule"]),
+            "--out",
+            str(trl_out),
         ]
         print(f"[vs_trl] TRL SFTTrainer: same ds_config.json, model, data, batch, steps -> {trl_out}", flush=True)
         trl_wall = run_launch(deepspeed_cmd(args.ranks, "bench/trl_sft.py") + trl_args, workdir / "trl.log", args.timeout)
@@ -202,18 +264,30 @@ def main(argv: list[str] | None = None) -> dict:
         d_rows, t_rows = dtrain_steps(run_dir), trl_steps(trl_metrics)
         results = {
             "config": {
-                "steps": args.steps, "micro_batch": args.micro_batch, "grad_accum": args.grad_accum, "ranks": args.ranks,
-                "global_batch": global_batch, "zero": args.zero, "precision": args.precision, "max_seq_len": args.max_seq_len,
-                "warmup_steps_not_timed": args.warmup, "examples": trl_metrics["examples"], "steps_per_epoch": steps_per_epoch,
-                "data": str(data), "model": str(model), "smoke": args.smoke, "threads_per_rank_trl": trl_metrics["threads_per_rank"],
-                "versions": trl_metrics["versions"], "machine": machine(),
+                "steps": args.steps,
+                "micro_batch": args.micro_batch,
+                "grad_accum": args.grad_accum,
+                "ranks": args.ranks,
+                "global_batch": global_batch,
+                "zero": args.zero,
+                "precision": args.precision,
+                "max_seq_len": args.max_seq_len,
+                "warmup_steps_not_timed": args.warmup,
+                "examples": trl_metrics["examples"],
+                "steps_per_epoch": steps_per_epoch,
+                "data": str(data),
+                "model": str(model),
+                "smoke": args.smoke,
+                "threads_per_rank_trl": trl_metrics["threads_per_rank"],
+                "versions": trl_metrics["versions"],
+                "machine": machine(),
             },
             "dtrain": summarise(d_rows, args.warmup, steps_per_epoch, dtrain_wall),
             "trl": summarise(t_rows, args.warmup, steps_per_epoch, trl_wall),
             "mask_check": {k: v for k, v in trl_metrics["mask_check"].items() if k != "first_difference" or v is not None},
             # Same examples in every step <=> the same trained and input token counts per step (checked, not assumed).
             "same_batches": [(r["trained_tokens"], r["input_tokens"]) for r in d_rows]
-                            == [(r["trained_tokens"], r["input_tokens"]) for r in t_rows],
+            == [(r["trained_tokens"], r["input_tokens"]) for r in t_rows],
         }
         d, t = results["dtrain"], results["trl"]
         results["ratios"] = {
@@ -223,8 +297,10 @@ def main(argv: list[str] | None = None) -> dict:
         results["first_loss_rel_diff"] = abs(d["first_loss"] - t["first_loss"]) / abs(t["first_loss"])
         print(format_table(results))
         mc = results["mask_check"]
-        print(f"same batches in every step: {results['same_batches']}; TRL masks equal to dtrain's on "
-              f"{mc['labels_equal']}/{mc['examples']} examples; first-step loss {d['first_loss']:.4f} vs {t['first_loss']:.4f}")
+        print(
+            f"same batches in every step: {results['same_batches']}; TRL masks equal to dtrain's on "
+            f"{mc['labels_equal']}/{mc['examples']} examples; first-step loss {d['first_loss']:.4f} vs {t['first_loss']:.4f}"
+        )
         if args.json:
             Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
             print(f"wrote {args.json}")

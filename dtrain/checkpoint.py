@@ -32,10 +32,10 @@ from typing import Optional
 import numpy as np
 import torch
 
+from dtrain import faults
 from dtrain.config.schema import CheckpointConfig, JobConfig
 from dtrain.dist import DistInfo, barrier, broadcast_object
 from dtrain.errors import ConfigError
-from dtrain import faults
 
 log = logging.getLogger("dtrain")
 
@@ -76,13 +76,25 @@ def resume_key(job: JobConfig, world_size: int) -> dict[str, str]:
     """
     d, t = job.data, job.train
     key = {
-        "model.path": job.model.path, "model.init": job.model.init,
-        "data.path": d.path, "data.format": d.format, "data.eval_path": d.eval_path, "data.eval_fraction": d.eval_fraction,
-        "data.max_seq_len": d.max_seq_len, "data.train_on": d.train_on, "data.truncation": d.truncation,
-        "data.packing": d.packing, "data.group_by_length": d.group_by_length, "data.chat_template": d.chat_template,
+        "model.path": job.model.path,
+        "model.init": job.model.init,
+        "data.path": d.path,
+        "data.format": d.format,
+        "data.eval_path": d.eval_path,
+        "data.eval_fraction": d.eval_fraction,
+        "data.max_seq_len": d.max_seq_len,
+        "data.train_on": d.train_on,
+        "data.truncation": d.truncation,
+        "data.packing": d.packing,
+        "data.group_by_length": d.group_by_length,
+        "data.chat_template": d.chat_template,
         "data.end_of_turn_token": d.end_of_turn_token,
-        "train.micro_batch_size": t.micro_batch_size, "train.grad_accum_steps": t.grad_accum_steps,
-        "train.seed": t.seed, "world_size": world_size, "zero.stage": job.zero.stage, "precision": job.precision.name,
+        "train.micro_batch_size": t.micro_batch_size,
+        "train.grad_accum_steps": t.grad_accum_steps,
+        "train.seed": t.seed,
+        "world_size": world_size,
+        "zero.stage": job.zero.stage,
+        "precision": job.precision.name,
         **{f"peft.{k}": v for k, v in asdict(job.peft).items()},
     }
     return {k: str(getattr(v, "value", v)) for k, v in key.items()}
@@ -211,13 +223,17 @@ class CheckpointManager:
             self.root.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(partial, ignore_errors=True)  # leftover of a save that died at this same step
         barrier()
-        engine.save_checkpoint(str(self.root), tag=partial.name, save_latest=False,
-                               exclude_frozen_parameters=self.exclude_frozen)
+        engine.save_checkpoint(str(self.root), tag=partial.name, save_latest=False, exclude_frozen_parameters=self.exclude_frozen)
         _write_json(partial / f"rng_rank{self.dist.rank:05d}.json", capture_rng())
         faults.maybe_crash_in_save(state.step, self.dist.rank)
         if self.dist.is_main:
-            payload = {"format": FORMAT_VERSION, "config_hash": config_hash(self.key), "config_key": self.key,
-                       "world_size": self.dist.world_size, **asdict(state)}
+            payload = {
+                "format": FORMAT_VERSION,
+                "config_hash": config_hash(self.key),
+                "config_key": self.key,
+                "world_size": self.dist.world_size,
+                **asdict(state),
+            }
             _write_json(partial / STATE_FILE, payload)
             tokenizer.save_pretrained(partial / "tokenizer")
         # Sync point: every rank's engine files and RNG state are on disk before rank 0 declares the save complete.
@@ -284,8 +300,13 @@ class CheckpointManager:
 
     def restore(self, engine, path: Path) -> TrainerState:
         """Load checkpoint ``path`` (from :meth:`choose`) into ``engine`` and this process's RNGs (every rank)."""
-        load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_module_strict=not self.exclude_frozen,
-                                              load_optimizer_states=True, load_lr_scheduler_states=True)
+        load_path, _ = engine.load_checkpoint(
+            str(path.parent),
+            tag=path.name,
+            load_module_strict=not self.exclude_frozen,
+            load_optimizer_states=True,
+            load_lr_scheduler_states=True,
+        )
         if load_path is None:
             raise ConfigError(f"DeepSpeed could not load the engine state from {path}")
         saved = json.loads((path / STATE_FILE).read_text())

@@ -23,11 +23,10 @@ from torch import nn
 
 from dtrain.data.chat import IGNORE_INDEX
 
-
 # ------------------------------------------------------------------ Liger (optional)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _liger_fused_linear_cross_entropy() -> Optional[Callable]:
     """Liger's functional fused linear cross-entropy, or None when ``liger-kernel`` is not installed."""
     try:
@@ -47,8 +46,7 @@ def liger_available() -> bool:
 def _liger_token_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     fused = _liger_fused_linear_cross_entropy()
     targets = _shifted_targets(labels)
-    loss = fused(hidden.reshape(-1, hidden.size(-1)), weight, targets.reshape(-1),
-                 ignore_index=IGNORE_INDEX, reduction="sum")
+    loss = fused(hidden.reshape(-1, hidden.size(-1)), weight, targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
     return loss.float()
 
 
@@ -69,8 +67,14 @@ def _shifted_targets(labels: torch.Tensor) -> torch.Tensor:
 _WEIGHT_GRAD_SLICE = 8192  # vocabulary rows per half-precision weight-gradient product
 
 
-def _chunk_loss_and_grads(h: torch.Tensor, weight: torch.Tensor, t: torch.Tensor, need_hidden_grad: bool,
-                          need_weight_grad: bool, grad_weight: Optional[torch.Tensor]):
+def _chunk_loss_and_grads(
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    t: torch.Tensor,
+    need_hidden_grad: bool,
+    need_weight_grad: bool,
+    grad_weight: Optional[torch.Tensor],
+):
     """Summed cross-entropy of one chunk of rows and its gradients.
 
     The weight gradient is added into ``grad_weight`` when one is given, else returned in the weight's dtype.
@@ -132,8 +136,8 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         for start in range(0, rows.numel(), chunk_size):
             index = rows[start : start + chunk_size]
             chunk_loss, chunk_grad_hidden, grad_weight = _chunk_loss_and_grads(
-                hidden.index_select(0, index), weight, targets.index_select(0, index), need_hidden_grad,
-                need_weight_grad, grad_weight)
+                hidden.index_select(0, index), weight, targets.index_select(0, index), need_hidden_grad, need_weight_grad, grad_weight
+            )
             loss += chunk_loss
             if grad_hidden is not None:
                 grad_hidden.index_copy_(0, index, chunk_grad_hidden)
@@ -158,8 +162,9 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None, None, None
 
 
-def chunked_token_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_size: int,
-                           use_liger: Optional[bool] = None) -> torch.Tensor:
+def chunked_token_loss_sum(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_size: int, use_liger: Optional[bool] = None
+) -> torch.Tensor:
     """Sum of next-token cross-entropies computed from the last hidden states, ``chunk_size`` rows at a time.
 
     Equals ``dtrain.loss.shifted_token_loss_sum(hidden @ weight.T, labels)`` in value and gradient, but holds at
@@ -184,8 +189,10 @@ def chunked_token_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: t
             cannot run.
     """
     if hidden.dim() != 3 or labels.shape != hidden.shape[:2] or weight.dim() != 2 or weight.size(1) != hidden.size(2):
-        raise ValueError(f"expected hidden [B, S, H], weight [V, H], labels [B, S]; got {tuple(hidden.shape)}, "
-                         f"{tuple(weight.shape)}, {tuple(labels.shape)}")
+        raise ValueError(
+            f"expected hidden [B, S, H], weight [V, H], labels [B, S]; got {tuple(hidden.shape)}, "
+            f"{tuple(weight.shape)}, {tuple(labels.shape)}"
+        )
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     if use_liger is None:
@@ -197,8 +204,9 @@ def chunked_token_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: t
         return _liger_token_loss_sum(hidden, weight, labels)
     targets = _shifted_targets(labels).reshape(-1)
     grad_on = torch.is_grad_enabled()
-    return _ChunkedCrossEntropy.apply(hidden.reshape(-1, hidden.size(-1)), weight, targets, chunk_size,
-                                      grad_on and hidden.requires_grad, grad_on and weight.requires_grad)
+    return _ChunkedCrossEntropy.apply(
+        hidden.reshape(-1, hidden.size(-1)), weight, targets, chunk_size, grad_on and hidden.requires_grad, grad_on and weight.requires_grad
+    )
 
 
 # ------------------------------------------------------------------ the model's output head
@@ -270,9 +278,11 @@ def install_chunked_loss_head(model: nn.Module, chunk_size: int) -> ChunkedLossH
         head.chunk_size = chunk_size
         return head
     if type(head) is not nn.Linear or head.bias is not None:
-        raise ValueError(f"chunked loss needs the output head of {type(model).__name__} to be a bias-free "
-                         f"nn.Linear, found {type(head).__name__ if head is not None else None}"
-                         + (" with a bias" if isinstance(head, nn.Linear) and head.bias is not None else ""))
+        raise ValueError(
+            f"chunked loss needs the output head of {type(model).__name__} to be a bias-free "
+            f"nn.Linear, found {type(head).__name__ if head is not None else None}"
+            + (" with a bias" if isinstance(head, nn.Linear) and head.bias is not None else "")
+        )
     chunked = ChunkedLossHead(head, chunk_size)
     _set_output_head(model, chunked)
     return chunked

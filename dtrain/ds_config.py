@@ -12,8 +12,8 @@ import json
 from pathlib import Path
 from typing import Any, Optional
 
-from dtrain.config.registry import REPO_ROOT
 from dtrain.config.batch import BatchPlan
+from dtrain.config.registry import REPO_ROOT
 from dtrain.config.schema import JobConfig, OptimName, Precision
 from dtrain.errors import ConfigError
 

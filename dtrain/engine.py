@@ -68,8 +68,7 @@ class BatchLoss:
         # use_cache=False matters beyond memory: with a cache, transformers ignores packed position_ids and
         # packed examples would attend to each other.
         # non_blocking: a pinned batch is copied while the GPU is still busy; the kernels that read it wait for it.
-        inputs = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()
-                  if k in ("input_ids", "attention_mask", "position_ids")}
+        inputs = {k: v.to(self.device, non_blocking=True) for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
         return self.engine(**inputs, use_cache=False).logits
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -100,8 +99,11 @@ def build_engine(job: JobConfig, ds_config: dict[str, Any], facts: ModelFacts, t
     # Before deepspeed.initialize: ZeRO-3 hooks the modules present then, and the head must gather its weight.
     loss_head = install_chunked_loss_head(model, job.train.loss_chunk_size) if job.train.loss_chunk_size else None
     if loss_head is not None:
-        log.info("loss: computed from the hidden states %d trained tokens at a time (%s); no [tokens, vocab] logits",
-                 job.train.loss_chunk_size, "Liger's fused kernel" if liger_available() else "dtrain.chunked_loss")
+        log.info(
+            "loss: computed from the hidden states %d trained tokens at a time (%s); no [tokens, vocab] logits",
+            job.train.loss_chunk_size,
+            "Liger's fused kernel" if liger_available() else "dtrain.chunked_loss",
+        )
     trainable_weights = parameter_counts(model)[0] if job.peft.uses_adapters else None
     groups = parameter_groups(model, job.train.weight_decay)
     engine, _, _, scheduler = deepspeed.initialize(

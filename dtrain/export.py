@@ -66,8 +66,9 @@ def gather_parameters(model, dist: DistInfo, trainable_only: bool) -> dict[str, 
     return {name: t for name, t in iter_full_parameters(model, dist, trainable_only) if t is not None}
 
 
-def write_sharded_safetensors(tensors: Iterator[tuple[str, Optional[torch.Tensor]]], out_dir: Path, max_shard_bytes: int,
-                              is_main: bool) -> dict[str, tuple[int, ...]]:
+def write_sharded_safetensors(
+    tensors: Iterator[tuple[str, Optional[torch.Tensor]]], out_dir: Path, max_shard_bytes: int, is_main: bool
+) -> dict[str, tuple[int, ...]]:
     """Write tensors into HF-named safetensors shards of at most ``max_shard_bytes`` (a bigger tensor gets its own).
 
     Drains ``tensors`` on every rank (it may be a collective); only rank 0 writes. Returns name -> shape.
@@ -130,8 +131,7 @@ def save_model(model, tokenizer, out_dir: Path, dist: DistInfo, is_peft: bool, m
             shapes = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(model, state_dict=state).items()}
             model.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
     else:
-        shapes = write_sharded_safetensors(iter_full_parameters(model, dist, trainable_only=False), out_dir,
-                                           max_shard_bytes, dist.is_main)
+        shapes = write_sharded_safetensors(iter_full_parameters(model, dist, trainable_only=False), out_dir, max_shard_bytes, dist.is_main)
         if dist.is_main:
             model.config.use_cache = True  # for users of the exported model; training turned it off
             model.config.save_pretrained(out_dir)
@@ -258,8 +258,9 @@ def merge_lora_run(run_dir: Path, out_dir: Path, max_shard_bytes: int) -> float:
     merged = peft_model.merge_and_unload()
     out_dir.mkdir(parents=True, exist_ok=True)
     one_process = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
-    shapes = write_sharded_safetensors(iter_full_parameters(merged, one_process, trainable_only=False), out_dir,
-                                       max_shard_bytes, is_main=True)
+    shapes = write_sharded_safetensors(
+        iter_full_parameters(merged, one_process, trainable_only=False), out_dir, max_shard_bytes, is_main=True
+    )
     merged.config.use_cache = True
     merged.config.save_pretrained(out_dir)
     if getattr(merged, "generation_config", None) is not None:

@@ -55,7 +55,7 @@ class StepGuard:
                 )
             return "nonfinite"
         self.bad_in_a_row = 0
-        spike = (len(self.recent) >= SPIKE_MIN_HISTORY and loss > self.spike_factor * statistics.median(self.recent))
+        spike = len(self.recent) >= SPIKE_MIN_HISTORY and loss > self.spike_factor * statistics.median(self.recent)
         self.recent = (self.recent + [loss])[-SPIKE_WINDOW:]
         return "spike" if spike else "ok"
 

@@ -132,8 +132,16 @@ class MetricsLogger:
     Built on every rank so the trainer needs no rank checks; only rank 0's instance writes anything.
     """
 
-    def __init__(self, run_dir: Path, is_main: bool, wandb_cfg: WandbConfig, run_config: dict[str, Any], run_name: str,
-                 resume_step: Optional[int] = None, tensorboard: bool = False):
+    def __init__(
+        self,
+        run_dir: Path,
+        is_main: bool,
+        wandb_cfg: WandbConfig,
+        run_config: dict[str, Any],
+        run_name: str,
+        resume_step: Optional[int] = None,
+        tensorboard: bool = False,
+    ):
         """
         Args:
             resume_step: When resuming from a checkpoint of this step, records of later steps (written by the
@@ -233,14 +241,17 @@ def _drop_records_after(path: Path, step: int) -> None:
     lines = [line for line in path.read_text().splitlines() if line.strip()]
     kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
     if len(kept) < len(lines):
-        log.info("metrics.jsonl: dropped %d record(s) after step %d (written after the checkpoint we resume from)", len(lines) - len(kept), step)
+        log.info(
+            "metrics.jsonl: dropped %d record(s) after step %d (written after the checkpoint we resume from)", len(lines) - len(kept), step
+        )
         tmp = path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         tmp.replace(path)
 
 
-def _start_wandb(run_dir: Path, cfg: WandbConfig, mode: WandbMode, run_config: dict[str, Any], run_name: str,
-                 resume: bool) -> Optional[Any]:
+def _start_wandb(
+    run_dir: Path, cfg: WandbConfig, mode: WandbMode, run_config: dict[str, Any], run_name: str, resume: bool
+) -> Optional[Any]:
     try:
         import wandb
     except ImportError:

@@ -8,8 +8,8 @@ from typing import Any, Optional
 
 import torch
 
-from dtrain.config.schema import JobConfig, ModelConfig, ModelInit, PeftConfig, PeftMethod, Precision
 from dtrain.config.checks import check_remote_code
+from dtrain.config.schema import JobConfig, ModelConfig, ModelInit, PeftConfig, PeftMethod, Precision
 
 log = logging.getLogger("dtrain")
 
@@ -122,8 +122,13 @@ def quantization_config(cfg: PeftConfig, dtype: torch.dtype):
     """
     from transformers import BitsAndBytesConfig
 
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.quant_type, bnb_4bit_use_double_quant=cfg.double_quant,
-                              bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=dtype)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=cfg.quant_type,
+        bnb_4bit_use_double_quant=cfg.double_quant,
+        bnb_4bit_compute_dtype=dtype,
+        bnb_4bit_quant_storage=dtype,
+    )
 
 
 def footprint_bytes(model) -> int:
@@ -200,10 +205,20 @@ def _log_quantisation(model, job: JobConfig, num_parameters: int) -> None:
     quantised = [n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
     after = footprint_bytes(model)
     before = num_parameters * TORCH_DTYPES[job.precision.name].itemsize
-    log.info("QLoRA: %d linear layers quantised to 4-bit %s%s (e.g. %s)", len(quantised), job.peft.quant_type,
-             " with double quantisation" if job.peft.double_quant else "", ", ".join(quantised[:3]))
-    log.info("base model footprint: %.2f MiB in %s before quantisation -> %.2f MiB after (%.2fx smaller)",
-             before / 2**20, job.precision.name.value, after / 2**20, before / max(after, 1))
+    log.info(
+        "QLoRA: %d linear layers quantised to 4-bit %s%s (e.g. %s)",
+        len(quantised),
+        job.peft.quant_type,
+        " with double quantisation" if job.peft.double_quant else "",
+        ", ".join(quantised[:3]),
+    )
+    log.info(
+        "base model footprint: %.2f MiB in %s before quantisation -> %.2f MiB after (%.2fx smaller)",
+        before / 2**20,
+        job.precision.name.value,
+        after / 2**20,
+        before / max(after, 1),
+    )
 
 
 def parameter_counts(model) -> tuple[int, int]:

@@ -9,8 +9,9 @@ from dtrain.config.schema import JobConfig
 from dtrain.memory.plan import GiB, ModelShape, plan_for_job, setup_from_job
 
 
-def oom_suggestions(job: JobConfig, shape: ModelShape, world_size: int, gpus_per_node: int,
-                    capacity: Optional[int]) -> list[tuple[str, int, Optional[bool]]]:
+def oom_suggestions(
+    job: JobConfig, shape: ModelShape, world_size: int, gpus_per_node: int, capacity: Optional[int]
+) -> list[tuple[str, int, Optional[bool]]]:
     """``(overrides, planned bytes per GPU, fits)`` for each change, ordered by expected speed (fastest first).
 
     Shorter rows and smaller micro-batches cost nothing per token; recomputation costs ~1/3 more compute; a higher
@@ -37,14 +38,23 @@ def oom_suggestions(job: JobConfig, shape: ModelShape, world_size: int, gpus_per
         candidates.append(("peft=qlora", replace(setup, peft="qlora"), micro, seq))
     out = []
     for overrides, s, m, q in candidates:
-        plan = plan_for_job(job, shape, s, world_size=world_size, gpus_per_node=gpus_per_node, capacity_bytes=capacity,
-                            micro_batch=m, seq_len=q)
+        plan = plan_for_job(
+            job, shape, s, world_size=world_size, gpus_per_node=gpus_per_node, capacity_bytes=capacity, micro_batch=m, seq_len=q
+        )
         out.append((overrides, plan.per_gpu_bytes["total"], plan.fits))
     return out
 
 
-def oom_report(job: JobConfig, shape: ModelShape, world_size: int, gpus_per_node: int, capacity: Optional[int],
-               measured_peak: Optional[int], rank: int, step: int) -> str:
+def oom_report(
+    job: JobConfig,
+    shape: ModelShape,
+    world_size: int,
+    gpus_per_node: int,
+    capacity: Optional[int],
+    measured_peak: Optional[int],
+    rank: int,
+    step: int,
+) -> str:
     """The message a run stops with after an out-of-memory error."""
     plan = plan_for_job(job, shape, world_size=world_size, gpus_per_node=gpus_per_node, capacity_bytes=capacity)
     parts = {k: v for k, v in plan.per_gpu_bytes.items() if k != "total"}
@@ -54,7 +64,8 @@ def oom_report(job: JobConfig, shape: ModelShape, world_size: int, gpus_per_node
     lines = [
         f"out of memory on rank {rank} at step {step} ({peak}planned {plan.per_gpu_bytes['total'] / GiB:.1f} GiB per GPU, "
         f"{dominant} the largest part at {parts[dominant] / GiB:.1f} GiB: "
-        + ", ".join(f"{k} {v / GiB:.1f}" for k, v in parts.items()) + ").",
+        + ", ".join(f"{k} {v / GiB:.1f}" for k, v in parts.items())
+        + ").",
         "Changes that lower it, fastest first (planned GiB per GPU):",
     ]
     for overrides, total, fits in oom_suggestions(job, shape, world_size, gpus_per_node, capacity):
@@ -67,8 +78,9 @@ def oom_report(job: JobConfig, shape: ModelShape, world_size: int, gpus_per_node
     return "\n".join(lines)
 
 
-def first_fitting_combination(job: JobConfig, shape: ModelShape, world_size: int, gpus_per_node: int,
-                              capacity: Optional[int]) -> Optional[tuple[str, int]]:
+def first_fitting_combination(
+    job: JobConfig, shape: ModelShape, world_size: int, gpus_per_node: int, capacity: Optional[int]
+) -> Optional[tuple[str, int]]:
     """Apply the changes cumulatively in speed order (micro-batch 1, recomputation, next ZeRO stages, offload,
     LoRA, QLoRA) and return the first combination that fits, with its planned bytes."""
     if capacity is None:
@@ -88,8 +100,7 @@ def first_fitting_combination(job: JobConfig, shape: ModelShape, world_size: int
     for overrides, change in steps:
         current = change(current)
         applied = [a for a in applied if not (a.startswith("zero=") and overrides.startswith("zero="))] + [overrides]
-        plan = plan_for_job(job, shape, current, world_size=world_size, gpus_per_node=gpus_per_node,
-                            capacity_bytes=capacity, micro_batch=1)
+        plan = plan_for_job(job, shape, current, world_size=world_size, gpus_per_node=gpus_per_node, capacity_bytes=capacity, micro_batch=1)
         if plan.fits:
             return " ".join(applied), plan.per_gpu_bytes["total"]
     return None

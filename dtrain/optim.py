@@ -32,8 +32,9 @@ def build_client_optimizer(groups: list[dict], train: TrainConfig, optim: OptimC
     import bitsandbytes as bnb
 
     # Block-wise 8-bit m and v (2 bytes per parameter + one fp32 scale per 256 values) instead of 8 bytes.
-    return bnb.optim.AdamW8bit(groups, lr=train.lr, betas=(train.adam_beta1, train.adam_beta2), eps=train.adam_eps,
-                               weight_decay=train.weight_decay)
+    return bnb.optim.AdamW8bit(
+        groups, lr=train.lr, betas=(train.adam_beta1, train.adam_beta2), eps=train.adam_eps, weight_decay=train.weight_decay
+    )
 
 
 def lr_multiplier(train: TrainConfig, total_steps: int) -> Callable[[int], float]:

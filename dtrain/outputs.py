@@ -60,16 +60,27 @@ class RunOutputs:
         num_parameters: The model's size (decides the logits check under ``export.verify=auto``).
     """
 
-    def __init__(self, job: JobConfig, run_dir: Path, dist: DistInfo, engine, forward: Callable[[dict], torch.Tensor],
-                 tokenizer, renderer: ChatRenderer, data: PreparedData, num_parameters: int):
+    def __init__(
+        self,
+        job: JobConfig,
+        run_dir: Path,
+        dist: DistInfo,
+        engine,
+        forward: Callable[[dict], torch.Tensor],
+        tokenizer,
+        renderer: ChatRenderer,
+        data: PreparedData,
+        num_parameters: int,
+    ):
         self.job, self.run_dir, self.dist, self.engine, self.forward = job, run_dir, dist, engine, forward
         self.tokenizer, self.renderer, self.data, self.num_parameters = tokenizer, renderer, data, num_parameters
 
     def export(self) -> Path:
         """Write ``final/`` (all ranks take part in the ZeRO-3 gather), then re-read it and check it on rank 0."""
         final = self.run_dir / "final"
-        shapes = save_model(self.engine.module, self.tokenizer, final, self.dist, self.job.peft.uses_adapters,
-                            parse_size(self.job.export.max_shard_size))
+        shapes = save_model(
+            self.engine.module, self.tokenizer, final, self.dist, self.job.peft.uses_adapters, parse_size(self.job.export.max_shard_size)
+        )
         probe = self._write_probe()
         problem = None
         if self.dist.is_main:
@@ -134,8 +145,9 @@ class RunOutputs:
             (self.run_dir / "memory.json").write_text(json.dumps(report, indent=1) + "\n")
             log.info("memory, plan vs measured:\n%s", compare_plan(plan, measured))
 
-    def summarise(self, totals: RunTotals, eval_loss: Optional[float], before: Optional[list[dict]], after: list[dict],
-                  wall_s: float) -> dict[str, Any]:
+    def summarise(
+        self, totals: RunTotals, eval_loss: Optional[float], before: Optional[list[dict]], after: list[dict], wall_s: float
+    ) -> dict[str, Any]:
         """``summary.json`` and ``report.png`` (rank 0), and the closing log lines."""
         summary = {
             "run_dir": str(self.run_dir),
@@ -154,12 +166,23 @@ class RunOutputs:
                 summary["report"] = str(render_report([self.run_dir], self.run_dir / "report.png"))
             except Exception as e:  # a plotting problem must not fail a finished run
                 log.warning("could not draw report.png (%s); retry with python launch/report.py run_dir=%s", e, self.run_dir)
-        log.info("done: %d steps (%d skipped), %s trained tokens of %s seen, eval loss %s, %.0f s, %.0f trained tokens/s",
-                 totals.steps, totals.skipped_steps, f"{totals.trained_tokens:,}", f"{totals.real_tokens:,}",
-                 f"{eval_loss:.4f}" if eval_loss is not None else "-", wall_s, totals.trained_tokens / max(wall_s, 1e-9))
+        log.info(
+            "done: %d steps (%d skipped), %s trained tokens of %s seen, eval loss %s, %.0f s, %.0f trained tokens/s",
+            totals.steps,
+            totals.skipped_steps,
+            f"{totals.trained_tokens:,}",
+            f"{totals.real_tokens:,}",
+            f"{eval_loss:.4f}" if eval_loss is not None else "-",
+            wall_s,
+            totals.trained_tokens / max(wall_s, 1e-9),
+        )
         if after:
             log.info("generation check (%s/samples.jsonl):\n%s", self.run_dir, format_samples(after))
         if before is not None:
-            log.info("exact match on %d held-out prompts: %.1f%% before training -> %.1f%% after",
-                     len(after), 100 * summary["accuracy_before"], 100 * (summary["accuracy_after"] or 0.0))
+            log.info(
+                "exact match on %d held-out prompts: %.1f%% before training -> %.1f%% after",
+                len(after),
+                100 * summary["accuracy_before"],
+                100 * (summary["accuracy_after"] or 0.0),
+            )
         return summary

@@ -59,8 +59,16 @@ class Run:
     def oom_report(self, step: int) -> str:
         """The message after an out-of-memory error, on the failing rank only (no collective)."""
         peak = peak_memory_bytes().get("peak_cuda_reserved")
-        return oom_report(self.job, self.facts.shape, self.dist.world_size, self.dist.local_world_size,
-                          self.memory_plan.capacity_bytes, peak, self.dist.rank, step)
+        return oom_report(
+            self.job,
+            self.facts.shape,
+            self.dist.world_size,
+            self.dist.local_world_size,
+            self.memory_plan.capacity_bytes,
+            peak,
+            self.dist.rank,
+            step,
+        )
 
 
 def build_run(job: JobConfig) -> Run:
@@ -76,13 +84,22 @@ def build_run(job: JobConfig) -> Run:
     # Before anything is (over)written: a checkpoint from other settings is refused here, not after loading.
     ckpt = CheckpointManager(run_dir, job.ckpt, dist, resume_key(job, dist.world_size), exclude_frozen=job.peft.uses_adapters)
     resume_from = ckpt.choose()
-    loader = TrainLoader(data.data.train, resolved.batch, dist.rank, packing=bool(job.data.packing), max_seq_len=job.data.max_seq_len,
-                         seed=job.train.seed, grouping=job.data.group_by_length, pad_token_id=data.tokenizer.pad_token_id)
+    loader = TrainLoader(
+        data.data.train,
+        resolved.batch,
+        dist.rank,
+        packing=bool(job.data.packing),
+        max_seq_len=job.data.max_seq_len,
+        seed=job.train.seed,
+        grouping=job.data.group_by_length,
+        pad_token_id=data.tokenizer.pad_token_id,
+    )
     total_steps = job.train.max_steps or job.train.epochs * loader.steps_per_epoch
     facts = read_model_facts(job, data.data)
     on_gpu = torch.cuda.is_available()
-    ds_config = build_ds_config(job, resolved.batch, hidden_size=facts.hidden_size, num_parameters=facts.num_parameters,
-                                cuda_available=on_gpu)
+    ds_config = build_ds_config(
+        job, resolved.batch, hidden_size=facts.hidden_size, num_parameters=facts.num_parameters, cuda_available=on_gpu
+    )
     write_run_files(resolved, ds_config, run_dir, dist)
     loader.log_plan(data.data, total_steps)
     memory_plan = plan_for_run(job, facts.shape, dist.world_size, dist.local_world_size, ds_config, gpu_capacity_bytes_here())
@@ -92,6 +109,18 @@ def build_run(job: JobConfig) -> Run:
     state = ckpt.restore(parts.engine, resume_from) if resume_from is not None else TrainerState()
     if job.ckpt.every_steps:
         log.info("checkpoints: every %d steps into %s, keeping the last %d", job.ckpt.every_steps, ckpt.root, job.ckpt.keep_last)
-    return Run(job, dist, run_dir, data, loader, total_steps, facts, memory_plan,
-               peak_flops(device_name, job.precision.name == Precision.fp32, job.train.peak_tflops),
-               parts, ckpt, state, resumed=resume_from is not None)
+    return Run(
+        job,
+        dist,
+        run_dir,
+        data,
+        loader,
+        total_steps,
+        facts,
+        memory_plan,
+        peak_flops(device_name, job.precision.name == Precision.fp32, job.train.peak_tflops),
+        parts,
+        ckpt,
+        state,
+        resumed=resume_from is not None,
+    )

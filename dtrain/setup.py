@@ -68,8 +68,15 @@ def load_data(job: JobConfig, dist: DistInfo) -> RunData:
     renderer = ChatRenderer(tokenizer, job.data.train_on, job.data.end_of_turn_token)
     # One token per job, agreed by all ranks: on a shared filesystem one node tokenises, the others wait.
     job_token = broadcast_object(uuid.uuid4().hex if dist.is_main else None)
-    data = load_or_prepare(job.data, renderer, job.train.seed, job.generate.num_prompts,
-                           is_local_main=dist.local_rank == 0, barrier=barrier, job_token=job_token)
+    data = load_or_prepare(
+        job.data,
+        renderer,
+        job.train.seed,
+        job.generate.num_prompts,
+        is_local_main=dist.local_rank == 0,
+        barrier=barrier,
+        job_token=job_token,
+    )
     checked = audit_masks(data.train, renderer, job.train.seed)
     log.info("mask audit: %d examples checked (trained tokens, end-of-turn tokens, labels)", checked)
     return RunData(tokenizer, renderer, data)

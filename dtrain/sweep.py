@@ -61,9 +61,16 @@ def launcher_command(sweep: SweepConfig, overrides: list[str], run_dir: Path, gr
     deepspeed = Path(sys.executable).parent / "deepspeed"
     tag_list = "[" + ",".join(_quote_for_hydra(t) for t in tags) + "]"
     return [
-        str(deepspeed if deepspeed.exists() else "deepspeed"), "--num_gpus", str(sweep.num_gpus), *sweep.launcher_args,
-        "launch/train.py", *overrides, f"output_dir={run_dir}", f"wandb.group={group}",
-        f"wandb.name={group}-{run_dir.name}", f"wandb.tags={tag_list}",
+        str(deepspeed if deepspeed.exists() else "deepspeed"),
+        "--num_gpus",
+        str(sweep.num_gpus),
+        *sweep.launcher_args,
+        "launch/train.py",
+        *overrides,
+        f"output_dir={run_dir}",
+        f"wandb.group={group}",
+        f"wandb.name={group}-{run_dir.name}",
+        f"wandb.tags={tag_list}",
     ]
 
 
@@ -71,8 +78,7 @@ def _quote_for_hydra(value: str) -> str:
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
-def run_job(job: JobConfig, task_overrides: list[str], run_dir: Path, sweep_name: str, swept: list[str],
-            repo_root: Path) -> dict[str, Any]:
+def run_job(job: JobConfig, task_overrides: list[str], run_dir: Path, sweep_name: str, swept: list[str], repo_root: Path) -> dict[str, Any]:
     """Launch one job, wait for it, and write and return its result row (never raises for a failed job).
 
     Args:
@@ -122,13 +128,21 @@ def _stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-def job_result(run_dir: Path, overrides: list[str], exit_code: Optional[int], wall_s: float,
-               swept: Optional[list[str]] = None) -> dict[str, Any]:
+def job_result(
+    run_dir: Path, overrides: list[str], exit_code: Optional[int], wall_s: float, swept: Optional[list[str]] = None
+) -> dict[str, Any]:
     """One row of the table from what the job left in its run directory (``summary.json``, ``metrics.jsonl``)."""
     row: dict[str, Any] = {
-        "job": run_dir.name, "swept": " ".join(swept or []), "overrides": " ".join(overrides), "status": "ok",
+        "job": run_dir.name,
+        "swept": " ".join(swept or []),
+        "overrides": " ".join(overrides),
+        "status": "ok",
         "exit_code": exit_code,
-        "eval_loss": None, "accuracy_after": None, "tokens_per_s": None, "steps": None, "wall_s": round(wall_s, 1),
+        "eval_loss": None,
+        "accuracy_after": None,
+        "tokens_per_s": None,
+        "steps": None,
+        "wall_s": round(wall_s, 1),
         "run_dir": str(run_dir),
     }
     summary_path = run_dir / "summary.json"
@@ -188,6 +202,7 @@ FORMATS = {"eval_loss": "{:.4f}", "accuracy_after": "{:.1%}", "tokens_per_s": "{
 
 def format_table(rows: list[dict[str, Any]], objective: str) -> str:
     """A plain-text table, the best job marked with ``*``, failed jobs with their error below."""
+
     def cell(column: str, value: Any) -> str:
         if value is None or value == "":
             return "-"
@@ -227,5 +242,8 @@ class SweepTable(Callback):
         sweep_dir = Path(config.hydra.sweep.dir)
         rows = collect_results(sweep_dir, config.sweep.objective, SweepDirection(config.sweep.direction))
         json_path, csv_path = write_results(sweep_dir, rows)
-        print(f"\nsweep {sweep_dir.name}: {len(rows)} jobs, {sum(r['status'] == 'ok' for r in rows)} finished\n"
-              f"{format_table(rows, config.sweep.objective)}\nresults: {csv_path} and {json_path}", flush=True)
+        print(
+            f"\nsweep {sweep_dir.name}: {len(rows)} jobs, {sum(r['status'] == 'ok' for r in rows)} finished\n"
+            f"{format_table(rows, config.sweep.objective)}\nresults: {csv_path} and {json_path}",
+            flush=True,
+        )

@@ -70,7 +70,7 @@ class PhaseTimer:
         self.reliable = synchronize or not on_gpu
         self.seconds = dict.fromkeys(self.PHASES, 0.0)
 
-    def __call__(self, phase: str) -> "PhaseTimer":
+    def __call__(self, phase: str) -> PhaseTimer:
         self._phase = phase
         return self
 

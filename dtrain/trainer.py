@@ -41,15 +41,32 @@ class Trainer:
         run = self.run = build_run(job)
         self.job, self.dist, self.state = run.job, run.dist, run.state
         self.engine, self.loss, self.loader, self.batch = run.engine, run.parts.loss, run.loader, run.loader.sampler.batch
-        self.guard = StepGuard(self.job.train.max_bad_steps, self.job.train.spike_factor, self.state.bad_steps_in_a_row,
-                               self.state.recent_losses)
+        self.guard = StepGuard(
+            self.job.train.max_bad_steps, self.job.train.spike_factor, self.state.bad_steps_in_a_row, self.state.recent_losses
+        )
         self.preemption = PreemptionFlag(self.dist.device)
         self.gradient_meter = GradientMeter(self.engine)
         self.measured_activations: Optional[dict] = None
-        self.metrics = MetricsLogger(run.run_dir, self.dist.is_main, self.job.wandb, _plain(self.job), self.job.run_name,
-                                     resume_step=self.state.step if run.resumed else None, tensorboard=self.job.tensorboard)
-        self.outputs = RunOutputs(self.job, run.run_dir, self.dist, self.engine, self.loss.forward, run.data.tokenizer,
-                                  run.data.renderer, run.data.data, run.facts.num_parameters)
+        self.metrics = MetricsLogger(
+            run.run_dir,
+            self.dist.is_main,
+            self.job.wandb,
+            _plain(self.job),
+            self.job.run_name,
+            resume_step=self.state.step if run.resumed else None,
+            tensorboard=self.job.tensorboard,
+        )
+        self.outputs = RunOutputs(
+            self.job,
+            run.run_dir,
+            self.dist,
+            self.engine,
+            self.loss.forward,
+            run.data.tokenizer,
+            run.data.renderer,
+            run.data.data,
+            run.facts.num_parameters,
+        )
         self.started = time.monotonic()
 
     # ------------------------------------------------------------------ training
@@ -152,8 +169,7 @@ class Trainer:
     def _micro_batch_loss(self, micro_batch: dict[str, torch.Tensor], first: bool) -> torch.Tensor:
         """Summed token loss of one micro-batch; the run's first one is measured when ``train.measure_activations``."""
         if first and self.job.train.measure_activations and self.measured_activations is None:
-            loss_sum, self.measured_activations = measure_activations(self.loss, micro_batch, self.engine, self.job,
-                                                                      self.run.facts.shape)
+            loss_sum, self.measured_activations = measure_activations(self.loss, micro_batch, self.engine, self.job, self.run.facts.shape)
             return loss_sum
         return self.loss(micro_batch)
 
@@ -169,17 +185,30 @@ class Trainer:
         flops = step_flops(self.run.facts.shape, total.real_tokens, total.sum_sq_lengths, self.run.parts.trainable_weights)
         phases = {f"time_{p}_s": s if timer.reliable or p == "data" else None for p, s in timer.seconds.items()}
         if timer.seconds["data"] > 0.05 * elapsed and (self.state.step + 1) % 100 == 1:
-            log.warning("step %d: %.0f%% of the step went to preparing data (collation); the GPU waited",
-                        self.state.step + 1, 100 * timer.seconds["data"] / elapsed)
+            log.warning(
+                "step %d: %.0f%% of the step went to preparing data (collation); the GPU waited",
+                self.state.step + 1,
+                100 * timer.seconds["data"] / elapsed,
+            )
         return StepRecord(
-            step=self.state.step + 1, epoch=batch.epoch, loss=_finite_or_none(loss), lr=self.run.parts.scheduler.get_last_lr()[0],
+            step=self.state.step + 1,
+            epoch=batch.epoch,
+            loss=_finite_or_none(loss),
+            lr=self.run.parts.scheduler.get_last_lr()[0],
             grad_norm=_finite_or_none(float(grad_norm)) if grad_norm is not None else None,
-            tokens=total.trained_tokens, input_tokens=total.real_tokens, tokens_seen=self.state.real_tokens,
-            tokens_per_s=total.trained_tokens / elapsed, input_tokens_per_s=total.real_tokens / elapsed,
-            padding_efficiency=total.real_tokens / total.token_slots, step_time_s=elapsed,
-            samples_per_s=self.batch.global_batch_size / elapsed, batch_fingerprint=total.fingerprint,
+            tokens=total.trained_tokens,
+            input_tokens=total.real_tokens,
+            tokens_seen=self.state.real_tokens,
+            tokens_per_s=total.trained_tokens / elapsed,
+            input_tokens_per_s=total.real_tokens / elapsed,
+            padding_efficiency=total.real_tokens / total.token_slots,
+            step_time_s=elapsed,
+            samples_per_s=self.batch.global_batch_size / elapsed,
+            batch_fingerprint=total.fingerprint,
             tflops_per_gpu=flops / elapsed / self.dist.world_size / 1e12,
-            mfu=mfu(flops, elapsed, self.dist.world_size, self.run.peak_flops), skipped=skipped, **phases,
+            mfu=mfu(flops, elapsed, self.dist.world_size, self.run.peak_flops),
+            skipped=skipped,
+            **phases,
         )
 
     @torch.no_grad()
@@ -190,8 +219,9 @@ class Trainer:
             return None
         self.engine.eval()
         loss_sum, tokens = 0.0, 0
-        for batch, trained in eval_batches(examples, self.dist.rank, self.dist.world_size, self.job.train.micro_batch_size,
-                                           self.run.data.tokenizer.pad_token_id):
+        for batch, trained in eval_batches(
+            examples, self.dist.rank, self.dist.world_size, self.job.train.micro_batch_size, self.run.data.tokenizer.pad_token_id
+        ):
             loss_sum += float(self.loss(batch))
             tokens += trained
         self.engine.train()
@@ -214,8 +244,11 @@ class Trainer:
 
     def _stop_for_preemption(self, watchdog: StepWatchdog) -> None:
         """Every rank got here at the same step (``agreed()`` is one reduction): save, then stop."""
-        log.warning("preemption signal (%s on some rank): saving a checkpoint at step %d, then exiting",
-                    self.preemption.signal_name or "received", self.state.step)
+        log.warning(
+            "preemption signal (%s on some rank): saving a checkpoint at step %d, then exiting",
+            self.preemption.signal_name or "received",
+            self.state.step,
+        )
         watchdog.beat(f"preemption checkpoint at step {self.state.step}")
         if self.run.ckpt.last_saved_step != self.state.step:
             self.save_checkpoint()
@@ -227,8 +260,15 @@ class Trainer:
             return
         progress.set_postfix(loss=f"{record.loss:.4f}", lr=f"{record.lr:.2e}")
         if record.step % self.job.train.log_every == 0 or record.step == 1:
-            log.info("step %d/%d loss %.4f lr %.3e grad_norm %.3f tokens/s %.0f", record.step, self.run.total_steps,
-                     record.loss, record.lr, record.grad_norm, record.tokens_per_s)
+            log.info(
+                "step %d/%d loss %.4f lr %.3e grad_norm %.3f tokens/s %.0f",
+                record.step,
+                self.run.total_steps,
+                record.loss,
+                record.lr,
+                record.grad_norm,
+                record.tokens_per_s,
+            )
 
     def _report_unusual_step(self, verdict: str, loss: float, batch: StepBatch) -> None:
         """Warn with the ids of every sample of the step (a collective: the verdict is the same on all ranks)."""
@@ -236,13 +276,23 @@ class Trainer:
         step = self.state.step + 1
         shown = ", ".join(ids[:32]) + (f", ... ({len(ids)} in all)" if len(ids) > 32 else "")
         if verdict == "spike":
-            log.warning("step %d: loss spike %.4f (over %gx the running median); samples: %s", step, loss, self.job.train.spike_factor, shown)
+            log.warning(
+                "step %d: loss spike %.4f (over %gx the running median); samples: %s", step, loss, self.job.train.spike_factor, shown
+            )
         elif verdict == "overflow":
-            log.warning("step %d: fp16 gradient overflow, update skipped by the loss scaler (scale now %s)", step,
-                        getattr(self.engine.optimizer, "loss_scale", "?"))
+            log.warning(
+                "step %d: fp16 gradient overflow, update skipped by the loss scaler (scale now %s)",
+                step,
+                getattr(self.engine.optimizer, "loss_scale", "?"),
+            )
         else:
-            log.warning("step %d: non-finite loss/gradient norm (loss %s), update skipped on every rank (%d in a row); samples: %s",
-                        step, loss, self.guard.bad_in_a_row, shown)
+            log.warning(
+                "step %d: non-finite loss/gradient norm (loss %s), update skipped on every rank (%d in a row); samples: %s",
+                step,
+                loss,
+                self.guard.bad_in_a_row,
+                shown,
+            )
 
     def close(self) -> None:
         self.metrics.close()

@@ -30,18 +30,32 @@ def main(cfg: DictConfig) -> None:
     job = to_job_config(cfg)
     with exit_on_error():
         capacity = gpu_capacity_bytes(job.plan.gpu, job.plan.gpu_memory_gb)
-    config = AutoConfig.from_pretrained(job.model.config_path or job.model.path, trust_remote_code=job.model.trust_remote_code, revision=job.model.revision)
+    config = AutoConfig.from_pretrained(
+        job.model.config_path or job.model.path, trust_remote_code=job.model.trust_remote_code, revision=job.model.revision
+    )
     shape = ModelShape.from_hf_config(config, count_parameters_from_config(config))
     world = job.plan.gpus * job.plan.nodes
     plans = plan_job(job, shape, world, job.plan.gpus, capacity)
     if job.plan.format == PlanFormat.json:
-        print(json.dumps({"model": job.model.path, "num_parameters": shape.num_parameters, "world_size": world,
-                          "micro_batch_size": job.train.micro_batch_size, "seq_len": job.data.max_seq_len,
-                          "configs": [p.as_dict() for p in plans]}, indent=1))
+        print(
+            json.dumps(
+                {
+                    "model": job.model.path,
+                    "num_parameters": shape.num_parameters,
+                    "world_size": world,
+                    "micro_batch_size": job.train.micro_batch_size,
+                    "seq_len": job.data.max_seq_len,
+                    "configs": [p.as_dict() for p in plans],
+                },
+                indent=1,
+            )
+        )
         return
-    print(f"{job.model.path}: {shape.num_parameters / 1e9:.2f}B parameters; {world} GPUs ({job.plan.gpus} x {job.plan.nodes} nodes, "
-          f"{capacity / 10**9 if capacity else '?'} GB each); micro batch {job.train.micro_batch_size} x {job.data.max_seq_len} tokens, "
-          f"{job.precision.name.value}; GiB per GPU:")
+    print(
+        f"{job.model.path}: {shape.num_parameters / 1e9:.2f}B parameters; {world} GPUs ({job.plan.gpus} x {job.plan.nodes} nodes, "
+        f"{capacity / 10**9 if capacity else '?'} GB each); micro batch {job.train.micro_batch_size} x {job.data.max_seq_len} tokens, "
+        f"{job.precision.name.value}; GiB per GPU:"
+    )
     print(format_plans(plans))
     print(f"(* = the config as given; activations assume full rows of data.max_seq_len; GiB = {GiB} bytes)")
 

@@ -1,7 +1,7 @@
 """Draw the run report of a run directory (also written at the end of training), or compare several.
 
-    python launch/report.py run_dir=outputs/tiny_cpu                       # -> outputs/tiny_cpu/report.png
-    python launch/report.py run_dir=outputs/a 'compare=[outputs/b,outputs/c]'   # curves overlaid
+python launch/report.py run_dir=outputs/tiny_cpu                       # -> outputs/tiny_cpu/report.png
+python launch/report.py run_dir=outputs/a 'compare=[outputs/b,outputs/c]'   # curves overlaid
 """
 
 from __future__ import annotations

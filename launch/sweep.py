@@ -50,8 +50,11 @@ def driver_overrides(args: list[str]) -> list[str]:
     and the swept keys for each job's W&B tags."""
     overrides = [a for a in args if not a.startswith("-")]
     added = [] if any(a.startswith("hydra.sweep.dir=") for a in overrides) else [DEFAULT_SWEEP_DIR]
-    added += ["hydra.sweep.subdir=${hydra.job.num}", "+hydra.callbacks.sweep_table._target_=dtrain.sweep.SweepTable",
-              f"+hydra.job.env_set.{SWEPT_KEYS_ENV}='{':'.join(swept_keys_of(overrides))}'"]
+    added += [
+        "hydra.sweep.subdir=${hydra.job.num}",
+        "+hydra.callbacks.sweep_table._target_=dtrain.sweep.SweepTable",
+        f"+hydra.job.env_set.{SWEPT_KEYS_ENV}='{':'.join(swept_keys_of(overrides))}'",
+    ]
     if "hydra/sweeper=optuna" in overrides and not any(a.startswith("hydra.sweeper.direction=") for a in overrides):
         added.append("hydra.sweeper.direction=${sweep.direction}")  # Optuna optimises what the table ranks by
     return added
@@ -61,8 +64,10 @@ if __name__ == "__main__":
     args = sys.argv[1:]
     if not any(a in MULTIRUN_FLAGS for a in args):
         with exit_on_error():
-            raise ConfigError("launch/sweep.py runs sweeps: add -m (python launch/sweep.py -m +exp=tiny_cpu train.lr=1e-4,3e-4); "
-                 "one job is: deepspeed --num_gpus 2 launch/train.py +exp=...")
+            raise ConfigError(
+                "launch/sweep.py runs sweeps: add -m (python launch/sweep.py -m +exp=tiny_cpu train.lr=1e-4,3e-4); "
+                "one job is: deepspeed --num_gpus 2 launch/train.py +exp=..."
+            )
     sys.argv = [sys.argv[0], *args, *driver_overrides(args)]
     register_configs()
     main()

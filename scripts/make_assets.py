@@ -17,13 +17,13 @@ The script then checks that the folder loads with the Auto* classes, that
 decoding round-trips, and that chat-template renderings are token prefixes of
 each other (the SFT masking code relies on it). Same seed -> same bytes.
 """
+
 import json
 import random
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer,
-                          LlamaConfig, PreTrainedTokenizerFast)
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedTokenizerFast
 
 ROOT = Path(__file__).resolve().parent.parent
 ASSETS = ROOT / "dtrain" / "assets"
@@ -37,20 +37,27 @@ SPECIALS = [BOS, IM_START, IM_END, PAD]  # ids 256, 257, 258, 259
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
     "{{ message['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 # RoPE theta 100 (not 10000) and init std 0.08 (~1/sqrt(hidden), not 0.02) make the copy circuit form
 # early and reliably: plain-torch SFT, bs 32, lr 2e-3, 300 steps -> 100/93/99% exact match over seeds
 # 0/1/2; with the Llama defaults only seed 0 got there (seeds 1/2: 17%/3% at step 200).
-MODEL = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4,
-             num_attention_heads=4, num_key_value_heads=4, initializer_range=0.08,
-             rope_parameters={"rope_type": "default", "rope_theta": 100.0},
-             max_position_embeddings=512, tie_word_embeddings=False)
+MODEL = dict(
+    hidden_size=128,
+    intermediate_size=384,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    initializer_range=0.08,
+    rope_parameters={"rope_type": "default", "rope_theta": 100.0},
+    max_position_embeddings=512,
+    tie_word_embeddings=False,
+)
 
 
 def bytes_to_unicode():
     """GPT-2's byte -> printable-char table (what the ByteLevel pre-tokenizer emits)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) \
-        + list(range(ord("®"), ord("ÿ") + 1))
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     cs, n = bs[:], 0
     for b in range(256):
         if b not in bs:
@@ -73,15 +80,26 @@ def build_tokenizer():
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(SPECIALS)
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=BOS, eos_token=IM_END, pad_token=PAD,
-        additional_special_tokens=[IM_START], add_bos_token=False, add_eos_token=False,
-        model_max_length=MODEL["max_position_embeddings"], chat_template=CHAT_TEMPLATE)
+        tokenizer_object=tok,
+        bos_token=BOS,
+        eos_token=IM_END,
+        pad_token=PAD,
+        additional_special_tokens=[IM_START],
+        add_bos_token=False,
+        add_eos_token=False,
+        model_max_length=MODEL["max_position_embeddings"],
+        chat_template=CHAT_TEMPLATE,
+    )
 
 
 def build_config(tokenizer):
-    return LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                       eos_token_id=tokenizer.eos_token_id,
-                       pad_token_id=tokenizer.pad_token_id, **MODEL)
+    return LlamaConfig(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **MODEL,
+    )
 
 
 # --- synthetic task ----------------------------------------------------------
@@ -91,8 +109,7 @@ OPS = {
     # operations (reverse, repeat, lower) and multi-word inputs were tried and need far longer to learn.
     "upper": (str.lower, str.upper),
 }
-SYSTEM_PROMPTS = ["You are a helpful assistant.", "Answer with the result only.",
-                  "You transform text exactly as instructed."]
+SYSTEM_PROMPTS = ["You are a helpful assistant.", "Answer with the result only.", "You transform text exactly as instructed."]
 USER_FORMAT = "{op}: {text}"
 P_SYSTEM, P_MULTI_TURN = 0.15, 0.15
 N_WORDS_WEIGHTS = {1: 1.0}
@@ -106,8 +123,7 @@ class WordSource:
 
     def word(self):
         while True:
-            w = "".join(self.rng.choice("abcdefghijklmnopqrstuvwxyz")
-                        for _ in range(self.rng.randint(3, 8)))
+            w = "".join(self.rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(self.rng.randint(3, 8)))
             if w not in self.banned:
                 self.used.add(w)
                 return w
@@ -130,8 +146,7 @@ def make_conversation(rng, words, idx, split):
         messages.append({"role": "system", "content": rng.choice(SYSTEM_PROMPTS)})
     for _ in range(2 if rng.random() < P_MULTI_TURN else 1):
         op, text, answer = exchange(rng, words)
-        messages += [{"role": "user", "content": USER_FORMAT.format(op=op, text=text)},
-                     {"role": "assistant", "content": answer}]
+        messages += [{"role": "user", "content": USER_FORMAT.format(op=op, text=text)}, {"role": "assistant", "content": answer}]
     return {"id": f"{split}-{idx:05d}", "messages": messages}
 
 
@@ -179,8 +194,7 @@ def check(data):
     cfg = AutoConfig.from_pretrained(TINY)
     model = AutoModelForCausalLM.from_config(cfg)
     assert cfg.vocab_size == len(tok) == model.get_input_embeddings().num_embeddings
-    assert (cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id) == \
-        (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
+    assert (cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id) == (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
     assert tok.pad_token_id != tok.eos_token_id and tok.eos_token == IM_END
     for s in ["hello world", "  two  spaces\nnew line\n", "upper: abc\tdef!?", "~`{}[]"]:
         ids = tok(s)["input_ids"]
@@ -195,32 +209,79 @@ def check(data):
         lengths.append(len(full_ids))
         for k in range(1, len(msgs)):
             gen = msgs[k]["role"] == "assistant"
-            part = tok(tok.apply_chat_template(msgs[:k], tokenize=False,
-                                               add_generation_prompt=gen))["input_ids"]
-            assert full_ids[:len(part)] == part, (row["id"], k)
+            part = tok(tok.apply_chat_template(msgs[:k], tokenize=False, add_generation_prompt=gen))["input_ids"]
+            assert full_ids[: len(part)] == part, (row["id"], k)
     return lengths
 
 
 # Published shapes of the models the memory planner prices without their weights (launch/plan.py).
 PLANNER_CONFIGS = {
-    "llama2_7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                      num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096),
-    "llama2_13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
-                       num_key_value_heads=40, vocab_size=32000, max_position_embeddings=4096),
-    "llama2_70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
-                       num_key_value_heads=8, vocab_size=32000, max_position_embeddings=4096),
-    "llama3_8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                      num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, bos_token_id=128000,
-                      eos_token_id=128001, rope_parameters={"rope_type": "default", "rope_theta": 500000.0}),
+    "llama2_7b": dict(
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=32000,
+        max_position_embeddings=4096,
+    ),
+    "llama2_13b": dict(
+        hidden_size=5120,
+        intermediate_size=13824,
+        num_hidden_layers=40,
+        num_attention_heads=40,
+        num_key_value_heads=40,
+        vocab_size=32000,
+        max_position_embeddings=4096,
+    ),
+    "llama2_70b": dict(
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        vocab_size=32000,
+        max_position_embeddings=4096,
+    ),
+    "llama3_8b": dict(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        max_position_embeddings=8192,
+        bos_token_id=128000,
+        eos_token_id=128001,
+        rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+    ),
     # Llama-3.2-1B / 3B shapes: the GPU throughput benchmark builds them with random weights (bench/throughput.py --shape).
-    "llama3_1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                      num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, bos_token_id=128000,
-                      eos_token_id=128001, tie_word_embeddings=True,
-                      rope_parameters={"rope_type": "default", "rope_theta": 500000.0}),
-    "llama3_3b": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
-                      num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, bos_token_id=128000,
-                      eos_token_id=128001, tie_word_embeddings=True,
-                      rope_parameters={"rope_type": "default", "rope_theta": 500000.0}),
+    "llama3_1b": dict(
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        max_position_embeddings=8192,
+        bos_token_id=128000,
+        eos_token_id=128001,
+        tie_word_embeddings=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+    ),
+    "llama3_3b": dict(
+        hidden_size=3072,
+        intermediate_size=8192,
+        num_hidden_layers=28,
+        num_attention_heads=24,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        max_position_embeddings=8192,
+        bos_token_id=128000,
+        eos_token_id=128001,
+        tie_word_embeddings=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+    ),
 }
 
 
@@ -250,19 +311,29 @@ def main():
     write_jsonl(DATA / "train.jsonl", train)
     write_jsonl(DATA / "eval.jsonl", evals)
     write_jsonl(DATA / "alpaca_sample.jsonl", alpaca)
-    (ASSETS / "README.md").write_text(README.format(
-        seed=SEED, layers=cfg.num_hidden_layers, hidden=cfg.hidden_size,
-        heads=cfg.num_attention_heads, inter=cfg.intermediate_size, vocab=cfg.vocab_size,
-        bos=tok.bos_token_id, ims=tok.convert_tokens_to_ids(IM_START),
-        eos=tok.eos_token_id, pad=tok.pad_token_id, n_train=N_TRAIN, n_eval=N_EVAL,
-        n_alpaca=N_ALPACA, ops=", ".join(f"`{o}`" for o in sorted(OPS))))
+    (ASSETS / "README.md").write_text(
+        README.format(
+            seed=SEED,
+            layers=cfg.num_hidden_layers,
+            hidden=cfg.hidden_size,
+            heads=cfg.num_attention_heads,
+            inter=cfg.intermediate_size,
+            vocab=cfg.vocab_size,
+            bos=tok.bos_token_id,
+            ims=tok.convert_tokens_to_ids(IM_START),
+            eos=tok.eos_token_id,
+            pad=tok.pad_token_id,
+            n_train=N_TRAIN,
+            n_eval=N_EVAL,
+            n_alpaca=N_ALPACA,
+            ops=", ".join(f"`{o}`" for o in sorted(OPS)),
+        )
+    )
 
     for name, rows in [("train", train), ("eval", evals)]:
         lens = check(rows)
-        print(f"{name}: {len(rows)} conversations, rendered tokens "
-              f"min {min(lens)} mean {sum(lens) / len(lens):.1f} max {max(lens)}")
-    print(f"vocab {cfg.vocab_size}, special ids",
-          {t: tok.convert_tokens_to_ids(t) for t in SPECIALS})
+        print(f"{name}: {len(rows)} conversations, rendered tokens min {min(lens)} mean {sum(lens) / len(lens):.1f} max {max(lens)}")
+    print(f"vocab {cfg.vocab_size}, special ids", {t: tok.convert_tokens_to_ids(t) for t in SPECIALS})
 
 
 if __name__ == "__main__":

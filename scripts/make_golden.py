@@ -17,8 +17,15 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = REPO_ROOT / "tests" / "golden" / "tiny_cpu_fp32.json"
-OVERRIDES = ["+exp=tiny_cpu", "precision=fp32", "train.max_steps=40", "train.log_every=10", "train.eval_every=20",
-             "generate.num_prompts=0", "generate.before_training=false"]
+OVERRIDES = [
+    "+exp=tiny_cpu",
+    "precision=fp32",
+    "train.max_steps=40",
+    "train.log_every=10",
+    "train.eval_every=20",
+    "generate.num_prompts=0",
+    "generate.before_training=false",
+]
 STEP_FIELDS = ("step", "loss", "grad_norm", "lr", "tokens", "input_tokens")
 NUM_RANKS = 2
 
@@ -29,8 +36,16 @@ def main() -> None:
     from dtrain.metrics import read_metrics
 
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(NUM_RANKS), "--master_port", str(free_port()),
-               "launch/train.py", f"output_dir={tmp}/run", *OVERRIDES]
+        cmd = [
+            str(Path(sys.executable).parent / "deepspeed"),
+            "--num_gpus",
+            str(NUM_RANKS),
+            "--master_port",
+            str(free_port()),
+            "launch/train.py",
+            f"output_dir={tmp}/run",
+            *OVERRIDES,
+        ]
         subprocess.run(cmd, cwd=REPO_ROOT, check=True, env={**os.environ, "WANDB_MODE": "disabled"})
         metrics = read_metrics(Path(tmp) / "run")
     previous = json.loads(GOLDEN.read_text()) if GOLDEN.is_file() else {}

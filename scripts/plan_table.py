@@ -1,6 +1,6 @@
 """Print the memory planner's table for docs/MEMORY.md: 7B/8B/13B/70B, full and LoRA, on 8 x 80 GB.
 
-    .venv/bin/python scripts/plan_table.py
+.venv/bin/python scripts/plan_table.py
 """
 
 from dtrain.config import asset_path, compose_job
@@ -28,12 +28,23 @@ def main() -> None:
         config = AutoConfig.from_pretrained(asset_path(f"configs/{name}"))
         shape = ModelShape.from_hf_config(config, count_parameters_from_config(config))
         for setup in SETUPS:
-            plan = plan_memory(shape, setup, precision=precision, micro_batch=4, seq_len=2048, world_size=8,
-                               gpus_per_node=8, lora_r=16, capacity_bytes=80 * 10**9)
+            plan = plan_memory(
+                shape,
+                setup,
+                precision=precision,
+                micro_batch=4,
+                seq_len=2048,
+                world_size=8,
+                gpus_per_node=8,
+                lora_r=16,
+                capacity_bytes=80 * 10**9,
+            )
             g = {k: f"{v / GiB:.1f}" for k, v in plan.per_gpu_bytes.items()}
-            print(f"| {name} ({shape.num_parameters / 1e9:.1f}B) | {setup.label} | {g['params']} | {g['grads']} | "
-                  f"{g['optimizer']} | {g['activations']} | {g['other']} | **{g['total']}** | "
-                  f"{plan.per_node_cpu_bytes / GiB:.0f} | {'yes' if plan.fits else 'no'} |")
+            print(
+                f"| {name} ({shape.num_parameters / 1e9:.1f}B) | {setup.label} | {g['params']} | {g['grads']} | "
+                f"{g['optimizer']} | {g['activations']} | {g['other']} | **{g['total']}** | "
+                f"{plan.per_node_cpu_bytes / GiB:.0f} | {'yes' if plan.fits else 'no'} |"
+            )
 
 
 if __name__ == "__main__":

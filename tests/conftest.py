@@ -37,16 +37,23 @@ def tiny_pretrained(tmp_path_factory) -> Path:
     return out
 
 
-def launch_train(overrides: list[str], run_dir: Path, num_ranks: int = 2, timeout: int = 600,
-                 env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def launch_train(
+    overrides: list[str], run_dir: Path, num_ranks: int = 2, timeout: int = 600, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     """Run ``deepspeed --num_gpus N launch/train.py ...`` for real and return the finished process.
 
     ``env`` adds variables (e.g. the ``DTRAIN_FAULT_*`` injections of ``dtrain/faults.py``).
     """
     deepspeed_bin = Path(sys.executable).parent / "deepspeed"
     cmd = [
-        str(deepspeed_bin), "--num_gpus", str(num_ranks), "--master_port", str(free_port()),
-        "launch/train.py", f"output_dir={run_dir}", *overrides,
+        str(deepspeed_bin),
+        "--num_gpus",
+        str(num_ranks),
+        "--master_port",
+        str(free_port()),
+        "launch/train.py",
+        f"output_dir={run_dir}",
+        *overrides,
     ]
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled", **(env or {})}
     return subprocess.run(cmd, cwd=REPO_ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)

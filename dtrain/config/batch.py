@@ -21,7 +21,7 @@ class BatchPlan:
     world_size: int
 
     @classmethod
-    def from_config(cls, train: TrainConfig, world_size: int) -> "BatchPlan":
+    def from_config(cls, train: TrainConfig, world_size: int) -> BatchPlan:
         if train.micro_batch_size < 1 or train.grad_accum_steps < 1 or world_size < 1:
             raise ConfigError(
                 f"train.micro_batch_size ({train.micro_batch_size}), train.grad_accum_steps "

@@ -28,8 +28,9 @@ def check_job(job: JobConfig, *, cuda_available: bool) -> None:
     if train.max_steps is None and train.epochs < 1:
         raise ConfigError(f"train.epochs={train.epochs}: must be >= 1")
     if train.micro_batch_size < 1 or train.grad_accum_steps < 1:
-        raise ConfigError(f"train.micro_batch_size ({train.micro_batch_size}) and train.grad_accum_steps "
-                          f"({train.grad_accum_steps}) must be >= 1")
+        raise ConfigError(
+            f"train.micro_batch_size ({train.micro_batch_size}) and train.grad_accum_steps ({train.grad_accum_steps}) must be >= 1"
+        )
     if job.peft.uses_adapters and job.model.init == ModelInit.random:
         raise ConfigError(
             f"peft={job.peft.method.value} with model.init=random would train adapters on random weights that are saved "

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Sequence
-
-import dataclasses
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf

@@ -30,7 +30,7 @@ def audit_example(example: TokenizedExample, renderer: ChatRenderer) -> str | No
     if renderer.train_on == TrainOn.all:
         return None
     spans = _trained_spans(example)
-    for k, (start, end) in enumerate(spans):
+    for k, (_start, end) in enumerate(spans):
         cut_by_truncation = example.truncated and k == len(spans) - 1 and end == len(example.input_ids)
         if example.input_ids[end - 1] != renderer.end_of_turn_id and not cut_by_truncation:
             return "a trained assistant span does not end with its end-of-turn token (the model would not learn to stop)"

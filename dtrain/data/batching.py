@@ -7,10 +7,9 @@ from typing import Iterator, Optional
 
 import torch
 
+from dtrain.config.batch import BatchPlan
 from dtrain.config.schema import LengthGrouping
 from dtrain.data.chat import IGNORE_INDEX, TokenizedExample
-from dtrain.config.batch import BatchPlan
-
 
 LENGTH_GROUP_BATCHES = 64
 
@@ -24,8 +23,15 @@ class StepSampler:
     epoch's shuffle), so no rank ever waits in a collective that another rank skips.
     """
 
-    def __init__(self, num_examples: int, batch: BatchPlan, rank: int, seed: int, lengths: Optional[list[int]] = None,
-                 grouping: LengthGrouping = LengthGrouping.none):
+    def __init__(
+        self,
+        num_examples: int,
+        batch: BatchPlan,
+        rank: int,
+        seed: int,
+        lengths: Optional[list[int]] = None,
+        grouping: LengthGrouping = LengthGrouping.none,
+    ):
         """
         Args:
             num_examples: Units to sample from (examples, or packed rows).

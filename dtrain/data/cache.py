@@ -50,7 +50,9 @@ def cache_key(cfg: DataConfig, renderer: ChatRenderer, seed: int, num_prompts: i
         "code": hashlib.sha256(b"".join((here / name).read_bytes() for name in PIPELINE_SOURCES)).hexdigest(),
         "data_config": json.loads(json.dumps(asdict(cfg), default=lambda v: getattr(v, "value", str(v)))),
         "files": [_file_identity(cfg.path), _file_identity(cfg.eval_path) if cfg.eval_path else None],
-        "tokenizer": hashlib.sha256(tok.backend_tokenizer.to_str().encode()).hexdigest() if hasattr(tok, "backend_tokenizer") else tok.name_or_path,
+        "tokenizer": hashlib.sha256(tok.backend_tokenizer.to_str().encode()).hexdigest()
+        if hasattr(tok, "backend_tokenizer")
+        else tok.name_or_path,
         "chat_template": tok.chat_template,
         "special_tokens": [tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, renderer.end_of_turn_id],
         "seed": seed,
@@ -73,8 +75,11 @@ def _load_examples(folder: Path, name: str, meta: list) -> list[TokenizedExample
     lengths = np.load(folder / f"{name}_lengths.npy", allow_pickle=False).tolist()
     out, offset = [], 0
     for (source, last_turn, truncated), n in zip(meta, lengths):
-        out.append(TokenizedExample(source, ids[offset : offset + n], labels[offset : offset + n],
-                                    tuple(last_turn) if last_turn else None, truncated))
+        out.append(
+            TokenizedExample(
+                source, ids[offset : offset + n], labels[offset : offset + n], tuple(last_turn) if last_turn else None, truncated
+            )
+        )
         offset += n
     return out
 
@@ -131,8 +136,14 @@ def _claim(lock: Path, token: str) -> bool:
 
 
 def load_or_prepare(
-    cfg: DataConfig, renderer: ChatRenderer, seed: int, num_prompts: int, *, is_local_main: bool,
-    barrier: Callable[[], None], job_token: str = "",
+    cfg: DataConfig,
+    renderer: ChatRenderer,
+    seed: int,
+    num_prompts: int,
+    *,
+    is_local_main: bool,
+    barrier: Callable[[], None],
+    job_token: str = "",
 ) -> PreparedData:
     """Prepared data from the cache, or prepared (by one local main rank) and cached for everyone.
 

@@ -85,7 +85,9 @@ class ChatRenderer:
         full = self.encode_text(self.tokenizer.apply_chat_template(messages, tokenize=False))
         bos = self.tokenizer.bos_token_id
         if bos is not None and full[:2] == [bos, bos]:
-            raise DataError(f"{source}: the rendered conversation starts with two BOS tokens; the chat template and the tokenizer both add one")
+            raise DataError(
+                f"{source}: the rendered conversation starts with two BOS tokens; the chat template and the tokenizer both add one"
+            )
         if self.train_on == TrainOn.all:
             return TokenizedExample(source, full, list(full))
         labels = [IGNORE_INDEX] * len(full)

@@ -64,7 +64,9 @@ def _check_messages(source: str, messages: Any) -> None:
     turns = roles[1:] if roles[0] == "system" else roles
     expected = ["user", "assistant"] * len(turns)
     if turns != expected[: len(turns)]:
-        raise InvalidRecord(source, "non-alternating roles", f"got {roles}; expected an optional system message, then user/assistant turns in alternation")
+        raise InvalidRecord(
+            source, "non-alternating roles", f"got {roles}; expected an optional system message, then user/assistant turns in alternation"
+        )
     if "assistant" not in turns:
         raise InvalidRecord(source, "no assistant turn", "nothing would be trained")
     for i, m in enumerate(messages):

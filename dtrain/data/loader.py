@@ -49,7 +49,7 @@ class BatchStats:
         return list(astuple(self))
 
     @classmethod
-    def from_list(cls, values: Sequence[float]) -> "BatchStats":
+    def from_list(cls, values: Sequence[float]) -> BatchStats:
         return cls(*(int(v) for v in values))
 
 
@@ -98,8 +98,18 @@ class TrainLoader:
         pad_token_id: Padding id (masked by position, never by id).
     """
 
-    def __init__(self, examples: Sequence[TokenizedExample], batch: BatchPlan, rank: int, *, packing: bool, max_seq_len: int,
-                 seed: int, grouping: LengthGrouping, pad_token_id: int):
+    def __init__(
+        self,
+        examples: Sequence[TokenizedExample],
+        batch: BatchPlan,
+        rank: int,
+        *,
+        packing: bool,
+        max_seq_len: int,
+        seed: int,
+        grouping: LengthGrouping,
+        pad_token_id: int,
+    ):
         self.packing = packing
         self.pad_token_id = pad_token_id
         self.num_examples = len(examples)
@@ -131,8 +141,9 @@ class TrainLoader:
         while True:
             epoch, start = divmod(step, self.steps_per_epoch)
             # The next steps' batches are collated (and pinned on a GPU machine) while this step computes.
-            with Prefetcher(self.sampler.steps(epoch, start), lambda idx: self.collate([self.units[i] for i in idx]),
-                            pin_memory=pin_memory) as prefetched:
+            with Prefetcher(
+                self.sampler.steps(epoch, start), lambda idx: self.collate([self.units[i] for i in idx]), pin_memory=pin_memory
+            ) as prefetched:
                 for micro_indices, batches, wait_s in prefetched:
                     examples = [e for idx in micro_indices for i in idx for e in self.units[i]]
                     yield StepBatch(epoch, batches, examples, step_stats(examples, batches), wait_s)
@@ -154,10 +165,24 @@ class TrainLoader:
         b = self.sampler.batch
         trained = sum(e.num_trained for e in data.train)
         total = sum(len(e.input_ids) for e in data.train)
-        log.info("batch: %d micro x %d accumulation x %d ranks = %d %s per optimizer step",
-                 b.micro_batch_size, b.grad_accum_steps, b.world_size, b.global_batch_size, self.unit_name)
-        log.info("data: %d train / %d eval examples, %d tokens of which %d trained (%.1f%%); %d steps/epoch, %d total steps",
-                 len(data.train), len(data.eval), total, trained, 100.0 * trained / max(total, 1), self.steps_per_epoch, total_steps)
+        log.info(
+            "batch: %d micro x %d accumulation x %d ranks = %d %s per optimizer step",
+            b.micro_batch_size,
+            b.grad_accum_steps,
+            b.world_size,
+            b.global_batch_size,
+            self.unit_name,
+        )
+        log.info(
+            "data: %d train / %d eval examples, %d tokens of which %d trained (%.1f%%); %d steps/epoch, %d total steps",
+            len(data.train),
+            len(data.eval),
+            total,
+            trained,
+            100.0 * trained / max(total, 1),
+            self.steps_per_epoch,
+            total_steps,
+        )
         for reason, count in sorted(data.dropped.items()):
             log.warning("dropped %d example(s): %s", count, reason)
         for reason, count in sorted(data.truncated.items()):
@@ -165,11 +190,17 @@ class TrainLoader:
         if self.packing:
             log.info("packing: %d examples into %d rows of <= %d tokens", self.num_examples, len(self.units), self.max_seq_len)
         layout = f"{'packed' if self.packing else 'padded'}, group_by_length={self.sampler.grouping.value}"
-        log.info("padding efficiency (real tokens / token slots) planned for epoch 0: %.1f%% (%s)",
-                 100 * self.planned_padding_efficiency(), layout)
+        log.info(
+            "padding efficiency (real tokens / token slots) planned for epoch 0: %.1f%% (%s)",
+            100 * self.planned_padding_efficiency(),
+            layout,
+        )
         if self.sampler.unused_per_epoch:
-            log.info("%d %s per epoch do not fill a global batch; each epoch's shuffle leaves out different ones",
-                     self.sampler.unused_per_epoch, self.unit_name)
+            log.info(
+                "%d %s per epoch do not fill a global batch; each epoch's shuffle leaves out different ones",
+                self.sampler.unused_per_epoch,
+                self.unit_name,
+            )
 
 
 def step_stats(examples: Sequence[TokenizedExample], batches: Sequence[dict[str, torch.Tensor]]) -> BatchStats:
@@ -183,8 +214,9 @@ def step_stats(examples: Sequence[TokenizedExample], batches: Sequence[dict[str,
     )
 
 
-def eval_batches(examples: Sequence[TokenizedExample], rank: int, world_size: int, micro_batch_size: int,
-                 pad_token_id: int) -> Iterator[tuple[dict[str, torch.Tensor], int]]:
+def eval_batches(
+    examples: Sequence[TokenizedExample], rank: int, world_size: int, micro_batch_size: int, pad_token_id: int
+) -> Iterator[tuple[dict[str, torch.Tensor], int]]:
     """This rank's eval micro-batches and their trained-token counts: the same number of batches on every rank
     (each forward is a ZeRO-3 collective); a rank with fewer examples gets a fully masked filler batch that adds
     nothing to the loss sums.
@@ -201,4 +233,3 @@ def probe_batch(examples: Sequence[TokenizedExample], pad_token_id: int, max_tok
     """A short padded batch of the first examples, each cut to ``max_tokens`` (cheap to re-run on CPU)."""
     cut = [TokenizedExample(e.source, e.input_ids[:max_tokens], e.labels[:max_tokens]) for e in examples]
     return collate(cut, pad_token_id)
-

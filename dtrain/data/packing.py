@@ -98,7 +98,8 @@ def padded_efficiency(lengths: list[int], micro_batch: int, seed: int) -> float:
 
 def choose_packing(lengths: list[int], micro_batch: int, seed: int) -> tuple[bool, float]:
     """``data.packing=null``: pack when the data is mixed-length, i.e. padded micro-batches in shuffled order would
-    hold under 90% real tokens (before ``data.group_by_length`` sorts them: a property of the data, not the layout). Deterministic (same data, batch and seed give the same answer on every rank and every restart).
+    hold under 90% real tokens (before ``data.group_by_length`` sorts them: a property of the data, not the layout).
+    Deterministic: the same data, batch and seed give the same answer on every rank and every restart.
 
     Returns:
         ``(pack, padded efficiency)``.

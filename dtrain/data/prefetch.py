@@ -24,8 +24,13 @@ class Prefetcher:
     Use as a context manager, so the thread stops when the loop ends early (preemption, an error, max steps).
     """
 
-    def __init__(self, steps: Iterable[list[list[int]]], collate: Callable[[list[int]], dict[str, torch.Tensor]],
-                 depth: int = 2, pin_memory: bool = False):
+    def __init__(
+        self,
+        steps: Iterable[list[list[int]]],
+        collate: Callable[[list[int]], dict[str, torch.Tensor]],
+        depth: int = 2,
+        pin_memory: bool = False,
+    ):
         self._steps = steps
         self._collate = collate
         self._pin = pin_memory
@@ -54,7 +59,7 @@ class Prefetcher:
                 continue
         return False
 
-    def __enter__(self) -> "Prefetcher":
+    def __enter__(self) -> Prefetcher:
         self._thread.start()
         return self
 

@@ -1,7 +1,7 @@
 """Showing exactly which tokens are trained: highlighted text for people, JSON for other tools.
 
-    python launch/preview.py +exp=tiny_cpu preview.n=3
-    python launch/preview.py +exp=tiny_cpu data.packing=true preview.format=json
+python launch/preview.py +exp=tiny_cpu preview.n=3
+python launch/preview.py +exp=tiny_cpu data.packing=true preview.format=json
 """
 
 from __future__ import annotations

@@ -182,11 +182,24 @@ def measure_activations(loss_fn, batch: dict, engine, job, shape) -> tuple[objec
 
     loss_sum, saved = measure_saved_bytes(lambda: loss_fn(batch), exclude=list(engine.module.parameters()))
     rows, width = batch["input_ids"].shape
-    planned = activation_bytes(shape, rows, width, DTYPE_BYTES[job.precision.name], job.model.gradient_checkpointing,
-                               job.peft.r if job.peft.uses_adapters else 0, job.peft.uses_adapters and job.peft.dropout > 0,
-                               include_recompute=False, loss_chunk_size=job.train.loss_chunk_size,
-                               head_trainable=not job.peft.uses_adapters)
+    planned = activation_bytes(
+        shape,
+        rows,
+        width,
+        DTYPE_BYTES[job.precision.name],
+        job.model.gradient_checkpointing,
+        job.peft.r if job.peft.uses_adapters else 0,
+        job.peft.uses_adapters and job.peft.dropout > 0,
+        include_recompute=False,
+        loss_chunk_size=job.train.loss_chunk_size,
+        head_trainable=not job.peft.uses_adapters,
+    )
     figures = {"micro_batch": rows, "seq_len": width, "measured_bytes": saved, "planned_bytes": planned}
-    log.info("activations of one %d x %d micro-batch: measured %.1f MiB saved for backward, planned %.1f MiB",
-             rows, width, saved / 2**20, planned / 2**20)
+    log.info(
+        "activations of one %d x %d micro-batch: measured %.1f MiB saved for backward, planned %.1f MiB",
+        rows,
+        width,
+        saved / 2**20,
+        planned / 2**20,
+    )
     return loss_sum, figures

@@ -48,7 +48,7 @@ class ModelShape:
     vocab: int
 
     @classmethod
-    def from_hf_config(cls, config, num_parameters: int) -> "ModelShape":
+    def from_hf_config(cls, config, num_parameters: int) -> ModelShape:
         heads = config.num_attention_heads
         return cls(
             num_parameters=num_parameters,
@@ -90,7 +90,8 @@ class PlanSetup:
     @property
     def label(self) -> str:
         offload = "+offload(opt,params)" if self.offload_params else "+offload(opt)" if self.offload_optimizer else ""
-        return f"zero{self.zero}{offload} {self.peft}{' ckpt' if self.gradient_checkpointing else ''}{' adamw8bit' if self.optim == 'adamw_8bit' else ''}"
+        extras = (" ckpt" if self.gradient_checkpointing else "") + (" adamw8bit" if self.optim == "adamw_8bit" else "")
+        return f"zero{self.zero}{offload} {self.peft}{extras}"
 
 
 @dataclass
@@ -109,9 +110,15 @@ class MemoryPlan:
         return self.per_gpu_bytes["total"] <= USABLE_FRACTION * self.capacity_bytes
 
     def as_dict(self) -> dict:
-        return {**asdict(self.setup), "label": self.setup.label, "per_gpu_bytes": self.per_gpu_bytes,
-                "per_node_cpu_bytes": self.per_node_cpu_bytes, "per_rank_cpu_bytes": self.per_rank_cpu_bytes,
-                "capacity_bytes": self.capacity_bytes, "fits": self.fits}
+        return {
+            **asdict(self.setup),
+            "label": self.setup.label,
+            "per_gpu_bytes": self.per_gpu_bytes,
+            "per_node_cpu_bytes": self.per_node_cpu_bytes,
+            "per_rank_cpu_bytes": self.per_rank_cpu_bytes,
+            "capacity_bytes": self.capacity_bytes,
+            "fits": self.fits,
+        }
 
 
 def layer_bytes_per_token(shape: ModelShape, dtype_bytes: int) -> int:
@@ -120,9 +127,18 @@ def layer_bytes_per_token(shape: ModelShape, dtype_bytes: int) -> int:
     return dtype_bytes * (4 * i + 6 * h + 2 * kv) + 8 * h + 4 * shape.heads
 
 
-def activation_bytes(shape: ModelShape, micro_batch: int, seq_len: int, dtype_bytes: int, checkpointing: bool,
-                     lora_r: int = 0, lora_dropout: bool = False, include_recompute: bool = True,
-                     loss_chunk_size: Optional[int] = None, head_trainable: bool = True) -> int:
+def activation_bytes(
+    shape: ModelShape,
+    micro_batch: int,
+    seq_len: int,
+    dtype_bytes: int,
+    checkpointing: bool,
+    lora_r: int = 0,
+    lora_dropout: bool = False,
+    include_recompute: bool = True,
+    loss_chunk_size: Optional[int] = None,
+    head_trainable: bool = True,
+) -> int:
     """Bytes autograd keeps for one micro-batch's backward.
 
     Per token and decoder layer (Llama, SDPA): MLP gate/up/act/product (4 x intermediate), q/k/v/attention output,
@@ -156,11 +172,23 @@ def activation_bytes(shape: ModelShape, micro_batch: int, seq_len: int, dtype_by
     return tokens * per_token + weight_grad
 
 
-def plan_memory(shape: ModelShape, setup: PlanSetup, *, precision: Precision, micro_batch: int, seq_len: int,
-                world_size: int, gpus_per_node: int, lora_r: int = 16, lora_dropout: bool = True,
-                double_quant: bool = True, bucket_elements: int = 0, capacity_bytes: Optional[int] = None,
-                loss_chunk_size: Optional[int] = None,
-                on_gpu: bool = True) -> MemoryPlan:
+def plan_memory(
+    shape: ModelShape,
+    setup: PlanSetup,
+    *,
+    precision: Precision,
+    micro_batch: int,
+    seq_len: int,
+    world_size: int,
+    gpus_per_node: int,
+    lora_r: int = 16,
+    lora_dropout: bool = True,
+    double_quant: bool = True,
+    bucket_elements: int = 0,
+    capacity_bytes: Optional[int] = None,
+    loss_chunk_size: Optional[int] = None,
+    on_gpu: bool = True,
+) -> MemoryPlan:
     """Per-GPU bytes by component, and per-node CPU bytes, for one setup."""
     b = DTYPE_BYTES[precision]
     n = max(1, world_size)
@@ -188,9 +216,17 @@ def plan_memory(shape: ModelShape, setup: PlanSetup, *, precision: Precision, mi
         grads = max(grads, trainable * b)
     optim_per_param = 12 if setup.optim == "adamw" else 4 + 2 + 8 / 256
     optimizer = trainable * optim_per_param / (n if setup.zero >= 1 else 1)
-    activations = activation_bytes(shape, micro_batch, seq_len, b, setup.gradient_checkpointing,
-                                   lora_r if adapters else 0, lora_dropout and adapters,
-                                   loss_chunk_size=loss_chunk_size, head_trainable=not adapters)
+    activations = activation_bytes(
+        shape,
+        micro_batch,
+        seq_len,
+        b,
+        setup.gradient_checkpointing,
+        lora_r if adapters else 0,
+        lora_dropout and adapters,
+        loss_chunk_size=loss_chunk_size,
+        head_trainable=not adapters,
+    )
     other = 2 * bucket_elements * b + (CUDA_CONTEXT_BYTES if on_gpu else 0)
     if setup.zero == 3:
         largest_layer = max(shape.vocab * shape.hidden, sum(a * c for a, c in shape.linear_shapes))
@@ -210,9 +246,14 @@ def plan_memory(shape: ModelShape, setup: PlanSetup, *, precision: Precision, mi
 
 
 def setup_from_job(job: JobConfig) -> PlanSetup:
-    return PlanSetup(zero=job.zero.stage, offload_optimizer=job.zero.offload_optimizer, offload_params=job.zero.offload_params,
-                     peft=job.peft.method.value, gradient_checkpointing=job.model.gradient_checkpointing,
-                     optim=job.optim.name.value)
+    return PlanSetup(
+        zero=job.zero.stage,
+        offload_optimizer=job.zero.offload_optimizer,
+        offload_params=job.zero.offload_params,
+        peft=job.peft.method.value,
+        gradient_checkpointing=job.model.gradient_checkpointing,
+        optim=job.optim.name.value,
+    )
 
 
 def alternatives(chosen: PlanSetup) -> list[PlanSetup]:
@@ -223,35 +264,61 @@ def alternatives(chosen: PlanSetup) -> list[PlanSetup]:
             continue
         if peft == "qlora" and offload == "opt+params":
             continue
-        s = replace(chosen, zero=zero, offload_optimizer=offload != "none", offload_params=offload == "opt+params",
-                    peft=peft, gradient_checkpointing=ckpt)
+        s = replace(
+            chosen,
+            zero=zero,
+            offload_optimizer=offload != "none",
+            offload_params=offload == "opt+params",
+            peft=peft,
+            gradient_checkpointing=ckpt,
+        )
         if s not in variants:
             variants.append(s)
     return variants
 
 
-def plan_for_job(job: JobConfig, shape: ModelShape, setup: Optional[PlanSetup] = None, *, world_size: int,
-                 gpus_per_node: int, capacity_bytes: Optional[int], micro_batch: Optional[int] = None,
-                 seq_len: Optional[int] = None, on_gpu: bool = True, bucket_elements: int = 0) -> MemoryPlan:
+def plan_for_job(
+    job: JobConfig,
+    shape: ModelShape,
+    setup: Optional[PlanSetup] = None,
+    *,
+    world_size: int,
+    gpus_per_node: int,
+    capacity_bytes: Optional[int],
+    micro_batch: Optional[int] = None,
+    seq_len: Optional[int] = None,
+    on_gpu: bool = True,
+    bucket_elements: int = 0,
+) -> MemoryPlan:
     """:func:`plan_memory` with the job's precision, batch, sequence length and LoRA settings.
 
     Args:
         setup: Defaults to the job's own; ``micro_batch`` and ``seq_len`` override the job's.
     """
     return plan_memory(
-        shape, setup or setup_from_job(job), precision=job.precision.name,
-        micro_batch=micro_batch or job.train.micro_batch_size, seq_len=seq_len or job.data.max_seq_len,
-        world_size=world_size, gpus_per_node=gpus_per_node, lora_r=job.peft.r, lora_dropout=job.peft.dropout > 0,
-        double_quant=job.peft.double_quant, bucket_elements=bucket_elements, capacity_bytes=capacity_bytes, on_gpu=on_gpu,
+        shape,
+        setup or setup_from_job(job),
+        precision=job.precision.name,
+        micro_batch=micro_batch or job.train.micro_batch_size,
+        seq_len=seq_len or job.data.max_seq_len,
+        world_size=world_size,
+        gpus_per_node=gpus_per_node,
+        lora_r=job.peft.r,
+        lora_dropout=job.peft.dropout > 0,
+        double_quant=job.peft.double_quant,
+        bucket_elements=bucket_elements,
+        capacity_bytes=capacity_bytes,
+        on_gpu=on_gpu,
         loss_chunk_size=job.train.loss_chunk_size,
     )
 
 
-def plan_job(job: JobConfig, shape: ModelShape, world_size: int, gpus_per_node: int,
-             capacity_bytes: Optional[int]) -> list[MemoryPlan]:
+def plan_job(job: JobConfig, shape: ModelShape, world_size: int, gpus_per_node: int, capacity_bytes: Optional[int]) -> list[MemoryPlan]:
     """The chosen setup's plan and its alternatives' (same batch, sequence length, precision and world size)."""
-    return [plan_for_job(job, shape, s, world_size=world_size, gpus_per_node=gpus_per_node, capacity_bytes=capacity_bytes)
-            for s in alternatives(setup_from_job(job))]
+    return [
+        plan_for_job(job, shape, s, world_size=world_size, gpus_per_node=gpus_per_node, capacity_bytes=capacity_bytes)
+        for s in alternatives(setup_from_job(job))
+    ]
 
 
 def format_plans(plans: list[MemoryPlan], limit: int = 12) -> str:
@@ -269,8 +336,11 @@ def format_plans(plans: list[MemoryPlan], limit: int = 12) -> str:
         lines.append(f"{mark + p.setup.label:<40}{cells}{p.per_node_cpu_bytes / GiB:>11.1f}  {verdict}")
     if chosen.fits is False:
         best = next((p for p in others if p.fits), None)
-        lines.append(f"the chosen setup does not fit; it fits with: {best.setup.label}" if best else
-                     "no variant fits: shorten data.max_seq_len or lower train.micro_batch_size")
+        lines.append(
+            f"the chosen setup does not fit; it fits with: {best.setup.label}"
+            if best
+            else "no variant fits: shorten data.max_seq_len or lower train.micro_batch_size"
+        )
     return "\n".join(lines)
 
 
@@ -292,13 +362,21 @@ def gpu_capacity_bytes(name: Optional[str], memory_gb: Optional[float]) -> Optio
     raise ConfigError(f"plan.gpu={name}: unknown GPU; use one of {sorted(GPU_MEMORY_GB)} or set plan.gpu_memory_gb")
 
 
-def plan_for_run(job: JobConfig, shape: ModelShape, world_size: int, local_world_size: int, ds_config: dict,
-                 capacity_bytes: Optional[int]) -> MemoryPlan:
+def plan_for_run(
+    job: JobConfig, shape: ModelShape, world_size: int, local_world_size: int, ds_config: dict, capacity_bytes: Optional[int]
+) -> MemoryPlan:
     """The plan of the configuration being run, with this machine's GPU capacity (``None``: a CPU run)."""
     zero = ds_config.get("zero_optimization", {})
     bucket = int(zero.get("reduce_bucket_size", 0)) if job.zero.stage < 3 else 0
-    return plan_for_job(job, shape, world_size=world_size, gpus_per_node=local_world_size, capacity_bytes=capacity_bytes,
-                        on_gpu=capacity_bytes is not None, bucket_elements=bucket)
+    return plan_for_job(
+        job,
+        shape,
+        world_size=world_size,
+        gpus_per_node=local_world_size,
+        capacity_bytes=capacity_bytes,
+        on_gpu=capacity_bytes is not None,
+        bucket_elements=bucket,
+    )
 
 
 def compare_plan(plan: MemoryPlan, measured: list[dict]) -> str:
@@ -311,5 +389,7 @@ def compare_plan(plan: MemoryPlan, measured: list[dict]) -> str:
         lines.append(f"{kind:<10} planned {want / 2**20:10.2f} MiB   measured {got / 2**20:10.2f} MiB (rank 0's engine tensors)")
     peak_key = "peak_cuda_allocated" if "peak_cuda_allocated" in rank0 else "peak_rss"
     peak = max(m[peak_key] for m in measured)
-    lines.append(f"{'total':<10} planned {plan.per_gpu_bytes['total'] / 2**20:10.2f} MiB   {peak_key} {peak / 2**20:10.2f} MiB (max over ranks)")
+    lines.append(
+        f"{'total':<10} planned {plan.per_gpu_bytes['total'] / 2**20:10.2f} MiB   {peak_key} {peak / 2**20:10.2f} MiB (max over ranks)"
+    )
     return "\n".join(lines)

@@ -17,8 +17,13 @@ pytestmark = pytest.mark.integration
 def run_bench(script: str, tmp_path) -> dict:
     """Hydra overrides before and after the options, as users type them, reach the launched run."""
     out_json = tmp_path / f"{script}.json"
-    out = subprocess.run([sys.executable, f"bench/{script}.py", "train.seed=7", "--smoke", "--json", str(out_json),
-                          "train.log_every=2"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, f"bench/{script}.py", "train.seed=7", "--smoke", "--json", str(out_json), "train.log_every=2"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     result = json.loads(out_json.read_text())
     assert {"train.seed=7", "train.log_every=2"} <= set(result["overrides"])

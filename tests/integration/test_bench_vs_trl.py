@@ -18,8 +18,9 @@ pytestmark = pytest.mark.integration
 def test_vs_trl_smoke(tmp_path):
     pytest.importorskip("trl", reason="pip install -e '.[bench]'")
     out = tmp_path / "vs_trl.json"
-    proc = subprocess.run([sys.executable, "bench/vs_trl.py", "--smoke", "--json", str(out)], cwd=REPO_ROOT,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "bench/vs_trl.py", "--smoke", "--json", str(out)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads(out.read_text())
     dtrain, trl = results["dtrain"], results["trl"]

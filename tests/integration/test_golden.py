@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from dtrain.metrics import read_metrics
+
 from tests.conftest import launch_train
 
 pytestmark = pytest.mark.integration

@@ -21,11 +21,24 @@ def test_loss_curve_is_independent_of_batch_layout(tmp_path, tiny_pretrained, pa
     for ranks, micro, accum, grouping in LAYOUTS:
         run_dir = tmp_path / f"r{ranks}_m{micro}_a{accum}_{grouping}"
         out = launch_train(
-            ["+exp=tiny_cpu", f"model.path={tiny_pretrained}", "model.init=pretrained", "precision=fp32", "zero=zero2",
-             "train.max_steps=5", f"train.micro_batch_size={micro}", f"train.grad_accum_steps={accum}",
-             "train.warmup_ratio=0", "generate.num_prompts=0", "generate.before_training=false",
-             f"data.packing={packing}", f"data.group_by_length={grouping}", "data.max_seq_len=256"],
-            run_dir, num_ranks=ranks,
+            [
+                "+exp=tiny_cpu",
+                f"model.path={tiny_pretrained}",
+                "model.init=pretrained",
+                "precision=fp32",
+                "zero=zero2",
+                "train.max_steps=5",
+                f"train.micro_batch_size={micro}",
+                f"train.grad_accum_steps={accum}",
+                "train.warmup_ratio=0",
+                "generate.num_prompts=0",
+                "generate.before_training=false",
+                f"data.packing={packing}",
+                f"data.group_by_length={grouping}",
+                "data.max_seq_len=256",
+            ],
+            run_dir,
+            num_ranks=ranks,
         )
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
         steps = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r]

@@ -14,8 +14,14 @@ from tests.conftest import REPO_ROOT, launch_train, read_jsonl
 pytestmark = pytest.mark.integration
 bnb = pytest.importorskip("bitsandbytes")
 
-SHORT = ["+exp=tiny_cpu", "train.micro_batch_size=8", "train.warmup_ratio=0", "generate.num_prompts=2",
-         "generate.max_new_tokens=4", "generate.before_training=false"]
+SHORT = [
+    "+exp=tiny_cpu",
+    "train.micro_batch_size=8",
+    "train.warmup_ratio=0",
+    "generate.num_prompts=2",
+    "generate.max_new_tokens=4",
+    "generate.before_training=false",
+]
 
 
 def optimizer_tensors(run_dir, step):
@@ -41,8 +47,11 @@ def test_qlora_trains_only_adapters_on_a_4bit_base(tmp_path, tiny_pretrained, ze
     from dtrain.model import keep_standard_4bit_layout, quantization_config
 
     run_dir = tmp_path / zero
-    out = launch_train(SHORT + ["peft=qlora", f"zero={zero}", f"model.path={tiny_pretrained}", "model.init=pretrained",
-                                "train.max_steps=8", "train.lr=3e-3"], run_dir)
+    out = launch_train(
+        SHORT
+        + ["peft=qlora", f"zero={zero}", f"model.path={tiny_pretrained}", "model.init=pretrained", "train.max_steps=8", "train.lr=3e-3"],
+        run_dir,
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     losses = [r["loss"] for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r]
     assert len(losses) == 8 and sum(losses[-2:]) / 2 < losses[0] - 0.5, losses
@@ -68,8 +77,13 @@ def test_qlora_trains_only_adapters_on_a_4bit_base(tmp_path, tiny_pretrained, ze
     assert (logits[real] - probe["logits"][real]).abs().max() <= logits_tolerance(torch.bfloat16, probe["logits"][real])
 
     if zero == "zero3":  # merged into a dequantised bf16 copy of the base: plain transformers, no 4-bit layer
-        merge = subprocess.run([sys.executable, "launch/export.py", f"run_dir={run_dir}", "merge=true"], cwd=REPO_ROOT,
-                               capture_output=True, text=True, timeout=300)
+        merge = subprocess.run(
+            [sys.executable, "launch/export.py", f"run_dir={run_dir}", "merge=true"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert merge.returncode == 0, merge.stdout[-3000:] + merge.stderr[-3000:]
         assert "merging into a bf16 copy of the 4-bit base, dequantised" in merge.stdout + merge.stderr
         merged = AutoModelForCausalLM.from_pretrained(run_dir / "merged", dtype=torch.bfloat16).eval()

@@ -22,10 +22,23 @@ STEP_FIELDS = ("loss", "grad_norm", "lr", "tokens", "batch_fingerprint")
 
 def chain_overrides(pretrained: Path) -> list[str]:
     # LoRA (dropout 0.05) so the resumed run must also restore every rank's RNG state to match bit for bit.
-    return ["+exp=tiny_cpu", f"model.path={pretrained}", "model.init=pretrained", "peft=lora", "precision=fp32",
-            "zero=zero2", "train.max_steps=20", "train.micro_batch_size=2", "train.warmup_ratio=0", "train.lr=1e-2",
-            "train.eval_every=0", "generate.num_prompts=0", "generate.before_training=false",
-            "ckpt.every_steps=4", "ckpt.keep_last=2"]
+    return [
+        "+exp=tiny_cpu",
+        f"model.path={pretrained}",
+        "model.init=pretrained",
+        "peft=lora",
+        "precision=fp32",
+        "zero=zero2",
+        "train.max_steps=20",
+        "train.micro_batch_size=2",
+        "train.warmup_ratio=0",
+        "train.lr=1e-2",
+        "train.eval_every=0",
+        "generate.num_prompts=0",
+        "generate.before_training=false",
+        "ckpt.every_steps=4",
+        "ckpt.keep_last=2",
+    ]
 
 
 def step_records(run_dir: Path) -> list[dict]:
@@ -99,10 +112,20 @@ def _tensors(obj, prefix=""):
 def test_nonfinite_loss_on_one_rank_skips_the_step_on_every_rank(tmp_path):
     run_dir = tmp_path / "inf"
     out = launch_train(
-        ["+exp=tiny_cpu", "precision=fp32", "zero=zero2", "train.max_steps=4", "train.micro_batch_size=2",
-         "train.warmup_ratio=0", "generate.num_prompts=0", "generate.before_training=false",
-         "ckpt.every_steps=1", "ckpt.keep_last=0"],
-        run_dir, env={"DTRAIN_FAULT_NONFINITE_LOSS": "3:1"},
+        [
+            "+exp=tiny_cpu",
+            "precision=fp32",
+            "zero=zero2",
+            "train.max_steps=4",
+            "train.micro_batch_size=2",
+            "train.warmup_ratio=0",
+            "generate.num_prompts=0",
+            "generate.before_training=false",
+            "ckpt.every_steps=1",
+            "ckpt.keep_last=0",
+        ],
+        run_dir,
+        env={"DTRAIN_FAULT_NONFINITE_LOSS": "3:1"},
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     steps = step_records(run_dir)
@@ -133,9 +156,17 @@ def test_stuck_rank_ends_the_job_naming_rank_and_step(tmp_path):
     Both ranks beat at the start of step 3, so either watchdog may fire first; the launcher then stops the other
     rank before it can speak. Whichever fires names itself and the step."""
     out = launch_train(
-        ["+exp=tiny_cpu", "train.max_steps=5", "train.micro_batch_size=2", "generate.num_prompts=0",
-         "generate.before_training=false", "train.step_timeout_minutes=0.1"],
-        tmp_path / "hang", env={"DTRAIN_FAULT_HANG": "3:1"}, timeout=180,
+        [
+            "+exp=tiny_cpu",
+            "train.max_steps=5",
+            "train.micro_batch_size=2",
+            "generate.num_prompts=0",
+            "generate.before_training=false",
+            "train.step_timeout_minutes=0.1",
+        ],
+        tmp_path / "hang",
+        env={"DTRAIN_FAULT_HANG": "3:1"},
+        timeout=180,
     )
     assert out.returncode == 86, out.stdout[-3000:] + out.stderr[-3000:]
     assert re.search(r"rank [01] made no progress for \d+ s in step 3 \(train.step_timeout_minutes=0.1\)", out.stderr), out.stderr[-3000:]
@@ -143,13 +174,19 @@ def test_stuck_rank_ends_the_job_naming_rank_and_step(tmp_path):
 
 def test_out_of_memory_stops_with_a_report_and_the_peer_names_its_step(tmp_path):
     out = launch_train(
-        ["+exp=tiny_cpu", "train.max_steps=4", "train.micro_batch_size=2", "generate.num_prompts=0",
-         "generate.before_training=false"],
-        tmp_path / "oom", env={"DTRAIN_FAULT_OOM": "2:1"}, timeout=180,
+        ["+exp=tiny_cpu", "train.max_steps=4", "train.micro_batch_size=2", "generate.num_prompts=0", "generate.before_training=false"],
+        tmp_path / "oom",
+        env={"DTRAIN_FAULT_OOM": "2:1"},
+        timeout=180,
     )
     assert out.returncode == 3, out.stdout[-3000:] + out.stderr[-3000:]
     assert "out of memory on rank 1 at step 2" in out.stderr
-    for suggestion in ("train.micro_batch_size=1 train.grad_accum_steps=2", "model.gradient_checkpointing=true",
-                       "zero=zero3", "zero=zero2_offload", "peft=lora"):
+    for suggestion in (
+        "train.micro_batch_size=1 train.grad_accum_steps=2",
+        "model.gradient_checkpointing=true",
+        "zero=zero3",
+        "zero=zero2_offload",
+        "peft=lora",
+    ):
         assert suggestion in out.stderr
     assert "rank 0: a collective failed in step 2 because another rank died" in out.stderr

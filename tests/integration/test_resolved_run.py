@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from dtrain.config import load_run_config
 from dtrain.metrics import read_metrics
 from dtrain.outputs import PROBE_TOKENS
+
 from tests.conftest import launch_train
 
 pytestmark = pytest.mark.integration
@@ -57,10 +58,24 @@ def test_outputs_of_a_run_whose_eval_examples_are_longer_than_the_probe(tmp_path
     for name, n, seed in (("train.jsonl", 48, 0), ("eval.jsonl", 6, 1)):
         (data / name).write_text("".join(json.dumps(c) + "\n" for c in long_chats(n, seed)))
     run_dir = tmp_path / "run"
-    out = launch_train(["+exp=tiny_cpu", "precision=fp32", "zero=zero3", f"data.path={data / 'train.jsonl'}",
-                        f"data.eval_path={data / 'eval.jsonl'}", "data.max_seq_len=512", "data.packing=false",
-                        "train.max_steps=3", "train.micro_batch_size=2", "generate.num_prompts=2", "generate.max_new_tokens=8",
-                        "generate.before_training=false", "export.verify=logits"], run_dir)
+    out = launch_train(
+        [
+            "+exp=tiny_cpu",
+            "precision=fp32",
+            "zero=zero3",
+            f"data.path={data / 'train.jsonl'}",
+            f"data.eval_path={data / 'eval.jsonl'}",
+            "data.max_seq_len=512",
+            "data.packing=false",
+            "train.max_steps=3",
+            "train.micro_batch_size=2",
+            "generate.num_prompts=2",
+            "generate.max_new_tokens=8",
+            "generate.before_training=false",
+            "export.verify=logits",
+        ],
+        run_dir,
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     probe = load_file(str(run_dir / "probe.safetensors"))
     assert tuple(probe["input_ids"].shape) == (2, PROBE_TOKENS) and probe["logits"].shape[1] == PROBE_TOKENS

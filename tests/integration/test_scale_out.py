@@ -17,8 +17,16 @@ from tests.conftest import REPO_ROOT, free_port, launch_train, read_jsonl
 
 pytestmark = pytest.mark.integration
 
-RUN = ["+exp=tiny_cpu", "train.max_steps=4", "train.micro_batch_size=4", "train.eval_every=0", "precision=fp32",
-       "generate.num_prompts=2", "generate.before_training=false", "generate.max_new_tokens=2"]
+RUN = [
+    "+exp=tiny_cpu",
+    "train.max_steps=4",
+    "train.micro_batch_size=4",
+    "train.eval_every=0",
+    "precision=fp32",
+    "generate.num_prompts=2",
+    "generate.before_training=false",
+    "generate.max_new_tokens=2",
+]
 
 
 def test_two_nodes_train_like_one_node_with_two_ranks(tmp_path, tiny_pretrained):
@@ -30,14 +38,36 @@ def test_two_nodes_train_like_one_node_with_two_ranks(tmp_path, tiny_pretrained)
     hostfile.write_text("localhost slots=1\n127.0.0.1 slots=1\n")  # two names for this machine: two "nodes"
     port = free_port()
     run_dir, cache = tmp_path / "two_nodes", tmp_path / "cache"
-    overrides = RUN + model + [f"output_dir={run_dir}", f"data.cache_dir={cache}", "wandb.tags=[node,two]",
-                               "run_name=two_${train.seed}"]
+    overrides = RUN + model + [f"output_dir={run_dir}", f"data.cache_dir={cache}", "wandb.tags=[node,two]", "run_name=two_${train.seed}"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled"}
     nodes = [
-        subprocess.Popen([sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile), "--no_ssh",
-                          "--num_nodes", "2", "--node_rank", str(rank), "--num_gpus", "1", "--master_addr", "127.0.0.1",
-                          "--master_port", str(port), "launch/train.py", *overrides],
-                         cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "deepspeed.launcher.runner",
+                "--hostfile",
+                str(hostfile),
+                "--no_ssh",
+                "--num_nodes",
+                "2",
+                "--node_rank",
+                str(rank),
+                "--num_gpus",
+                "1",
+                "--master_addr",
+                "127.0.0.1",
+                "--master_port",
+                str(port),
+                "launch/train.py",
+                *overrides,
+            ],
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         for rank in (0, 1)
     ]
     logs = [node.communicate(timeout=300)[0] for node in nodes]
@@ -59,11 +89,18 @@ def test_two_nodes_train_like_one_node_with_two_ranks(tmp_path, tiny_pretrained)
 def test_sweep_runs_each_job_as_its_own_launch_and_ranks_them(tmp_path):
     sweep_dir = tmp_path / "sweep"
     fixed = [o for o in RUN if not o.startswith("train.micro_batch_size=")]
-    cmd = [sys.executable, "launch/sweep.py", "-m", *fixed, f"hydra.sweep.dir={sweep_dir}", "sweep.num_gpus=1",
-           f"data.cache_dir={tmp_path / 'cache'}",  # tokenised by the first job, read by the others
-           "train.lr=1e-3,3e-3", "train.micro_batch_size=4,100000"]  # a batch larger than the data fails at start
-    out = subprocess.run(cmd, cwd=REPO_ROOT, env={**os.environ, "WANDB_MODE": "disabled"}, capture_output=True,
-                         text=True, timeout=400)
+    cmd = [
+        sys.executable,
+        "launch/sweep.py",
+        "-m",
+        *fixed,
+        f"hydra.sweep.dir={sweep_dir}",
+        "sweep.num_gpus=1",
+        f"data.cache_dir={tmp_path / 'cache'}",  # tokenised by the first job, read by the others
+        "train.lr=1e-3,3e-3",
+        "train.micro_batch_size=4,100000",
+    ]  # a batch larger than the data fails at start
+    out = subprocess.run(cmd, cwd=REPO_ROOT, env={**os.environ, "WANDB_MODE": "disabled"}, capture_output=True, text=True, timeout=400)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
 
     rows = json.loads((sweep_dir / "results.json").read_text())

@@ -20,7 +20,7 @@ def test_an_untrained_end_token_fails_with_the_example_shown(tiny_tokenizer):
     renderer = ChatRenderer(tiny_tokenizer, TrainOn.assistant)
     good = renderer.render(CONV, "data.jsonl:7")
     eot = good.labels.index(renderer.end_of_turn_id)
-    broken = dataclasses.replace(good, labels=good.labels[:eot] + [IGNORE_INDEX] + good.labels[eot + 1:])
+    broken = dataclasses.replace(good, labels=good.labels[:eot] + [IGNORE_INDEX] + good.labels[eot + 1 :])
     with pytest.raises(DataError, match=r"data.jsonl:7: mask audit failed: .*would not learn to stop") as err:
         audit_masks([good, broken], renderer, seed=0)
     assert "[[AB]]" in str(err.value)

@@ -35,8 +35,9 @@ def test_a_changed_data_setting_is_a_new_entry(tmp_path, tiny_tokenizer):
 def test_bad_data_reaches_every_rank_as_an_error(tmp_path, tiny_tokenizer):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
-    job = compose_job(["+exp=tiny_cpu", f"data.cache_dir={tmp_path / 'c'}", f"data.path={bad}", "data.eval_path=null",
-                       "data.eval_fraction=0"])
+    job = compose_job(
+        ["+exp=tiny_cpu", f"data.cache_dir={tmp_path / 'c'}", f"data.path={bad}", "data.eval_path=null", "data.eval_fraction=0"]
+    )
     with pytest.raises(DataError, match="no assistant turn"):
         load(job, tiny_tokenizer)
     renderer = ChatRenderer(tiny_tokenizer, job.data.train_on)
@@ -55,7 +56,6 @@ def test_parallel_tokenisation_gives_the_same_data(tiny_tokenizer):
     assert a.train == b.train and a.eval == b.eval and a.dropped == b.dropped
 
 
-
 def test_on_a_shared_filesystem_one_node_tokenises_and_a_dead_jobs_lock_is_taken_over(tmp_path, tiny_tokenizer, monkeypatch, caplog):
     job = compose_job(["+exp=tiny_cpu", f"data.cache_dir={tmp_path}"])
     renderer = ChatRenderer(tiny_tokenizer, job.data.train_on)
@@ -72,14 +72,14 @@ def test_on_a_shared_filesystem_one_node_tokenises_and_a_dead_jobs_lock_is_taken
         folder.mkdir()
         (folder / "meta.json").write_text("{}")
 
-    out = cache.load_or_prepare(job.data, renderer, job.train.seed, 4, is_local_main=True, job_token="job-A",
-                                barrier=barrier_until_node0_publishes)
+    out = cache.load_or_prepare(
+        job.data, renderer, job.train.seed, 4, is_local_main=True, job_token="job-A", barrier=barrier_until_node0_publishes
+    )
     assert out == f"read {folder.name}" and lock.read_text() == "job-A"  # node 0's lock left alone
 
     # Job A died before publishing (its lock stays): job B takes the lock over, tokenises and releases it.
     shutil.rmtree(folder)
     monkeypatch.undo()
-    data = cache.load_or_prepare(job.data, renderer, job.train.seed, 4, is_local_main=True, job_token="job-B",
-                                 barrier=lambda: None)
+    data = cache.load_or_prepare(job.data, renderer, job.train.seed, 4, is_local_main=True, job_token="job-B", barrier=lambda: None)
     assert len(data.train) > 0 and (folder / "meta.json").is_file() and not lock.exists()
     assert "took over" in caplog.text and "holder job-A" in caplog.text

@@ -43,7 +43,10 @@ def test_every_assistant_token_and_its_end_token_and_nothing_else(tiny_tokenizer
     # Labels are the input ids themselves where trained (unshifted, HF convention).
     for t, label in zip(example.input_ids, example.labels):
         assert label in (IGNORE_INDEX, t)
-    assert example.input_ids == tiny_tokenizer(tiny_tokenizer.apply_chat_template(messages, tokenize=False), add_special_tokens=False)["input_ids"]
+    assert (
+        example.input_ids
+        == tiny_tokenizer(tiny_tokenizer.apply_chat_template(messages, tokenize=False), add_special_tokens=False)["input_ids"]
+    )
 
 
 def test_end_of_turn_token_trained_exactly_once_per_turn(tiny_tokenizer):
@@ -89,7 +92,9 @@ def test_alpaca_records_become_user_assistant_turns(tiny_tokenizer):
 
 def test_template_without_end_token_is_refused(tiny_tokenizer):
     tok = copy.deepcopy(tiny_tokenizer)
-    tok.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"
+    tok.chat_template = (
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"
+    )
     with pytest.raises(DataError, match="never learn to stop"):
         ChatRenderer(tok, TrainOn.assistant).render(SINGLE, "s.jsonl:1")
 
@@ -97,8 +102,10 @@ def test_template_without_end_token_is_refused(tiny_tokenizer):
 def test_config_chat_template_wins_over_the_tokenizers(tiny_tokenizer, tmp_path):
     from dtrain.data import resolve_chat_template
 
-    template = ("{% for m in messages %}<|im_start|>{{ m['role'] | upper }}: {{ m['content'] }}<|im_end|>{% endfor %}"
-                "{% if add_generation_prompt %}<|im_start|>ASSISTANT: {% endif %}")
+    template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] | upper }}: {{ m['content'] }}<|im_end|>{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>ASSISTANT: {% endif %}"
+    )
     path = tmp_path / "t.jinja"
     path.write_text(template)
     for override in (template, str(path)):

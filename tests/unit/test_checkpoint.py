@@ -8,8 +8,15 @@ import pytest
 import torch
 
 from dtrain.checkpoint import (
-    MANIFEST, POINTER, CheckpointManager, TrainerState, capture_rng, check_complete, find_resume_checkpoint,
-    restore_rng, resume_key,
+    MANIFEST,
+    POINTER,
+    CheckpointManager,
+    TrainerState,
+    capture_rng,
+    check_complete,
+    find_resume_checkpoint,
+    restore_rng,
+    resume_key,
 )
 from dtrain.config import compose_job
 from dtrain.config.schema import CheckpointConfig

@@ -66,8 +66,8 @@ def _loss_and_grads(fn, hidden, weight, scale: float = 0.37):
 def _float64_reference(hidden, weight, labels):
     def fn(h, w):
         logits = h.double() @ w.double().T
-        return F.cross_entropy(logits[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1),
-                               ignore_index=IGNORE_INDEX, reduction="sum")
+        return F.cross_entropy(logits[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+
     return _loss_and_grads(fn, hidden, weight)
 
 
@@ -188,9 +188,11 @@ def test_liger_is_not_dispatched_on_cpu(monkeypatch):
     # Make Liger look installed, so only the device keeps the CPU path.
     functional = types.ModuleType("liger_kernel.transformers.functional")
     functional.liger_fused_linear_cross_entropy = must_not_run
-    for name, module in {"liger_kernel": types.ModuleType("liger_kernel"),
-                         "liger_kernel.transformers": types.ModuleType("liger_kernel.transformers"),
-                         "liger_kernel.transformers.functional": functional}.items():
+    for name, module in {
+        "liger_kernel": types.ModuleType("liger_kernel"),
+        "liger_kernel.transformers": types.ModuleType("liger_kernel.transformers"),
+        "liger_kernel.transformers.functional": functional,
+    }.items():
         monkeypatch.setitem(sys.modules, name, module)
     chunked_loss._liger_fused_linear_cross_entropy.cache_clear()
     try:
@@ -299,8 +301,14 @@ def test_install_rejects_a_head_that_is_not_a_plain_linear():
 
 def test_memory_bench_smoke(tmp_path):
     out = tmp_path / "bench.json"
-    subprocess.run([sys.executable, "bench/chunked_loss_memory.py", "--smoke", "--json", str(out)],
-                   cwd=REPO_ROOT, check=True, capture_output=True, text=True, timeout=60)
+    subprocess.run(
+        [sys.executable, "bench/chunked_loss_memory.py", "--smoke", "--json", str(out)],
+        cwd=REPO_ROOT,
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     result = json.loads(out.read_text())
     assert {"plain", "chunked"} <= set(result["variants"])
     assert all(v["peak_bytes"] >= 0 and v["time_s"] > 0 for v in result["variants"].values())

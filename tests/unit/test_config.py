@@ -42,11 +42,25 @@ def test_tiny_cpu_is_the_embedded_default():
 
 
 def test_cli_contract_names():
-    job = compose_job([
-        "+exp=tiny_cpu", "output_dir=/tmp/x", "model.path=/m", "data.path=/d.jsonl", "data.format=alpaca",
-        "data.max_seq_len=128", "train.epochs=2", "train.max_steps=7", "train.micro_batch_size=3",
-        "train.grad_accum_steps=5", "train.lr=1e-4", "train.seed=9", "zero=zero3_offload", "peft=lora", "precision=fp32",
-    ])
+    job = compose_job(
+        [
+            "+exp=tiny_cpu",
+            "output_dir=/tmp/x",
+            "model.path=/m",
+            "data.path=/d.jsonl",
+            "data.format=alpaca",
+            "data.max_seq_len=128",
+            "train.epochs=2",
+            "train.max_steps=7",
+            "train.micro_batch_size=3",
+            "train.grad_accum_steps=5",
+            "train.lr=1e-4",
+            "train.seed=9",
+            "zero=zero3_offload",
+            "peft=lora",
+            "precision=fp32",
+        ]
+    )
     assert (job.output_dir, job.model.path, job.data.path, job.data.format.value) == ("/tmp/x", "/m", "/d.jsonl", "alpaca")
     assert (job.data.max_seq_len, job.train.epochs, job.train.max_steps) == (128, 2, 7)
     assert (job.train.micro_batch_size, job.train.grad_accum_steps, job.train.lr, job.train.seed) == (3, 5, 1e-4, 9)
@@ -56,8 +70,13 @@ def test_cli_contract_names():
 
 @pytest.mark.parametrize(
     "override, key",
-    [("train.lrr=1", "train.lrr"), ("+train.lrr=1", "lrr"), ("train.lr=fast", "train.lr"), ("data.format=xml", "data.format"),
-     ("zero=zero4", "zero")],
+    [
+        ("train.lrr=1", "train.lrr"),
+        ("+train.lrr=1", "lrr"),
+        ("train.lr=fast", "train.lr"),
+        ("data.format=xml", "data.format"),
+        ("zero=zero4", "zero"),
+    ],
 )
 def test_bad_overrides_fail_with_the_key_name(override, key):
     with pytest.raises((ConfigCompositionException, ConfigKeyError)) as err:

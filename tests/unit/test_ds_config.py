@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from dtrain.config import compose_job
-from dtrain.config.schema import TrainConfig
 from dtrain.config.batch import BatchPlan
 from dtrain.config.checks import check_job
+from dtrain.config.schema import TrainConfig
 from dtrain.ds_config import build_ds_config
 from dtrain.errors import ConfigError
 
@@ -66,7 +66,10 @@ def test_batch_sizes_come_from_one_plan(micro, accum, world):
     ds = build_ds_config(job, batch)
     assert batch.global_batch_size == micro * accum * world
     assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (
-        micro, accum, micro * accum * world)
+        micro,
+        accum,
+        micro * accum * world,
+    )
 
 
 def test_zero_batch_is_refused():

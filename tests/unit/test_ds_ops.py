@@ -30,8 +30,11 @@ class FakeAccelerator:
 
 
 def test_each_offered_op_is_built_and_failures_are_reported(monkeypatch):
-    builders = {"Good": FakeBuilder(), "Broken": FakeBuilder(error=RuntimeError("no c++ compiler")),
-                "Incompatible": FakeBuilder(compatible=False)}
+    builders = {
+        "Good": FakeBuilder(),
+        "Broken": FakeBuilder(error=RuntimeError("no c++ compiler")),
+        "Incompatible": FakeBuilder(compatible=False),
+    }
     monkeypatch.setattr(deepspeed.accelerator, "get_accelerator", lambda: FakeAccelerator(builders))
     results = prebuild_ops(("Good", "Broken", "Incompatible", "Missing"))
     assert results["Good"].startswith("built") and builders["Good"].loads == 1

@@ -8,15 +8,29 @@ import pytest
 
 from dtrain import errors
 from dtrain.errors import (
-    EXIT_BAD_INPUT, EXIT_PREEMPTED, EXIT_TRAINING_STOPPED, ConfigError, DataError, ExportError, Preempted, TrainingError,
+    EXIT_BAD_INPUT,
+    EXIT_PREEMPTED,
+    EXIT_TRAINING_STOPPED,
+    ConfigError,
+    DataError,
+    ExportError,
+    Preempted,
+    TrainingError,
     exit_on_error,
 )
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("error, code", [(ConfigError("c"), EXIT_BAD_INPUT), (DataError("d"), EXIT_BAD_INPUT),
-                                         (TrainingError("t"), EXIT_TRAINING_STOPPED), (ExportError("e"), EXIT_TRAINING_STOPPED)])
+@pytest.mark.parametrize(
+    "error, code",
+    [
+        (ConfigError("c"), EXIT_BAD_INPUT),
+        (DataError("d"), EXIT_BAD_INPUT),
+        (TrainingError("t"), EXIT_TRAINING_STOPPED),
+        (ExportError("e"), EXIT_TRAINING_STOPPED),
+    ],
+)
 def test_each_error_exits_with_its_code_and_one_line(capsys, error, code):
     with pytest.raises(SystemExit) as stop, exit_on_error():
         raise error

@@ -8,8 +8,15 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from dtrain.dist import DistInfo
 from dtrain.export import (
-    SAFE_INDEX, ExportError, check_logits, check_shapes, iter_full_parameters, parse_size, write_sharded_safetensors,
+    SAFE_INDEX,
+    ExportError,
+    check_logits,
+    check_shapes,
+    iter_full_parameters,
+    parse_size,
+    write_sharded_safetensors,
 )
+
 from tests.conftest import TINY_DIR
 
 ONE_PROCESS = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))

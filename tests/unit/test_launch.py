@@ -24,15 +24,25 @@ def test_strip_launcher_args(argv, expected):
 
 
 def test_multirun_is_refused_with_a_pointer_to_the_sweep_script():
-    out = subprocess.run([sys.executable, "launch/train.py", "-m", "+exp=tiny_cpu", "train.lr=1e-4,3e-4"],
-                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "launch/train.py", "-m", "+exp=tiny_cpu", "train.lr=1e-4,3e-4"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode != 0
     assert "launch/sweep.py" in out.stderr
 
 
 def test_bad_data_path_is_a_clear_error_not_a_traceback(tmp_path):
-    out = subprocess.run([sys.executable, "launch/train.py", "+exp=tiny_cpu", f"output_dir={tmp_path}",
-                          f"data.path={tmp_path}/missing.jsonl"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "launch/train.py", "+exp=tiny_cpu", f"output_dir={tmp_path}", f"data.path={tmp_path}/missing.jsonl"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 2
     assert "missing.jsonl: no such file" in out.stderr
     assert "Traceback" not in out.stderr

@@ -29,7 +29,10 @@ def synthetic(n: int, seed: int = 0, longest: int = 40) -> list[TokenizedExample
     return out
 
 
-def loader(examples, batch=BatchPlan(2, 2, 2), rank=0, packing=False, grouping=LengthGrouping.within_step):
+STEP_OF_8 = BatchPlan(2, 2, 2)
+
+
+def loader(examples, batch=STEP_OF_8, rank=0, packing=False, grouping=LengthGrouping.within_step):
     return TrainLoader(examples, batch, rank, packing=packing, max_seq_len=64, seed=7, grouping=grouping, pad_token_id=PAD)
 
 

@@ -13,6 +13,7 @@ from dtrain.loss import shifted_token_loss_sum
 from dtrain.memory.meters import measure_saved_bytes
 from dtrain.memory.plan import ModelShape, PlanSetup, activation_bytes, layer_bytes_per_token, plan_memory
 from dtrain.model import count_parameters_from_config
+
 from tests.conftest import REPO_ROOT, TINY_DIR
 
 
@@ -31,8 +32,9 @@ def test_activation_estimate_matches_saved_tensors_of_the_tiny_model(dtype, chec
     model.train()
     batch, seq = 4, 96
     ids = torch.randint(0, 256, (batch, seq))
-    _, measured = measure_saved_bytes(lambda: shifted_token_loss_sum(model(input_ids=ids, use_cache=False).logits, ids),
-                                      exclude=list(model.parameters()))
+    _, measured = measure_saved_bytes(
+        lambda: shifted_token_loss_sum(model(input_ids=ids, use_cache=False).logits, ids), exclude=list(model.parameters())
+    )
     planned = activation_bytes(shape_of(TINY_DIR), batch, seq, dtype.itemsize, checkpointing, include_recompute=False)
     assert planned == pytest.approx(measured, rel=0.15)
 
@@ -71,8 +73,7 @@ def test_model_states_agree_with_deepspeed_estimators(model):
 
     shape = shape_of(asset_path(f"configs/{model}"))
     p, gpus = shape.num_parameters, 8
-    common = dict(precision=compose_job(["+exp=tiny_cpu"]).precision.name, micro_batch=1, seq_len=1, world_size=gpus,
-                  gpus_per_node=gpus)
+    common = dict(precision=compose_job(["+exp=tiny_cpu"]).precision.name, micro_batch=1, seq_len=1, world_size=gpus, gpus_per_node=gpus)
     for zero in (2, 3):
         plan = plan_memory(shape, PlanSetup(zero, False, False, "none", False), **common).per_gpu_bytes
         states = plan["params"] + plan["grads"] + plan["optimizer"]
@@ -81,8 +82,9 @@ def test_model_states_agree_with_deepspeed_estimators(model):
             assert states == pytest.approx(ds_gpu, rel=1e-6)
         else:
             largest = max(shape.vocab * shape.hidden, sum(a * b for a, b in shape.linear_shapes))
-            _, ds_gpu, _ = estimate_zero3_model_states_mem_needs(p, largest, num_gpus_per_node=gpus, num_nodes=1,
-                                                                 cpu_offload=False, cpu_offload_params=False, zero_init=True)
+            _, ds_gpu, _ = estimate_zero3_model_states_mem_needs(
+                p, largest, num_gpus_per_node=gpus, num_nodes=1, cpu_offload=False, cpu_offload_params=False, zero_init=True
+            )
             assert states - 2 * p / gpus + 4 * largest == pytest.approx(ds_gpu, rel=1e-6)
             assert states == pytest.approx(ds_gpu, rel=0.15)  # the unexplained figures are already close
 
@@ -103,10 +105,15 @@ def test_lora_qlora_and_8bit_shrink_the_right_components():
 
 
 def test_plan_cli_json_lists_configs_with_components():
-    out = subprocess.run([sys.executable, "launch/plan.py", "+exp=7b_zero3", "plan.gpus=8", "plan.format=json"],
-                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "launch/plan.py", "+exp=7b_zero3", "plan.gpus=8", "plan.format=json"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
-    plan = json.loads(out.stdout[out.stdout.index("{"):])
+    plan = json.loads(out.stdout[out.stdout.index("{") :])
     first = plan["configs"][0]
     assert (first["zero"], first["peft"], first["gradient_checkpointing"]) == (3, "none", True)
     assert set(first["per_gpu_bytes"]) == {"params", "grads", "optimizer", "activations", "other", "total"}

@@ -10,9 +10,26 @@ from dtrain.metrics import EvalRecord, MetricsLogger, StepRecord, read_metrics, 
 
 
 def step_record(step: int, loss: float, **changes) -> StepRecord:
-    values = dict(step=step, epoch=0, loss=loss, lr=1e-3, grad_norm=0.5, tokens=10, input_tokens=20, tokens_seen=20 * step,
-                  tokens_per_s=100.0, input_tokens_per_s=200.0, padding_efficiency=0.8, step_time_s=0.1, samples_per_s=40.0,
-                  batch_fingerprint=123, tflops_per_gpu=0.01, mfu=None, time_data_s=0.0, time_forward_s=0.05)
+    values = dict(
+        step=step,
+        epoch=0,
+        loss=loss,
+        lr=1e-3,
+        grad_norm=0.5,
+        tokens=10,
+        input_tokens=20,
+        tokens_seen=20 * step,
+        tokens_per_s=100.0,
+        input_tokens_per_s=200.0,
+        padding_efficiency=0.8,
+        step_time_s=0.1,
+        samples_per_s=40.0,
+        batch_fingerprint=123,
+        tflops_per_gpu=0.01,
+        mfu=None,
+        time_data_s=0.0,
+        time_forward_s=0.05,
+    )
     return StepRecord(**{**values, **changes})
 
 
@@ -51,13 +68,16 @@ def test_records_from_older_files_read_with_missing_fields_as_none():
     assert record_from_dict({"note": "neither"}) is None
 
 
-@pytest.mark.parametrize("env, configured, expected", [
-    (None, None, WandbMode.disabled),           # no account needed by default
-    ("offline", None, WandbMode.offline),       # W&B's own variable decides when wandb.mode is unset
-    ("dryrun", None, WandbMode.offline),
-    ("online", WandbMode.disabled, WandbMode.disabled),  # an explicit wandb.mode wins
-    ("disabled", WandbMode.online, WandbMode.online),
-])
+@pytest.mark.parametrize(
+    "env, configured, expected",
+    [
+        (None, None, WandbMode.disabled),  # no account needed by default
+        ("offline", None, WandbMode.offline),  # W&B's own variable decides when wandb.mode is unset
+        ("dryrun", None, WandbMode.offline),
+        ("online", WandbMode.disabled, WandbMode.disabled),  # an explicit wandb.mode wins
+        ("disabled", WandbMode.online, WandbMode.online),
+    ],
+)
 def test_wandb_mode_follows_the_environment_when_unset(monkeypatch, env, configured, expected):
     if env is None:
         monkeypatch.delenv("WANDB_MODE", raising=False)

@@ -34,7 +34,9 @@ def test_remote_code_needs_a_pinned_revision():
     with pytest.raises(ConfigError, match="model.revision"):
         _remote_code_kwargs(ModelConfig(path="x", trust_remote_code=True))
     assert _remote_code_kwargs(ModelConfig(path="x", trust_remote_code=True, revision="abc123")) == {
-        "trust_remote_code": True, "revision": "abc123"}
+        "trust_remote_code": True,
+        "revision": "abc123",
+    }
     assert _remote_code_kwargs(ModelConfig(path="x")) == {"trust_remote_code": False}
 
 

@@ -14,16 +14,26 @@ def seven_b():
 
 
 def test_suggestions_for_a_7b_full_finetune_on_one_gpu():
-    job = compose_job(["+exp=7b_zero3", "data.path=/d.jsonl", "zero=zero2", "model.gradient_checkpointing=false",
-                       "train.micro_batch_size=4"])
+    job = compose_job(
+        ["+exp=7b_zero3", "data.path=/d.jsonl", "zero=zero2", "model.gradient_checkpointing=false", "train.micro_batch_size=4"]
+    )
     suggestions = oom_suggestions(job, seven_b(), world_size=1, gpus_per_node=1, capacity=80 * 10**9)
     names = [s[0] for s in suggestions]
-    assert names == ["data.max_seq_len=2048", "train.micro_batch_size=2 train.grad_accum_steps=16",
-                     "model.gradient_checkpointing=true", "zero=zero3", "zero=zero2_offload", "peft=lora", "peft=qlora"]
+    assert names == [
+        "data.max_seq_len=2048",
+        "train.micro_batch_size=2 train.grad_accum_steps=16",
+        "model.gradient_checkpointing=true",
+        "zero=zero3",
+        "zero=zero2_offload",
+        "peft=lora",
+        "peft=qlora",
+    ]
     fits = dict((n, f) for n, _, f in suggestions)
     assert not any(fits.values())  # at micro-batch 4 x 4096 tokens without recomputation no single change is enough
     report = oom_report(job, seven_b(), 1, 1, 80 * 10**9, measured_peak=79 * 2**30, rank=0, step=1)
     assert report.startswith("out of memory on rank 0 at step 1 (measured peak 79.0 GiB of 74.5 GiB")
     assert "activations the largest part" in report
-    assert ("Together (keeping data.max_seq_len): train.micro_batch_size=1 train.grad_accum_steps=32 "
-            "model.gradient_checkpointing=true zero=zero3_offload") in report
+    assert (
+        "Together (keeping data.max_seq_len): train.micro_batch_size=1 train.grad_accum_steps=32 "
+        "model.gradient_checkpointing=true zero=zero3_offload"
+    ) in report

@@ -31,10 +31,17 @@ def examples(tokenizer, train_on=TrainOn.assistant):
     renderer = ChatRenderer(tokenizer, train_on)
     conversations = [
         [{"role": "user", "content": "upper: abc"}, {"role": "assistant", "content": "ABC"}],
-        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "reverse: hello"},
-         {"role": "assistant", "content": "olleh"}],
-        [{"role": "user", "content": "repeat: xy"}, {"role": "assistant", "content": "xy xy"},
-         {"role": "user", "content": "upper: q"}, {"role": "assistant", "content": "Q"}],
+        [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "reverse: hello"},
+            {"role": "assistant", "content": "olleh"},
+        ],
+        [
+            {"role": "user", "content": "repeat: xy"},
+            {"role": "assistant", "content": "xy xy"},
+            {"role": "user", "content": "upper: q"},
+            {"role": "assistant", "content": "Q"},
+        ],
     ]
     return [renderer.render(c) for c in conversations]
 

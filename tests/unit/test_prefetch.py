@@ -52,6 +52,6 @@ def test_an_error_while_collating_reaches_the_training_thread():
 def test_leaving_the_loop_early_stops_the_thread():
     endless = ([[i]] for i in iter(int, 1))  # never ends
     with Prefetcher(endless, collate) as prefetched:
-        for step, _ in zip(prefetched, range(3)):
+        for _step, _ in zip(prefetched, range(3)):
             pass
     assert not any(t.name == "dtrain-prefetch" and t.is_alive() for t in threading.enumerate())

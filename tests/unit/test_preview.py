@@ -9,8 +9,13 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def run_preview(tmp_path, *overrides) -> str:
-    out = subprocess.run([sys.executable, "launch/preview.py", "+exp=tiny_cpu", f"output_dir={tmp_path}", *overrides],
-                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "launch/preview.py", "+exp=tiny_cpu", f"output_dir={tmp_path}", *overrides],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr
     return out.stdout
 
@@ -19,7 +24,7 @@ def test_text_preview_brackets_exactly_the_answer_and_its_end_token(tmp_path):
     text = run_preview(tmp_path, "preview.n=2")
     assert text.count("=== example") == 2
     trained = [chunk.split("]]")[0] for chunk in text.split("[[")[1:]]
-    assert trained and all(t.endswith("<|im_end|>") and t[:-len("<|im_end|>")].isupper() for t in trained)
+    assert trained and all(t.endswith("<|im_end|>") and t[: -len("<|im_end|>")].isupper() for t in trained)
 
 
 def test_json_preview_of_packed_rows(tmp_path):

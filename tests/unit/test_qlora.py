@@ -7,11 +7,14 @@ import torch
 
 from dtrain.config import compose_job
 from dtrain.config.batch import BatchPlan
+from dtrain.config.checks import check_adamw_8bit, check_qlora
 from dtrain.ds_config import build_ds_config
 from dtrain.errors import ConfigError
-from dtrain.config.checks import check_adamw_8bit, check_qlora
 from dtrain.model import (
-    apply_lora, footprint_bytes, parameter_counts, prepare_for_kbit_training,
+    apply_lora,
+    footprint_bytes,
+    parameter_counts,
+    prepare_for_kbit_training,
     quantization_config,
 )
 
@@ -27,8 +30,9 @@ def quantised(tiny_pretrained):
     from transformers import AutoModelForCausalLM
 
     job = qlora_job(f"model.path={tiny_pretrained}")
-    model = AutoModelForCausalLM.from_pretrained(tiny_pretrained, dtype=torch.bfloat16,
-                                                 quantization_config=quantization_config(job.peft, torch.bfloat16))
+    model = AutoModelForCausalLM.from_pretrained(
+        tiny_pretrained, dtype=torch.bfloat16, quantization_config=quantization_config(job.peft, torch.bfloat16)
+    )
     return job, model
 
 

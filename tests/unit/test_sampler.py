@@ -2,9 +2,9 @@
 
 import pytest
 
+from dtrain.config.batch import BatchPlan
 from dtrain.config.schema import LengthGrouping
 from dtrain.data import StepSampler
-from dtrain.config.batch import BatchPlan
 
 
 def step_sets(n, micro, accum, world, epoch=0, seed=0):
@@ -63,8 +63,11 @@ def _efficiency(per_rank, lengths):
 
 def _step_time(per_rank, lengths):
     """Padded slots of the slowest rank at each micro-batch, summed: what ranks in lockstep wait for."""
-    return sum(max(max(lengths[i] for i in steps[s][k]) for steps in per_rank) * len(per_rank[0][s][k])
-               for s in range(len(per_rank[0])) for k in range(len(per_rank[0][s])))
+    return sum(
+        max(max(lengths[i] for i in steps[s][k]) for steps in per_rank) * len(per_rank[0][s][k])
+        for s in range(len(per_rank[0]))
+        for k in range(len(per_rank[0][s]))
+    )
 
 
 def test_sorting_within_a_step_keeps_each_steps_examples_and_cuts_padding():

@@ -140,8 +140,13 @@ class FakeSlurm:
         self.bin, self.log, self.tmp = root / "bin", root / "log", root / "tmp"
         for d in (self.bin, self.log, self.tmp):
             d.mkdir()
-        fakes = {"scontrol": FAKE_SCONTROL, "srun": FAKE_SRUN, "scancel": FAKE_SCANCEL,
-                 "nvidia-smi": FAKE_NVIDIA_SMI, "deepspeed": FAKE_DEEPSPEED}
+        fakes = {
+            "scontrol": FAKE_SCONTROL,
+            "srun": FAKE_SRUN,
+            "scancel": FAKE_SCANCEL,
+            "nvidia-smi": FAKE_NVIDIA_SMI,
+            "deepspeed": FAKE_DEEPSPEED,
+        }
         for name, text in fakes.items():
             path = self.bin / name
             path.write_text(text)
@@ -173,8 +178,14 @@ class FakeSlurm:
         }
 
     def start(self, *overrides: str, **env: str) -> subprocess.Popen:
-        return subprocess.Popen([BASH, str(SBATCH), *overrides], env={**self.env, **env}, cwd=self.tmp,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        return subprocess.Popen(
+            [BASH, str(SBATCH), *overrides],
+            env={**self.env, **env},
+            cwd=self.tmp,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
 
     def run(self, *overrides: str, **env: str) -> subprocess.CompletedProcess:
         proc = self.start(*overrides, **env)
@@ -209,9 +220,24 @@ def slurm(tmp_path):
 
 
 def expected_deepspeed_argv(node: int, hostfile: str, gpus: str = "4") -> list[str]:
-    return ["--hostfile", hostfile, "--no_ssh", "--node_rank", str(node),
-            "--num_nodes", "2", "--num_gpus", gpus, "--master_addr", "node01", "--master_port", MASTER_PORT,
-            "launch/train.py", f"output_dir={REPO}/outputs/${{run_name}}-slurm{JOB_ID}", *OVERRIDES]
+    return [
+        "--hostfile",
+        hostfile,
+        "--no_ssh",
+        "--node_rank",
+        str(node),
+        "--num_nodes",
+        "2",
+        "--num_gpus",
+        gpus,
+        "--master_addr",
+        "node01",
+        "--master_port",
+        MASTER_PORT,
+        "launch/train.py",
+        f"output_dir={REPO}/outputs/${{run_name}}-slurm{JOB_ID}",
+        *OVERRIDES,
+    ]
 
 
 def test_one_launcher_per_node_with_the_same_master_port_and_run_directory(slurm):
@@ -219,8 +245,7 @@ def test_one_launcher_per_node_with_the_same_master_port_and_run_directory(slurm
     assert out.returncode == 0, out.stdout + out.stderr
 
     srun = slurm.argv("srun")
-    assert srun[:srun.index("bash")] == ["--nodes=2", "--ntasks=2", "--ntasks-per-node=1", "--kill-on-bad-exit=0",
-                                         "--export=ALL"]
+    assert srun[: srun.index("bash")] == ["--nodes=2", "--ntasks=2", "--ntasks-per-node=1", "--kill-on-bad-exit=0", "--export=ALL"]
     for node in (0, 1):
         argv = slurm.argv(f"deepspeed.{node}")
         hostfile = argv[1]
@@ -236,8 +261,7 @@ def test_one_launcher_per_node_with_the_same_master_port_and_run_directory(slurm
 def test_the_rendered_output_dir_composes_to_run_name_and_job_id():
     from dtrain.config import compose_job
 
-    job = compose_job([f"output_dir={REPO}/outputs/${{run_name}}-slurm{JOB_ID}", "+exp=7b_zero3",
-                       "data.path=/data/train.jsonl"])
+    job = compose_job([f"output_dir={REPO}/outputs/${{run_name}}-slurm{JOB_ID}", "+exp=7b_zero3", "data.path=/data/train.jsonl"])
     assert job.output_dir == f"{REPO}/outputs/7b_zero3-slurm{JOB_ID}"
 
 
@@ -245,7 +269,7 @@ def test_a_user_output_dir_replaces_the_default(slurm):
     out = slurm.run("+exp=7b_zero3", "output_dir=/shared/runs/a")
     assert out.returncode == 0, out.stdout + out.stderr
     argv = slurm.argv("deepspeed.0")
-    assert argv[argv.index("launch/train.py") + 1:] == ["+exp=7b_zero3", "output_dir=/shared/runs/a"]
+    assert argv[argv.index("launch/train.py") + 1 :] == ["+exp=7b_zero3", "output_dir=/shared/runs/a"]
 
 
 def test_environment_reaches_every_rank(slurm):
@@ -253,8 +277,7 @@ def test_environment_reaches_every_rank(slurm):
     assert out.returncode == 0, out.stdout + out.stderr
     for node in (0, 1):
         env = slurm.rank_env(node)
-        for key in ("WANDB_API_KEY", "WANDB_PROJECT", "HF_HOME", "HF_TOKEN", "HYDRA_FULL_ERROR", "NCCL_DEBUG",
-                    "NCCL_SOCKET_IFNAME"):
+        for key in ("WANDB_API_KEY", "WANDB_PROJECT", "HF_HOME", "HF_TOKEN", "HYDRA_FULL_ERROR", "NCCL_DEBUG", "NCCL_SOCKET_IFNAME"):
             assert env.get(key) == slurm.env[key], key
         assert env["PYTHONUNBUFFERED"] == "1"
         assert env["SLURM_NODEID"] == str(node)
@@ -263,9 +286,11 @@ def test_environment_reaches_every_rank(slurm):
 
 @pytest.mark.parametrize(
     "env, gpus, asked_nvidia_smi",
-    [({"SLURM_GPUS_ON_NODE": ""}, "2", True),
-     ({"SLURM_GPUS_ON_NODE": "", "SLURM_GPUS_PER_NODE": "h100:8"}, "8", False),
-     ({"GPUS_PER_NODE": "3"}, "3", False)],
+    [
+        ({"SLURM_GPUS_ON_NODE": ""}, "2", True),
+        ({"SLURM_GPUS_ON_NODE": "", "SLURM_GPUS_PER_NODE": "h100:8"}, "8", False),
+        ({"GPUS_PER_NODE": "3"}, "3", False),
+    ],
 )
 def test_gpus_per_node(slurm, env, gpus, asked_nvidia_smi):
     out = slurm.run(*OVERRIDES, **env)
@@ -358,8 +383,12 @@ def test_deepspeed_launcher_turns_the_rendered_command_into_the_right_world(slur
     launch.main()
     assert [int(env["RANK"]) for _, env in spawned] == [4, 5, 6, 7]
     for local_rank, (cmd, env) in enumerate(spawned):
-        assert cmd[-len(OVERRIDES) - 3:] == ["launch/train.py", f"--local_rank={local_rank}",
-                                             f"output_dir={REPO}/outputs/${{run_name}}-slurm{JOB_ID}", *OVERRIDES]
+        assert cmd[-len(OVERRIDES) - 3 :] == [
+            "launch/train.py",
+            f"--local_rank={local_rank}",
+            f"output_dir={REPO}/outputs/${{run_name}}-slurm{JOB_ID}",
+            *OVERRIDES,
+        ]
         assert (env["WORLD_SIZE"], env["MASTER_ADDR"], env["MASTER_PORT"]) == ("8", "node01", MASTER_PORT)
         assert env["WANDB_API_KEY"] == "wandb-secret"
 
@@ -369,11 +398,14 @@ def test_exit_codes_are_read_from_dtrain_errors():
     import dtrain.errors as errors
 
     text = SBATCH.read_text()
-    function = text[text.index("read_exit_codes() {"):]
+    function = text[text.index("read_exit_codes() {") :]
     function = function[: function.index("\n}\n") + 3]
-    script = f'{function}\nread_exit_codes dtrain/errors.py\necho "$EXIT_OK $EXIT_BAD_INPUT $EXIT_TRAINING_STOPPED $EXIT_PREEMPTED $EXIT_HUNG"'
+    script = (
+        f'{function}\nread_exit_codes dtrain/errors.py\necho "$EXIT_OK $EXIT_BAD_INPUT $EXIT_TRAINING_STOPPED $EXIT_PREEMPTED $EXIT_HUNG"'
+    )
     out = subprocess.run([BASH, "-c", script], cwd=REPO, capture_output=True, text=True, check=True)
-    assert out.stdout.split() == [str(c) for c in (errors.EXIT_OK, errors.EXIT_BAD_INPUT, errors.EXIT_TRAINING_STOPPED,
-                                                    errors.EXIT_PREEMPTED, errors.EXIT_HUNG)]
+    assert out.stdout.split() == [
+        str(c) for c in (errors.EXIT_OK, errors.EXIT_BAD_INPUT, errors.EXIT_TRAINING_STOPPED, errors.EXIT_PREEMPTED, errors.EXIT_HUNG)
+    ]
     assert sorted(errors.EXIT_CODES) == sorted(int(c) for c in out.stdout.split())
     assert "EXIT_PREEMPTED=" not in text  # no second definition to drift apart

@@ -9,11 +9,10 @@ import sys
 import pytest
 import torch
 
-from dtrain.errors import TrainingError
+from dtrain.errors import EXIT_HUNG, TrainingError
 from dtrain.guard import SPIKE_MIN_HISTORY, StepGuard
 from dtrain.metrics import _drop_records_after
 from dtrain.preemption import PreemptionFlag
-from dtrain.errors import EXIT_HUNG
 
 
 def test_nonfinite_steps_counted_and_stop_after_max_bad_steps():
@@ -62,16 +61,19 @@ def test_preemption_signal_sets_the_agreed_flag(sig):
 
 
 def test_watchdog_ends_a_stuck_rank_naming_rank_and_step():
-    code = ("import time; from dtrain.watchdog import StepWatchdog; w = StepWatchdog(1.0, rank=3, poll_s=0.1); "
-            "w.beat('step 7'); time.sleep(30)")
+    code = (
+        "import time; from dtrain.watchdog import StepWatchdog; w = StepWatchdog(1.0, rank=3, poll_s=0.1); w.beat('step 7'); time.sleep(30)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=20)
     assert out.returncode == EXIT_HUNG
     assert "rank 3 made no progress" in out.stderr and "in step 7" in out.stderr
 
 
 def test_watchdog_stays_quiet_while_beating():
-    code = ("import time; from dtrain.watchdog import StepWatchdog; w = StepWatchdog(1.0, rank=0, poll_s=0.1)\n"
-            "for i in range(8):\n    w.beat(f'step {i}'); time.sleep(0.3)\nw.stop(); print('done')")
+    code = (
+        "import time; from dtrain.watchdog import StepWatchdog; w = StepWatchdog(1.0, rank=0, poll_s=0.1)\n"
+        "for i in range(8):\n    w.beat(f'step {i}'); time.sleep(0.3)\nw.stop(); print('done')"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=20)
     assert out.returncode == 0 and out.stdout.strip() == "done"
 
@@ -80,7 +82,9 @@ def test_resume_drops_metrics_written_after_the_checkpoint(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(f'{{"step": {s}, "loss": {s}}}\n' for s in range(1, 9)) + '{"step": 4, "eval_loss": 1}\n')
     _drop_records_after(path, 5)
-    assert [line for line in path.read_text().splitlines()] == [f'{{"step": {s}, "loss": {s}}}' for s in range(1, 6)] + ['{"step": 4, "eval_loss": 1}']
+    assert [line for line in path.read_text().splitlines()] == [f'{{"step": {s}, "loss": {s}}}' for s in range(1, 6)] + [
+        '{"step": 4, "eval_loss": 1}'
+    ]
 
 
 def test_fresh_start_moves_an_old_metrics_file_aside(tmp_path):

@@ -11,8 +11,16 @@ import pytest
 from dtrain.config.schema import SweepConfig, SweepDirection
 from dtrain.errors import EXIT_BAD_INPUT
 from dtrain.sweep import (
-    RESULT_FILE, collect_results, format_table, job_overrides, job_result, launcher_command, objective_value,
-    swept_keys_of, swept_tags, write_results,
+    RESULT_FILE,
+    collect_results,
+    format_table,
+    job_overrides,
+    job_result,
+    launcher_command,
+    objective_value,
+    swept_keys_of,
+    swept_tags,
+    write_results,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -21,8 +29,7 @@ from sweep import driver_overrides  # noqa: E402
 
 
 def test_swept_keys_are_the_ones_given_several_values():
-    cli = ["+exp=tiny_cpu", "train.lr=1e-4,3e-4", "peft.r=range(8,17,8)", "data.files=[a,b]", "wandb.tags=[x]",
-           "train.seed=1"]
+    cli = ["+exp=tiny_cpu", "train.lr=1e-4,3e-4", "peft.r=range(8,17,8)", "data.files=[a,b]", "wandb.tags=[x]", "train.seed=1"]
     assert swept_keys_of(cli) == ["peft.r", "train.lr"]  # a list value is one value, not a sweep
 
 
@@ -34,8 +41,9 @@ def test_driver_keys_are_replaced_and_swept_values_become_tags():
 
 def test_launcher_command_passes_overrides_as_arguments_and_groups_the_run(tmp_path):
     sweep = SweepConfig(num_gpus=2, launcher_args=["--include", "localhost:0,1"])
-    cmd = launcher_command(sweep, ["+exp=tiny_cpu", "data.files=[a,b]", "run_name=x_${train.seed}"], tmp_path / "3",
-                           "tiny_cpu-2026", ["train.lr=0.0001"])
+    cmd = launcher_command(
+        sweep, ["+exp=tiny_cpu", "data.files=[a,b]", "run_name=x_${train.seed}"], tmp_path / "3", "tiny_cpu-2026", ["train.lr=0.0001"]
+    )
     assert cmd[0].endswith("deepspeed") and cmd[1:5] == ["--num_gpus", "2", "--include", "localhost:0,1"]
     assert cmd[5:8] == ["launch/train.py", "+exp=tiny_cpu", "data.files=[a,b]"]  # unchanged: no shell in between
     assert "run_name=x_${train.seed}" in cmd
@@ -58,8 +66,11 @@ def _finished_job(root: Path, name: str, eval_loss: float, tokens_per_s: list[fl
     run_dir = root / name
     run_dir.mkdir(parents=True)
     (run_dir / "summary.json").write_text(json.dumps({"eval_loss": eval_loss, "accuracy_after": 0.5, "steps": 4}))
-    (run_dir / "metrics.jsonl").write_text("".join(json.dumps({"step": i + 1, "loss": 1.0, "tokens_per_s": v}) + "\n"
-                                                   for i, v in enumerate(tokens_per_s)) + json.dumps({"eval_loss": eval_loss}) + "\n")
+    (run_dir / "metrics.jsonl").write_text(
+        "".join(json.dumps({"step": i + 1, "loss": 1.0, "tokens_per_s": v}) + "\n" for i, v in enumerate(tokens_per_s))
+        + json.dumps({"eval_loss": eval_loss})
+        + "\n"
+    )
     (run_dir / "launcher.log").write_text("$ deepspeed ...\nsome output\n")
     row = job_result(run_dir, [f"train.lr={name}", "+exp=tiny_cpu"], exit_code, 12.0, [f"train.lr={name}"])
     (run_dir / RESULT_FILE).write_text(json.dumps(row))

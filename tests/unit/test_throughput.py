@@ -2,8 +2,8 @@
 
 import pytest
 
-from dtrain.throughput import mfu, peak_flops, step_flops
 from dtrain.memory.plan import ModelShape
+from dtrain.throughput import mfu, peak_flops, step_flops
 
 # 2 layers, hidden 8, 2 heads of 4, vocab 10: 1000 parameters of which 80 are the input embedding.
 SHAPE = ModelShape(num_parameters=1000, hidden=8, intermediate=16, layers=2, heads=2, kv_heads=2, head_dim=4, vocab=10)

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from dtrain.config.schema import DataConfig, Truncation, TrainOn
+from dtrain.config.schema import DataConfig, TrainOn, Truncation
 from dtrain.data import IGNORE_INDEX, ChatRenderer, DataError, prepare_data
 
 LONG_PROMPT = {"messages": [{"role": "user", "content": "upper: " + "x" * 200}, {"role": "assistant", "content": "SHORT"}]}
