@@ -15,9 +15,10 @@ import hydra
 from omegaconf import DictConfig
 
 from dtrain.config import register_configs, to_job_config
+from dtrain.config.batch import BatchPlan
 from dtrain.config.schema import PreviewFormat
 from dtrain.data import ChatRenderer, prepare_data, resolve_chat_template
-from dtrain.data.loader import collate_units, make_units
+from dtrain.data.loader import TrainLoader
 from dtrain.data.preview import preview_json, preview_text
 from dtrain.errors import exit_on_error
 from dtrain.model import load_tokenizer
@@ -33,10 +34,20 @@ def main(cfg: DictConfig) -> None:
         renderer = ChatRenderer(tokenizer, job.data.train_on, job.data.end_of_turn_token)
         data = prepare_data(job.data, renderer, job.train.seed, num_prompts=0)
         job = resolve_job(job, [len(e.input_ids) for e in data.train], world_size=1).job
-    packing = bool(job.data.packing)
-    units = make_units(data.train, packing, job.data.max_seq_len, job.train.seed)[: job.preview.n]
+        # The training loader over the same units; a step of one unit, since only the units are shown, in data order.
+        loader = TrainLoader(
+            data.train,
+            BatchPlan(1, 1, 1),
+            0,
+            packing=bool(job.data.packing),
+            max_seq_len=job.data.max_seq_len,
+            seed=job.train.seed,
+            grouping=job.data.group_by_length,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    units = loader.units[: job.preview.n]
     if job.preview.format == PreviewFormat.json:
-        print("\n".join(preview_json(units, lambda unit: collate_units([unit], packing, tokenizer.pad_token_id), packing)))
+        print("\n".join(preview_json(units, lambda unit: loader.collate([unit]), loader.packing)))
     else:
         print(preview_text(units, tokenizer, color=sys.stdout.isatty()))
 
