@@ -70,8 +70,8 @@ def step_failures(step: int, rank: int, oom_report: Callable[[], str]) -> Iterat
         The factor for this rank's loss: 1, or Inf where the recovery tests inject a non-finite loss
         (``dtrain/faults.py``: every injected failure enters the step here).
     """
-    faults.at_step_start(step, rank)
     try:
+        faults.at_step_start(step, rank)
         yield faults.loss_multiplier(step, rank)
     except torch.OutOfMemoryError as e:
         raise TrainingError(oom_report()) from e

@@ -24,6 +24,9 @@ def _remote_code_kwargs(cfg: ModelConfig) -> dict[str, Any]:
     return kwargs
 
 
+LONG_SEQUENCE_WARNING = "sequence-length-is-longer-than-the-specified-maximum"
+
+
 def load_tokenizer(cfg: ModelConfig):
     """The tokenizer of ``model.path``; a missing pad token becomes the eos token (padding is masked by position)."""
     from transformers import AutoTokenizer
@@ -32,6 +35,9 @@ def load_tokenizer(cfg: ModelConfig):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
         log.info("tokenizer has no pad token: using eos %r for padding (pad positions are masked by position)", tokenizer.eos_token)
+    # What is trained is decided (and reported) by data.max_seq_len and data.truncation; the tokenizer's warning that a
+    # conversation is longer than its model_max_length says nothing about that. Marked as given; nothing is saved.
+    tokenizer.deprecation_warnings[LONG_SEQUENCE_WARNING] = True
     return tokenizer
 
 

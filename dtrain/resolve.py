@@ -1,7 +1,8 @@
 """The resolution step: a job's open choices are decided once, before anything is written or loaded.
 
-``data.packing=null`` is decided from the data, batch sizes are derived from ``train.*`` and the world size, and
-``wandb.mode=null`` from W&B's environment. Every rank decides alike (same data, config and environment). What
+``data.packing=null`` is decided from the data, batch sizes are derived from ``train.*`` and the world size,
+``precision=auto`` from the machine (rank 0's, broadcast) and ``wandb.mode=null`` from W&B's environment. Every
+rank decides alike (same data, config, machine facts and environment). What
 comes out is what runs: ``config.yaml``, ``ds_config.json`` and the checkpoint resume key are all written from
 it, so resuming with the values a run actually used (``data.packing=true`` after ``null`` chose packing) works.
 """
@@ -11,12 +12,13 @@ from __future__ import annotations
 import copy
 import logging
 from dataclasses import dataclass
-from typing import Sequence
+from pathlib import Path
+from typing import Optional, Sequence
 
 from omegaconf import OmegaConf
 
 from dtrain.config.batch import BatchPlan
-from dtrain.config.schema import JobConfig, WandbMode
+from dtrain.config.schema import JobConfig, Precision, WandbMode
 from dtrain.data.packing import choose_packing
 from dtrain.metrics import wandb_mode
 
@@ -37,19 +39,70 @@ class ResolvedJob:
         return OmegaConf.to_yaml(OmegaConf.structured(self.job))
 
 
-def resolve_job(job: JobConfig, train_lengths: Sequence[int], world_size: int) -> ResolvedJob:
-    """Decide what the config leaves open, from the training data and the world size.
+@dataclass(frozen=True)
+class MachineFacts:
+    """What ``precision=auto`` is decided from."""
+
+    cuda_capability: Optional[tuple[int, int]] = None
+    """Compute capability of the GPU; None on a machine without CUDA."""
+    gpu_name: Optional[str] = None
+    cpu_bf16: Optional[str] = None
+    """The CPU feature that computes bf16 natively (``amx_bf16``, ``avx512_bf16``), or None."""
+
+
+CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+def machine_facts(cpuinfo: Path = Path("/proc/cpuinfo")) -> MachineFacts:
+    """This machine's GPU capability and CPU bf16 support (read on rank 0 and broadcast: every rank decides alike)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return MachineFacts(tuple(torch.cuda.get_device_capability()), torch.cuda.get_device_name())
+    flags: set[str] = set()
+    if cpuinfo.is_file():  # Linux; elsewhere no flags are known and the CPU computes in fp32
+        for line in cpuinfo.read_text(errors="replace").splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    return MachineFacts(cpu_bf16=next((f for f in CPU_BF16_FLAGS if f in flags), None))
+
+
+def choose_precision(machine: MachineFacts) -> tuple[Precision, str]:
+    """``precision=auto``: the fastest precision this machine computes natively, and why.
+
+    Returns:
+        ``(precision, reason)``.
+    """
+    if machine.cuda_capability is not None:
+        gpu = f"{machine.gpu_name or 'the GPU'} (compute capability {machine.cuda_capability[0]}.{machine.cuda_capability[1]})"
+        if machine.cuda_capability >= (8, 0):
+            return Precision.bf16, f"{gpu} computes bf16 natively"
+        return Precision.fp16, f"{gpu} has no native bf16: fp16 with dynamic loss scaling"
+    if machine.cpu_bf16:
+        return Precision.bf16, f"no GPU; the CPU computes bf16 natively ({machine.cpu_bf16})"
+    return Precision.fp32, (
+        "no GPU, and the CPU has no native bf16 (no AVX512-BF16 or AMX): bf16 matmuls would run many times slower than fp32"
+    )
+
+
+def resolve_job(job: JobConfig, train_lengths: Sequence[int], world_size: int, machine: Optional[MachineFacts] = None) -> ResolvedJob:
+    """Decide what the config leaves open, from the training data, the world size and the machine.
 
     Args:
         job: The checked job (``dtrain.config.checks.check_job``); not modified.
         train_lengths: Token count of every training example.
         world_size: Ranks in the run.
+        machine: Rank 0's machine facts (``machine_facts()``, broadcast); read here when not given.
 
     Returns:
         The resolved job and its batch plan.
     """
     job = copy.deepcopy(job)
     decisions = []
+    if job.precision.name == Precision.auto:
+        job.precision.name, reason = choose_precision(machine or machine_facts())
+        decisions.append(f"precision=auto: {job.precision.name.value}, since {reason} (set precision= to choose)")
     if job.data.packing is None:
         job.data.packing, efficiency = choose_packing(list(train_lengths), job.train.micro_batch_size, job.train.seed)
         decisions.append(

@@ -19,13 +19,13 @@ import torch
 from dtrain.checkpoint import CheckpointManager, TrainerState, resume_key
 from dtrain.config.schema import JobConfig, Precision
 from dtrain.data.loader import TrainLoader
-from dtrain.dist import DistInfo
+from dtrain.dist import DistInfo, broadcast_object
 from dtrain.ds_config import build_ds_config
 from dtrain.engine import EngineParts, ModelFacts, build_engine, read_model_facts
 from dtrain.memory.meters import gpu_capacity_bytes_here, peak_memory_bytes
 from dtrain.memory.plan import MemoryPlan, format_plans, plan_for_run
 from dtrain.oom import oom_report
-from dtrain.resolve import resolve_job
+from dtrain.resolve import machine_facts, resolve_job
 from dtrain.setup import RunData, load_data, start_run, write_run_files
 from dtrain.throughput import peak_flops
 
@@ -79,7 +79,9 @@ def build_run(job: JobConfig) -> Run:
     """
     dist, run_dir = start_run(job)
     data = load_data(job, dist)
-    resolved = resolve_job(job, [len(e.input_ids) for e in data.data.train], dist.world_size)
+    # Rank 0's machine decides precision=auto for all: ranks that chose differently could not train together.
+    machine = broadcast_object(machine_facts() if dist.is_main else None)
+    resolved = resolve_job(job, [len(e.input_ids) for e in data.data.train], dist.world_size, machine)
     job = resolved.job
     # Before anything is (over)written: a checkpoint from other settings is refused here, not after loading.
     ckpt = CheckpointManager(run_dir, job.ckpt, dist, resume_key(job, dist.world_size), exclude_frozen=job.peft.uses_adapters)

@@ -15,7 +15,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from dtrain.config import register_configs, to_job_config
-from dtrain.config.schema import PlanFormat
+from dtrain.config.schema import PlanFormat, Precision
 from dtrain.errors import exit_on_error
 from dtrain.memory.plan import GiB, ModelShape, format_plans, gpu_capacity_bytes, plan_job
 from dtrain.model import count_parameters_from_config
@@ -28,6 +28,8 @@ def main(cfg: DictConfig) -> None:
     if OmegaConf.is_missing(cfg.data, "path"):  # planning reads no data
         cfg.data.path = "(not needed to plan)"
     job = to_job_config(cfg)
+    if job.precision.name == Precision.auto:  # the GPUs priced here (A100 and newer) compute bf16 natively
+        job.precision.name = Precision.bf16
     with exit_on_error():
         capacity = gpu_capacity_bytes(job.plan.gpu, job.plan.gpu_memory_gb)
     config = AutoConfig.from_pretrained(

@@ -3,7 +3,8 @@
 .venv/bin/python scripts/plan_table.py
 """
 
-from dtrain.config import asset_path, compose_job
+from dtrain.config import asset_path
+from dtrain.config.schema import Precision
 from dtrain.memory.plan import GiB, ModelShape, PlanSetup, plan_memory
 from dtrain.model import count_parameters_from_config
 
@@ -21,7 +22,7 @@ SETUPS = [
 def main() -> None:
     from transformers import AutoConfig
 
-    precision = compose_job(["+exp=tiny_cpu"]).precision.name  # bf16
+    precision = Precision.bf16
     print("| model | setup | params | grads | optimizer | activations | other | total GiB/GPU | CPU GiB/node | fits 80 GB |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name in MODELS:

@@ -72,6 +72,7 @@ class OptimName(str, Enum):
 
 
 class Precision(str, Enum):
+    auto = "auto"  # decided at start from the machine (dtrain/resolve.py): bf16 where it is native, else fp16 or fp32
     bf16 = "bf16"
     fp16 = "fp16"
     fp32 = "fp32"
@@ -191,7 +192,11 @@ class ZeroConfig:
 class PrecisionConfig:
     """Mixed precision; bf16 and fp16 keep FP32 master weights inside DeepSpeed's optimizer."""
 
-    name: Precision = Precision.bf16
+    name: Precision = Precision.auto
+    """auto (default): bf16 on GPUs that compute it natively (compute capability 8.0+: A100, H100, L40S, ...), fp16
+    with dynamic loss scaling on older GPUs, and on CPUs bf16 only with native support (AVX512-BF16 or AMX), else
+    fp32 (a bf16 matmul ran 38x slower than fp32 on an AVX2-only CPU). The log says which and why, and
+    ``config.yaml`` records the choice."""
     initial_scale_power: int = 16
     """fp16 only: dynamic loss scaling starts at 2**initial_scale_power."""
     loss_scale_window: int = 1000

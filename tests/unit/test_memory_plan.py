@@ -8,7 +8,8 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from dtrain.config import asset_path, compose_job
+from dtrain.config import asset_path
+from dtrain.config.schema import Precision
 from dtrain.loss import shifted_token_loss_sum
 from dtrain.memory.meters import measure_saved_bytes
 from dtrain.memory.plan import ModelShape, PlanSetup, activation_bytes, layer_bytes_per_token, plan_memory
@@ -73,7 +74,7 @@ def test_model_states_agree_with_deepspeed_estimators(model):
 
     shape = shape_of(asset_path(f"configs/{model}"))
     p, gpus = shape.num_parameters, 8
-    common = dict(precision=compose_job(["+exp=tiny_cpu"]).precision.name, micro_batch=1, seq_len=1, world_size=gpus, gpus_per_node=gpus)
+    common = dict(precision=Precision.bf16, micro_batch=1, seq_len=1, world_size=gpus, gpus_per_node=gpus)
     for zero in (2, 3):
         plan = plan_memory(shape, PlanSetup(zero, False, False, "none", False), **common).per_gpu_bytes
         states = plan["params"] + plan["grads"] + plan["optimizer"]
@@ -91,7 +92,7 @@ def test_model_states_agree_with_deepspeed_estimators(model):
 
 def test_lora_qlora_and_8bit_shrink_the_right_components():
     shape = shape_of(asset_path("configs/llama2_7b"))
-    kw = dict(precision=compose_job(["+exp=tiny_cpu"]).precision.name, micro_batch=1, seq_len=2048, world_size=8, gpus_per_node=8)
+    kw = dict(precision=Precision.bf16, micro_batch=1, seq_len=2048, world_size=8, gpus_per_node=8)
     full = plan_memory(shape, PlanSetup(2, False, False, "none", True), **kw).per_gpu_bytes
     lora = plan_memory(shape, PlanSetup(2, False, False, "lora", True), **kw).per_gpu_bytes
     qlora = plan_memory(shape, PlanSetup(2, False, False, "qlora", True), **kw).per_gpu_bytes

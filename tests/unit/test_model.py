@@ -7,7 +7,15 @@ import torch
 
 from dtrain.config.schema import ModelConfig
 from dtrain.errors import ConfigError
-from dtrain.model import _remote_code_kwargs, choose_attn_implementation, count_parameters_from_config, linear_target_modules
+from dtrain.model import (
+    _remote_code_kwargs,
+    choose_attn_implementation,
+    count_parameters_from_config,
+    linear_target_modules,
+    load_tokenizer,
+)
+
+from tests.conftest import TINY_DIR
 
 
 def test_sdpa_without_cuda_and_the_log_says_why(monkeypatch):
@@ -46,3 +54,19 @@ def test_lora_targets_every_linear_but_the_head(tiny_pretrained):
     model = AutoModelForCausalLM.from_pretrained(tiny_pretrained)
     assert linear_target_modules(model) == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
     assert count_parameters_from_config(model.config) == sum(p.numel() for p in model.parameters())
+
+
+def test_tokenizer_does_not_warn_about_its_own_maximum_length(monkeypatch):
+    """dtrain's length policy decides what is trained: the tokenizer's model_max_length warning is silenced."""
+    from transformers import AutoTokenizer, tokenization_utils_base
+
+    warnings = []
+    monkeypatch.setattr(tokenization_utils_base.logger, "warning", lambda msg, *a, **k: warnings.append(str(msg)))
+    tokenizer = load_tokenizer(ModelConfig(path=str(TINY_DIR)))
+    tokenizer.model_max_length = 16
+    assert len(tokenizer("a long conversation " * 20)["input_ids"]) > 16
+    assert not [w for w in warnings if "longer than the specified maximum" in w]
+    fresh = AutoTokenizer.from_pretrained(TINY_DIR)  # a tokenizer dtrain did not load still warns: the check can fail
+    fresh.model_max_length = 16
+    fresh("a long conversation " * 20)
+    assert [w for w in warnings if "longer than the specified maximum" in w]
