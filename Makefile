@@ -1,5 +1,5 @@
-# make demo   - install into .venv and run the embedded default on 2 CPU ranks (see README)
-# make test   - install with the dev extras, lint (ruff), and run the whole suite (what CI runs)
+# make demo   - install the package into .venv and run the embedded default on 2 CPU ranks (see README)
+# make test   - also install the dev extras and DeepSpeed's CPU ops, lint (ruff), and run the whole suite (what CI runs)
 # make lint   - ruff check + ruff format --check (configured in pyproject.toml); make format rewrites
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -7,41 +7,50 @@ PIP := $(PY) -m pip
 # The CPU build of torch when no NVIDIA GPU is present: a bare `torch` pulls several GB of CUDA wheels.
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 'torch>=2.6' || echo 'torch==2.13.0')
 DEEPSPEED_SPEC ?= deepspeed==0.19.8
-STAMP := $(VENV)/.dtrain-installed
+# Two stages: what the demo runs (the package; no compiled op: it trains with torch's AdamW and gloo), and what the
+# suite adds (dev/qlora/bench extras, DeepSpeed's CPU Adam, shared-memory and fused Adam ops, built once).
+INSTALLED := $(VENV)/.dtrain-installed
+DEV_INSTALLED := $(VENV)/.dtrain-dev-installed
 
-.PHONY: install demo test test-unit test-integration lint format clean
+.PHONY: install install-dev demo test test-unit test-integration lint format clean
 
-$(STAMP): pyproject.toml Makefile
+$(INSTALLED): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH_SPEC)"
 	# DeepSpeed ships only a source package whose build imports torch: build it against the torch just installed.
 	$(PIP) install -q --no-build-isolation "$(DEEPSPEED_SPEC)"
+	$(PIP) install -q -e .
+	touch $(INSTALLED)
+
+$(DEV_INSTALLED): $(INSTALLED)
 	$(PIP) install -q -e ".[dev,qlora,bench]"
-	# DeepSpeed compiles its CPU Adam and shared-memory ops on first use (2-3 min here): once now, not in a run.
+	# DeepSpeed compiles its CPU Adam and shared-memory ops on first use (2-3 min here): once now, not in a test.
 	$(PY) -m dtrain.ds_ops
-	touch $(STAMP)
+	touch $(DEV_INSTALLED)
 
-install: $(STAMP)
+install: $(INSTALLED)
 
-demo: $(STAMP)
+install-dev: $(DEV_INSTALLED)
+
+demo: $(INSTALLED)
 	$(VENV)/bin/deepspeed --num_gpus 2 launch/train.py +exp=tiny_cpu
 
-lint: $(STAMP)
+lint: $(DEV_INSTALLED)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-format: $(STAMP)
+format: $(DEV_INSTALLED)
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
 test: lint
 	$(PY) -m pytest -q --durations=15
 
-test-unit: $(STAMP)
+test-unit: $(DEV_INSTALLED)
 	$(PY) -m pytest -q -m "not integration"
 
-test-integration: $(STAMP)
+test-integration: $(DEV_INSTALLED)
 	$(PY) -m pytest -q -m integration --durations=0
 
 clean:

@@ -1,4 +1,4 @@
-"""Build DeepSpeed's just-in-time compiled ops ahead of the first run (``make install`` calls this).
+"""Build DeepSpeed's just-in-time compiled ops ahead of the first test (``make test`` calls this once; the demo needs none).
 
 DeepSpeed compiles some ops the first time a run needs them: on CPU the Adam kernels (optimizer offload) and the
 shared-memory collectives, 2-3 minutes on a 2-core machine. Built inside a run, every rank of the first launch

@@ -1,4 +1,4 @@
-"""`make install` builds DeepSpeed's JIT ops once; a missing compiler is reported, never fails the install."""
+"""`make test` builds DeepSpeed's JIT ops once; a missing compiler is reported, never fails the install."""
 
 import deepspeed.accelerator
 

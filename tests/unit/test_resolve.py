@@ -86,3 +86,24 @@ def test_the_default_is_auto_and_the_exp_files_that_pin_a_precision_say_so():
     assert compose_job([]).precision.name == Precision.auto
     assert compose_job(["+exp=tiny_cpu"]).precision.name == Precision.auto  # the demo: fast on any CPU
     assert compose_job(["+exp=7b_zero3", "data.path=x"]).precision.name == Precision.bf16
+
+
+def test_cpu_precision_bench_reports_both_dtypes_and_the_choice(tmp_path):
+    """bench/cpu_precision.py in smoke mode, so it cannot rot: both dtypes measured, the choice that auto makes here."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO_ROOT
+
+    out = subprocess.run(
+        [sys.executable, "bench/cpu_precision.py", "--smoke", "--json", str(tmp_path / "p.json")],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads((tmp_path / "p.json").read_text())
+    assert result["runs"][0]["fp32_gflops"] > 0 and result["runs"][0]["bf16_gflops"] > 0
+    assert result["auto_precision"] == choose_precision(machine_facts())[0].value
