@@ -15,13 +15,14 @@ from typing import Any, Optional
 
 import torch
 
+from dtrain.architectures import model_shape
 from dtrain.chunked_loss import ChunkedLossHead, install_chunked_loss_head, liger_available
 from dtrain.config.schema import JobConfig
 from dtrain.data.dataset import PreparedData
 from dtrain.errors import DataError
 from dtrain.loss import shifted_token_loss_sum
 from dtrain.memory.plan import ModelShape
-from dtrain.model import build_model, count_parameters_from_config, parameter_counts
+from dtrain.model import build_model, parameter_counts
 from dtrain.optim import build_client_optimizer, build_scheduler, parameter_groups
 
 log = logging.getLogger("dtrain")
@@ -51,8 +52,8 @@ def read_model_facts(job: JobConfig, data: PreparedData) -> ModelFacts:
             f"token id {biggest} does not fit the model's {config.vocab_size} embedding rows: the tokenizer at "
             f"{job.model.path} does not belong to this model (or added tokens need resize_token_embeddings)"
         )
-    num_parameters = count_parameters_from_config(config)
-    return ModelFacts(num_parameters, getattr(config, "hidden_size", None), ModelShape.from_hf_config(config, num_parameters))
+    shape = model_shape(config)
+    return ModelFacts(shape.num_parameters, getattr(config, "hidden_size", None), shape)
 
 
 class BatchLoss:

@@ -8,8 +8,10 @@ from typing import Any, Optional
 
 import torch
 
+from dtrain.architectures import LoraTargets, causal_lm_class, lora_targets, mark_moe_blocks_as_zero3_leaves, supports_attention
 from dtrain.config.checks import check_remote_code
 from dtrain.config.schema import JobConfig, ModelConfig, ModelInit, PeftConfig, PeftMethod, Precision
+from dtrain.init_weights import init_weights_by_name
 
 log = logging.getLogger("dtrain")
 
@@ -41,8 +43,13 @@ def load_tokenizer(cfg: ModelConfig):
     return tokenizer
 
 
-def choose_attn_implementation(requested: str) -> tuple[str, str]:
+def choose_attn_implementation(requested: str, model_class: Optional[type] = None) -> tuple[str, str]:
     """Pick the attention kernel and say why.
+
+    Args:
+        requested: ``model.attn_implementation`` (``auto`` or a transformers value, kept as given).
+        model_class: The causal-LM class; with ``auto``, a kernel it does not implement (Gemma-2 has no SDPA
+            path) falls back to the next one: flash-attn, then SDPA, then eager.
 
     Returns:
         ``(implementation, reason)`` where implementation is a transformers ``attn_implementation`` value.
@@ -50,10 +57,16 @@ def choose_attn_implementation(requested: str) -> tuple[str, str]:
     if requested != "auto":
         return requested, "set by model.attn_implementation"
     if not torch.cuda.is_available():
-        return "sdpa", "no CUDA device, so flash-attn cannot run: using torch SDPA"
-    if importlib.util.find_spec("flash_attn") is None:
-        return "sdpa", "flash-attn is not installed (pip install 'dtrain[flash]'): using torch SDPA"
-    return "flash_attention_2", "flash-attn is installed and CUDA is present"
+        choice, reason = "sdpa", "no CUDA device, so flash-attn cannot run: using torch SDPA"
+    elif importlib.util.find_spec("flash_attn") is None:
+        choice, reason = "sdpa", "flash-attn is not installed (pip install 'dtrain[flash]'): using torch SDPA"
+    else:
+        choice, reason = "flash_attention_2", "flash-attn is installed and CUDA is present"
+    order = ("flash_attention_2", "sdpa", "eager")
+    usable = next(c for c in order[order.index(choice) :] if model_class is None or supports_attention(model_class, c))
+    if usable != choice:
+        reason = f"{model_class.__name__} has no {choice} attention in transformers, so {usable} ({reason})"
+    return usable, reason
 
 
 def load_model(job: JobConfig, ds_config: dict[str, Any]):
@@ -71,16 +84,23 @@ def load_model(job: JobConfig, ds_config: dict[str, Any]):
 
     cfg = job.model
     hf_ds_config = HfDeepSpeedConfig(ds_config) if job.zero.stage == 3 else None
-    attn, reason = choose_attn_implementation(cfg.attn_implementation)
+    config = AutoConfig.from_pretrained(cfg.path, **_remote_code_kwargs(cfg))
+    attn, reason = choose_attn_implementation(cfg.attn_implementation, causal_lm_class(config))
     log.info("attention: %s (%s)", attn, reason)
     dtype = TORCH_DTYPES[job.precision.name]
     kwargs = {"dtype": dtype, "attn_implementation": attn, **_remote_code_kwargs(cfg)}
     if job.peft.method == PeftMethod.qlora:
         kwargs["quantization_config"] = quantization_config(job.peft, dtype)
     if cfg.init == ModelInit.random:
-        config = AutoConfig.from_pretrained(cfg.path, **_remote_code_kwargs(cfg))
         model = AutoModelForCausalLM.from_config(config, **kwargs)
-        log.info("model: %s built from its config with random weights (model.init=random)", cfg.path)
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        init_weights_by_name(model, job.train.seed, zero3=job.zero.stage == 3, rank=rank)
+        log.info(
+            "model: %s built from its config with random weights (model.init=random, drawn per module from "
+            "train.seed=%d: the same model under every ZeRO stage and world size)",
+            cfg.path,
+            job.train.seed,
+        )
     else:
         # Pickled .bin weights can execute code when loaded: only safetensors unless the config says otherwise.
         model = AutoModelForCausalLM.from_pretrained(cfg.path, use_safetensors=None if cfg.allow_pickle_weights else True, **kwargs)
@@ -182,26 +202,37 @@ def count_parameters_from_config(config) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def linear_target_modules(model) -> list[str]:
-    """Names (last component) of every linear layer except the output head, found from the model itself.
-
-    bitsandbytes' ``Linear4bit`` subclasses ``nn.Linear``, so on a QLoRA base these are the quantised layers.
-    """
-    head = model.get_output_embeddings()
-    names = set()
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and module is not head:
-            names.add(name.rsplit(".", 1)[-1])
-    return sorted(names)
-
-
 def apply_lora(model, cfg: PeftConfig):
-    """Wrap the model with LoRA adapters (peft); the base weights are frozen."""
+    """Wrap the model with LoRA adapters (peft); the base weights are frozen.
+
+    ``peft.target_modules`` unset: every linear layer but the head, and the fused expert weights of a mixture of
+    experts (``dtrain.architectures.lora_targets``); the router stays frozen. The log names what is adapted.
+    """
     from peft import LoraConfig, get_peft_model
 
-    targets = cfg.target_modules or linear_target_modules(model)
-    lora = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets, task_type="CAUSAL_LM")
-    log.info("LoRA r=%d alpha=%d dropout=%g on %s", cfg.r, cfg.alpha, cfg.dropout, targets)
+    targets = LoraTargets(list(cfg.target_modules), [], []) if cfg.target_modules else lora_targets(model)
+    dropout = cfg.dropout
+    if targets.parameters and dropout > 0:
+        # peft's adapters on fused parameters (ParamWrapper) refuse dropout, and one LoraConfig has one dropout.
+        log.warning("peft.dropout=%g set to 0: peft cannot apply dropout to the LoRA of fused expert weights", dropout)
+        dropout = 0.0
+    lora = LoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=dropout,
+        target_modules=targets.modules,
+        target_parameters=targets.parameters or None,
+        task_type="CAUSAL_LM",
+    )
+    log.info(
+        "LoRA r=%d alpha=%d dropout=%g on %s%s%s",
+        cfg.r,
+        cfg.alpha,
+        dropout,
+        targets.modules,
+        f", and the fused expert weights {targets.parameters}" if targets.parameters else "",
+        f"; frozen without an adapter: the routers {targets.frozen}" if targets.frozen else "",
+    )
     return get_peft_model(model, lora)
 
 
@@ -250,6 +281,10 @@ def build_model(job: JobConfig, ds_config: dict[str, Any], num_parameters: int) 
     if job.peft.method == PeftMethod.qlora:
         _log_quantisation(model, job, num_parameters)
         prepare_for_kbit_training(model, job.model.gradient_checkpointing)
+    if job.zero.stage == 3:
+        leaves = mark_moe_blocks_as_zero3_leaves(model)
+        if leaves:
+            log.info("ZeRO-3: %s gathered whole (every rank joins each gather, whatever experts its tokens route to)", leaves)
     if job.peft.uses_adapters:
         model = apply_lora(model, job.peft)
     trainable, total = parameter_counts(model)

@@ -2,8 +2,9 @@
 
 Per token, a decoder's matmuls cost 2 FLOPs per weight forward and 4 backward (input and weight gradients):
 6 x N with N the non-embedding parameters (the input embedding is a lookup; the output head is a matmul and
-counts). Attention adds 12 x layers x heads x head_dim x (the example's own length) per token, so a padded or
-packed row is priced by its examples, not by the row width. A frozen weight (LoRA, QLoRA) skips its weight
+counts); a mixture of experts counts the experts a token runs, not all of them. Attention adds
+12 x layers x heads x head_dim x (the example's own length) per token, so a padded or packed row is priced by its
+examples, not by the row width. A frozen weight (LoRA, QLoRA) skips its weight
 gradient: 4 FLOPs per token instead of 6.
 """
 
@@ -24,7 +25,7 @@ def step_flops(shape: ModelShape, real_tokens: int, sum_sq_lengths: int, trainab
         sum_sq_lengths: The sum over the step's examples of length squared (attention is per example).
         trainable_weights: Weights that get a weight gradient; None means all (full fine-tuning).
     """
-    n = shape.num_parameters - shape.vocab * shape.hidden
+    n = (shape.active_parameters or shape.num_parameters) - shape.vocab * shape.hidden
     if trainable_weights is None:
         dense = 6 * n
     else:

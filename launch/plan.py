@@ -14,11 +14,11 @@ import json
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from dtrain.architectures import model_shape
 from dtrain.config import register_configs, to_job_config
 from dtrain.config.schema import PlanFormat, Precision
 from dtrain.errors import exit_on_error
-from dtrain.memory.plan import GiB, ModelShape, format_plans, gpu_capacity_bytes, plan_job
-from dtrain.model import count_parameters_from_config
+from dtrain.memory.plan import GiB, format_plans, gpu_capacity_bytes, plan_job
 
 
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
@@ -35,7 +35,7 @@ def main(cfg: DictConfig) -> None:
     config = AutoConfig.from_pretrained(
         job.model.config_path or job.model.path, trust_remote_code=job.model.trust_remote_code, revision=job.model.revision
     )
-    shape = ModelShape.from_hf_config(config, count_parameters_from_config(config))
+    shape = model_shape(config)
     world = job.plan.gpus * job.plan.nodes
     plans = plan_job(job, shape, world, job.plan.gpus, capacity)
     if job.plan.format == PlanFormat.json:

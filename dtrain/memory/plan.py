@@ -46,6 +46,13 @@ class ModelShape:
     kv_heads: int
     head_dim: int
     vocab: int
+    lora_dims: Optional[int] = None
+    """Sum of in + out features over every weight LoRA adapts, all layers (a fused expert weight counts experts x
+    (in + out)): rank-r LoRA has r x this many parameters. None: the seven Llama linears of each block."""
+    adapted_weights: Optional[int] = None
+    """Weights of the layers LoRA adapts (QLoRA quantises them). None: the seven Llama linears of each block."""
+    active_parameters: Optional[int] = None
+    """Parameters one token uses (a mixture of experts runs only ``num_experts_per_tok`` experts). None: all."""
 
     @classmethod
     def from_hf_config(cls, config, num_parameters: int) -> ModelShape:
@@ -70,9 +77,13 @@ class ModelShape:
     @property
     def linear_parameters(self) -> int:
         """Weights of every block's linear layers (what QLoRA quantises and LoRA adapts)."""
+        if self.adapted_weights is not None:
+            return self.adapted_weights
         return self.layers * sum(a * b for a, b in self.linear_shapes)
 
     def lora_parameters(self, r: int) -> int:
+        if self.lora_dims is not None:
+            return r * self.lora_dims
         return self.layers * sum(r * (a + b) for a, b in self.linear_shapes)
 
 

@@ -5,13 +5,13 @@ import importlib.util
 import pytest
 import torch
 
+from dtrain.architectures import lora_targets
 from dtrain.config.schema import ModelConfig
 from dtrain.errors import ConfigError
 from dtrain.model import (
     _remote_code_kwargs,
     choose_attn_implementation,
     count_parameters_from_config,
-    linear_target_modules,
     load_tokenizer,
 )
 
@@ -52,7 +52,7 @@ def test_lora_targets_every_linear_but_the_head(tiny_pretrained):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_pretrained)
-    assert linear_target_modules(model) == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    assert lora_targets(model).modules == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
     assert count_parameters_from_config(model.config) == sum(p.numel() for p in model.parameters())
 
 
