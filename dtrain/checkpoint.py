@@ -36,6 +36,7 @@ from dtrain import faults
 from dtrain.config.schema import CheckpointConfig, JobConfig
 from dtrain.dist import DistInfo, barrier, broadcast_object
 from dtrain.errors import ConfigError
+from dtrain.reshard import UNIVERSAL_DIR, UNIVERSAL_INFO, saved_layout
 
 log = logging.getLogger("dtrain")
 
@@ -47,6 +48,19 @@ _COMPLETE_NAME = re.compile(r"^step_\d+$")
 _PARTIAL_NAME = re.compile(r"^step_\d+\.partial$")
 STATE_FILE = "trainer_state.json"
 FORMAT_VERSION = 1
+
+
+@dataclass
+class FoundCheckpoint:
+    """A complete checkpoint to resume from, and its ``trainer_state.json``."""
+
+    path: Path
+    state: dict
+
+    @property
+    def layout(self) -> dict:
+        """How the run that wrote it split its batch and model states (``dtrain.reshard.layout_of``)."""
+        return saved_layout(self.state)
 
 
 @dataclass
@@ -70,9 +84,10 @@ class TrainerState:
 
 
 def resume_key(job: JobConfig, world_size: int) -> dict[str, str]:
-    """The settings a checkpoint is only valid for: model, data, batch layout, seed, ZeRO stage, precision.
+    """The settings a checkpoint is only valid for: model, data, global batch, seed, precision, LoRA.
 
-    Learning rate, step counts, logging and eval settings are free to change between a save and a resume.
+    Learning rate, step counts, logging and eval settings are free to change between a save and a resume; so is the
+    layout (world size, ZeRO stage, offload, micro-batch x accumulation split): ``dtrain.reshard`` handles it.
     """
     d, t = job.data, job.train
     key = {
@@ -89,11 +104,8 @@ def resume_key(job: JobConfig, world_size: int) -> dict[str, str]:
         "data.group_by_length": d.group_by_length,
         "data.chat_template": d.chat_template,
         "data.end_of_turn_token": d.end_of_turn_token,
-        "train.micro_batch_size": t.micro_batch_size,
-        "train.grad_accum_steps": t.grad_accum_steps,
+        "global_batch_size": t.micro_batch_size * t.grad_accum_steps * world_size,
         "train.seed": t.seed,
-        "world_size": world_size,
-        "zero.stage": job.zero.stage,
         "precision": job.precision.name,
         **{f"peft.{k}": v for k, v in asdict(job.peft).items()},
     }
@@ -203,14 +215,44 @@ def find_resume_checkpoint(root: Path, mode: str) -> Optional[Path]:
 # ---------------------------------------------------------------------------------------------- saving / loading
 
 
+def find_checkpoint(root: Path, cfg: CheckpointConfig, dist: DistInfo) -> Optional[FoundCheckpoint]:
+    """The checkpoint ``ckpt.resume`` selects and its recorded state (None: a fresh start), the same on every rank.
+
+    Rank 0 looks; the answer (or its error) is broadcast, so every rank resumes from the same checkpoint or raises
+    the same error. Called before anything is written to the run directory.
+    """
+    choice = None
+    if dist.is_main:
+        try:
+            path = find_resume_checkpoint(root, cfg.resume)
+            choice = {"path": str(path), "state": json.loads((path / STATE_FILE).read_text())} if path else {"path": None}
+        except ConfigError as e:
+            choice = {"error": str(e)}
+    choice = broadcast_object(choice)
+    if "error" in choice:
+        raise ConfigError(choice["error"])
+    if choice["path"] is None:
+        log.info("ckpt.resume=%s: starting fresh (no checkpoint to resume from in %s)", cfg.resume, root)
+        return None
+    return FoundCheckpoint(Path(choice["path"]), choice["state"])
+
+
 class CheckpointManager:
     """Saves and restores engine + trainer state. Every method is called on every rank (collectives inside)."""
 
-    def __init__(self, run_dir: Path, cfg: CheckpointConfig, dist: DistInfo, key: dict[str, str], exclude_frozen: bool):
+    def __init__(
+        self, run_dir: Path, cfg: CheckpointConfig, dist: DistInfo, key: dict[str, str], exclude_frozen: bool, layout: Optional[dict] = None
+    ):
+        """
+        Args:
+            key: This run's ``resume_key``: a checkpoint written with other values is refused.
+            layout: This run's ``dtrain.reshard.layout_of``, recorded in every checkpoint it writes.
+        """
         self.root = run_dir / CKPT_DIRNAME
         self.cfg = cfg
         self.dist = dist
         self.key = key
+        self.layout = layout or {}
         self.exclude_frozen = exclude_frozen
         self.last_saved_step: Optional[int] = None
 
@@ -223,7 +265,10 @@ class CheckpointManager:
             self.root.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(partial, ignore_errors=True)  # leftover of a save that died at this same step
         barrier()
-        engine.save_checkpoint(str(self.root), tag=partial.name, save_latest=False, exclude_frozen_parameters=self.exclude_frozen)
+        # client_state: what DeepSpeed's universal converter needs, so any checkpoint can resume on another layout.
+        engine.save_checkpoint(
+            str(self.root), tag=partial.name, save_latest=False, client_state=UNIVERSAL_INFO, exclude_frozen_parameters=self.exclude_frozen
+        )
         _write_json(partial / f"rng_rank{self.dist.rank:05d}.json", capture_rng())
         faults.maybe_crash_in_save(state.step, self.dist.rank)
         if self.dist.is_main:
@@ -232,6 +277,7 @@ class CheckpointManager:
                 "config_hash": config_hash(self.key),
                 "config_key": self.key,
                 "world_size": self.dist.world_size,
+                "layout": self.layout,
                 **asdict(state),
             }
             _write_json(partial / STATE_FILE, payload)
@@ -275,65 +321,77 @@ class CheckpointManager:
             if old != keep:
                 shutil.rmtree(old, ignore_errors=True)
 
-    def choose(self) -> Optional[Path]:
-        """The checkpoint ``ckpt.resume`` selects (None: a fresh start), agreed by every rank.
+    def find(self) -> Optional[FoundCheckpoint]:
+        return find_checkpoint(self.root, self.cfg, self.dist)
 
-        Rank 0 looks and checks the settings; the verdict is broadcast, so every rank loads the same checkpoint
-        or raises the same error. Called before anything is written to the run directory.
-        """
-        choice = None
-        if self.dist.is_main:
-            try:
-                path = find_resume_checkpoint(self.root, self.cfg.resume)
-                choice = {"path": str(path) if path else None}
-                if path is not None:
-                    self._check_config(path)
-            except ConfigError as e:
-                choice = {"error": str(e)}
-        choice = broadcast_object(choice)
-        if "error" in choice:
-            raise ConfigError(choice["error"])
-        if choice["path"] is None:
-            log.info("ckpt.resume=%s: starting fresh (no checkpoint to resume from in %s)", self.cfg.resume, self.root)
-            return None
-        return Path(choice["path"])
-
-    def restore(self, engine, path: Path) -> TrainerState:
-        """Load checkpoint ``path`` (from :meth:`choose`) into ``engine`` and this process's RNGs (every rank)."""
-        load_path, _ = engine.load_checkpoint(
-            str(path.parent),
-            tag=path.name,
-            load_module_strict=not self.exclude_frozen,
-            load_optimizer_states=True,
-            load_lr_scheduler_states=True,
-        )
-        if load_path is None:
-            raise ConfigError(f"DeepSpeed could not load the engine state from {path}")
-        saved = json.loads((path / STATE_FILE).read_text())
-        rng_file = path / f"rng_rank{self.dist.rank:05d}.json"
-        if rng_file.is_file() and saved["world_size"] == self.dist.world_size:
-            restore_rng(json.loads(rng_file.read_text()))
-        else:
-            log.warning("no RNG state for rank %d in %s: dropout masks will differ from the original run", self.dist.rank, path)
-        state = TrainerState(**{k: saved[k] for k in TrainerState.__dataclass_fields__ if k in saved})
-        self.last_saved_step = state.step
-        log.info("resumed from %s: step %d (epoch %d, batch %d of the epoch)", path, state.step, state.epoch, state.step_in_epoch)
-        return state
-
-    def _check_config(self, path: Path) -> None:
-        saved = json.loads((path / STATE_FILE).read_text())
-        old = saved.get("config_key", {})
+    def check(self, found: FoundCheckpoint) -> None:
+        """Refuse a checkpoint written with other settings (``resume_key``), unless ``ckpt.force_resume``."""
+        old = found.state.get("config_key", {})
+        if "global_batch_size" not in old:  # written before the layout could change: derive it
+            old = {**old, "global_batch_size": str(saved_layout(found.state)["global_batch_size"])}
         changed = {k: (old.get(k), v) for k, v in self.key.items() if old.get(k) != v}
         if not changed:
             return
         lines = ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in sorted(changed.items()))
         if self.cfg.force_resume:
-            log.warning("resuming from %s despite changed settings (ckpt.force_resume=true): %s", path, lines)
+            log.warning("resuming from %s despite changed settings (ckpt.force_resume=true): %s", found.path, lines)
             return
         raise ConfigError(
-            f"the checkpoint {path} was written with different settings ({lines}); resuming would not continue the "
+            f"the checkpoint {found.path} was written with different settings ({lines}); resuming would not continue the "
             "same run. Use a new output_dir (or ckpt.resume=never), or ckpt.force_resume=true to resume anyway"
         )
+
+    def choose(self) -> Optional[Path]:
+        """:meth:`find`, then :meth:`check`: the checkpoint to resume from, or None."""
+        found = self.find()
+        if found is not None:
+            self.check(found)
+        return found.path if found else None
+
+    def restore(self, engine, path: Path, universal: bool = False, seed: int = 0) -> TrainerState:
+        """Load checkpoint ``path`` into ``engine`` and this process's RNGs (every rank).
+
+        Args:
+            universal: Load ``<path>/universal`` (``dtrain.reshard``), made for another layout; the engine must have
+                been built with ``checkpoint.load_universal``.
+            seed: ``train.seed``: when the world size changed, per-rank RNG states cannot map rank to rank, so they are
+                derived from (seed, step, rank) instead.
+        """
+        load_dir, tag = (path, UNIVERSAL_DIR) if universal else (path.parent, path.name)
+        load_path, _ = engine.load_checkpoint(
+            str(load_dir), tag=tag, load_module_strict=not self.exclude_frozen, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+        if load_path is None:
+            raise ConfigError(f"DeepSpeed could not load the engine state from {load_dir / tag}")
+        if universal and engine.lr_scheduler is not None:
+            # ZeRO-3's universal load sets each group's lr to the one stored with the optimizer (the last step's);
+            # the restored schedule says what the next step uses.
+            for group, lr in zip(engine.optimizer.param_groups, engine.lr_scheduler.get_last_lr()):
+                group["lr"] = lr
+        saved = json.loads((path / STATE_FILE).read_text())
+        state = TrainerState(**{k: saved[k] for k in TrainerState.__dataclass_fields__ if k in saved})
+        rng_file = path / f"rng_rank{self.dist.rank:05d}.json"
+        if rng_file.is_file() and saved["world_size"] == self.dist.world_size:
+            restore_rng(json.loads(rng_file.read_text()))
+        else:
+            derived = (seed * 1_000_003 + state.step * 1_009 + self.dist.rank) % 2**32
+            random.seed(derived), np.random.seed(derived), torch.manual_seed(derived)
+            log.warning(
+                "rank %d: RNG states derived from (train.seed, step %d, rank): the world size changed, so dropout "
+                "masks differ from the original run's",
+                self.dist.rank,
+                state.step,
+            )
+        self.last_saved_step = state.step
+        log.info(
+            "resumed from %s%s: step %d (epoch %d, batch %d of the epoch)",
+            path,
+            " (universal)" if universal else "",
+            state.step,
+            state.epoch,
+            state.step_in_epoch,
+        )
+        return state
 
 
 def _write_json(path: Path, obj) -> None:

@@ -21,6 +21,7 @@ from dtrain.config.batch import BatchPlan
 from dtrain.config.schema import JobConfig, Precision, WandbMode
 from dtrain.data.packing import choose_packing
 from dtrain.metrics import wandb_mode
+from dtrain.reshard import accumulation_for
 
 log = logging.getLogger("dtrain")
 
@@ -86,7 +87,13 @@ def choose_precision(machine: MachineFacts) -> tuple[Precision, str]:
     )
 
 
-def resolve_job(job: JobConfig, train_lengths: Sequence[int], world_size: int, machine: Optional[MachineFacts] = None) -> ResolvedJob:
+def resolve_job(
+    job: JobConfig,
+    train_lengths: Sequence[int],
+    world_size: int,
+    machine: Optional[MachineFacts] = None,
+    resume_layout: Optional[dict] = None,
+) -> ResolvedJob:
     """Decide what the config leaves open, from the training data, the world size and the machine.
 
     Args:
@@ -94,6 +101,8 @@ def resolve_job(job: JobConfig, train_lengths: Sequence[int], world_size: int, m
         train_lengths: Token count of every training example.
         world_size: Ranks in the run.
         machine: Rank 0's machine facts (``machine_facts()``, broadcast); read here when not given.
+        resume_layout: The layout of the checkpoint this run resumes (``dtrain.reshard.saved_layout``): on another
+            world size, the accumulation steps are recomputed to keep its global batch.
 
     Returns:
         The resolved job and its batch plan.
@@ -110,6 +119,15 @@ def resolve_job(job: JobConfig, train_lengths: Sequence[int], world_size: int, m
             + ("packing on: a micro-batch is now rows of packed examples" if job.data.packing else "padding")
             + f" (config.yaml records data.packing={str(job.data.packing).lower()}; set it to choose)"
         )
+    saved_world = (resume_layout or {}).get("world_size")
+    if saved_world and saved_world != world_size:
+        accum = accumulation_for(resume_layout["global_batch_size"], job.train.micro_batch_size, world_size)
+        if accum != job.train.grad_accum_steps:
+            decisions.append(
+                f"train.grad_accum_steps={accum} (was {job.train.grad_accum_steps}): the checkpoint was written on {saved_world} "
+                f"ranks with a global batch of {resume_layout['global_batch_size']}, kept on {world_size} ranks"
+            )
+            job.train.grad_accum_steps = accum
     configured = job.wandb.mode
     job.wandb.mode = wandb_mode(configured)
     if configured is None and job.wandb.mode != WandbMode.disabled:

@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 import torch
 
-from dtrain.checkpoint import CheckpointManager, TrainerState, resume_key
+from dtrain.checkpoint import CKPT_DIRNAME, CheckpointManager, TrainerState, find_checkpoint
 from dtrain.config.schema import JobConfig, Precision
 from dtrain.data.loader import TrainLoader
 from dtrain.dist import DistInfo, broadcast_object
@@ -26,7 +26,7 @@ from dtrain.memory.meters import gpu_capacity_bytes_here, peak_memory_bytes
 from dtrain.memory.plan import MemoryPlan, format_plans, plan_for_run
 from dtrain.oom import oom_report
 from dtrain.resolve import machine_facts, resolve_job
-from dtrain.setup import RunData, load_data, start_run, write_run_files
+from dtrain.setup import RunData, checkpoint_manager, load_data, prepare_resume, start_run, write_run_files
 from dtrain.throughput import peak_flops
 
 log = logging.getLogger("dtrain")
@@ -81,11 +81,13 @@ def build_run(job: JobConfig) -> Run:
     data = load_data(job, dist)
     # Rank 0's machine decides precision=auto for all: ranks that chose differently could not train together.
     machine = broadcast_object(machine_facts() if dist.is_main else None)
-    resolved = resolve_job(job, [len(e.input_ids) for e in data.data.train], dist.world_size, machine)
+    found = find_checkpoint(run_dir / CKPT_DIRNAME, job.ckpt, dist)
+    lengths = [len(e.input_ids) for e in data.data.train]
+    resolved = resolve_job(job, lengths, dist.world_size, machine, found.layout if found else None)
     job = resolved.job
     # Before anything is (over)written: a checkpoint from other settings is refused here, not after loading.
-    ckpt = CheckpointManager(run_dir, job.ckpt, dist, resume_key(job, dist.world_size), exclude_frozen=job.peft.uses_adapters)
-    resume_from = ckpt.choose()
+    ckpt = checkpoint_manager(run_dir, job, dist, found)
+    universal = prepare_resume(found, job, dist)
     loader = TrainLoader(
         data.data.train,
         resolved.batch,
@@ -102,13 +104,15 @@ def build_run(job: JobConfig) -> Run:
     ds_config = build_ds_config(
         job, resolved.batch, hidden_size=facts.hidden_size, num_parameters=facts.num_parameters, cuda_available=on_gpu
     )
+    if universal:
+        ds_config["checkpoint"] = {"load_universal": True}  # this start only: later saves are ordinary checkpoints
     write_run_files(resolved, ds_config, run_dir, dist)
     loader.log_plan(data.data, total_steps)
     memory_plan = plan_for_run(job, facts.shape, dist.world_size, dist.local_world_size, ds_config, gpu_capacity_bytes_here())
     log.info("memory plan per %s (launch/plan.py prices the alternatives):\n%s", "GPU" if on_gpu else "rank", format_plans([memory_plan]))
     device_name = torch.cuda.get_device_name() if on_gpu else None
     parts = build_engine(job, ds_config, facts, total_steps, dist.device)
-    state = ckpt.restore(parts.engine, resume_from) if resume_from is not None else TrainerState()
+    state = ckpt.restore(parts.engine, found.path, universal, job.train.seed) if found is not None else TrainerState()
     if job.ckpt.every_steps:
         log.info("checkpoints: every %d steps into %s, keeping the last %d", job.ckpt.every_steps, ckpt.root, job.ckpt.keep_last)
     return Run(
@@ -124,5 +128,5 @@ def build_run(job: JobConfig) -> Run:
         parts,
         ckpt,
         state,
-        resumed=resume_from is not None,
+        resumed=found is not None,
     )

@@ -13,19 +13,22 @@ import random
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
 
+from dtrain.checkpoint import CheckpointManager, FoundCheckpoint, resume_key
 from dtrain.config.checks import check_job
-from dtrain.config.schema import JobConfig
+from dtrain.config.schema import JobConfig, ReshardMode
 from dtrain.data import ChatRenderer, PreparedData, resolve_chat_template
 from dtrain.data.audit import audit_masks
 from dtrain.data.cache import load_or_prepare
 from dtrain.dist import DistInfo, barrier, broadcast_object, init_distributed, setup_logging
 from dtrain.ds_config import write_ds_config
+from dtrain.errors import ConfigError
 from dtrain.model import load_tokenizer
+from dtrain.reshard import convert_to_universal, layout_changes, layout_of, needs_conversion
 from dtrain.resolve import ResolvedJob
 
 log = logging.getLogger("dtrain")
@@ -89,3 +92,51 @@ def write_run_files(run: ResolvedJob, ds_config: dict[str, Any], run_dir: Path, 
     if dist.is_main:
         (run_dir / "config.yaml").write_text(run.config_yaml())
         write_ds_config(ds_config, run_dir / "ds_config.json")
+
+
+def checkpoint_manager(run_dir: Path, job: JobConfig, dist: DistInfo, found: Optional[FoundCheckpoint]) -> CheckpointManager:
+    """The run's checkpoint manager; ``found`` (the checkpoint to resume) is refused if its settings differ.
+
+    Raises:
+        ConfigError: ``found`` was written with another model, data, global batch, seed, precision or LoRA setting.
+    """
+    key, layout = resume_key(job, dist.world_size), layout_of(job, dist.world_size)
+    ckpt = CheckpointManager(run_dir, job.ckpt, dist, key, job.peft.uses_adapters, layout)
+    if found is not None:
+        ckpt.check(found)
+    return ckpt
+
+
+def prepare_resume(found: Optional[FoundCheckpoint], job: JobConfig, dist: DistInfo) -> bool:
+    """Say what changed since ``found`` was written; convert it to the universal format when its partitions do not
+    fit this layout (rank 0, once; every rank waits). Returns whether the engine must load it universally.
+
+    Raises:
+        ConfigError: The layout changed and ``ckpt.reshard=never``, or the conversion failed.
+    """
+    if found is None:
+        return False
+    changes = layout_changes(found.layout, layout_of(job, dist.world_size))
+    if not changes:
+        return False
+    described = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in sorted(changes.items()))
+    if not needs_conversion(changes):
+        log.info("resuming %s on another micro-batch/accumulation split (%s): the same global batch, no conversion", found.path, described)
+        return False
+    if job.ckpt.reshard == ReshardMode.never:
+        raise ConfigError(
+            f"the checkpoint {found.path} was written on another layout ({described}) and ckpt.reshard=never; "
+            "set ckpt.reshard=auto to convert it, or resume on the layout that wrote it"
+        )
+    log.info("resuming %s on another layout (%s): loading it through DeepSpeed's universal checkpoint format", found.path, described)
+    error = None
+    if dist.is_main:
+        try:
+            convert_to_universal(found.path)
+        except ConfigError as e:
+            error = str(e)
+    # Sync point: the converted folder is complete before any rank reads it (a long wait on a big model).
+    error = broadcast_object(error)
+    if error:
+        raise ConfigError(error)
+    return True

@@ -10,7 +10,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError
 
-from dtrain.config.schema import ExportJobConfig, JobConfig, ReportJobConfig
+from dtrain.config.schema import ConvertJobConfig, ExportJobConfig, JobConfig, ReportJobConfig
 from dtrain.errors import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -31,6 +31,7 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="job_schema", node=JobConfig)
     ConfigStore.instance().store(name="export_schema", node=ExportJobConfig)
     ConfigStore.instance().store(name="report_schema", node=ReportJobConfig)
+    ConfigStore.instance().store(name="convert_schema", node=ConvertJobConfig)
     if not OmegaConf.has_resolver("dtrain_asset"):
         OmegaConf.register_new_resolver("dtrain_asset", asset_path)
 

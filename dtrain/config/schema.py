@@ -244,6 +244,11 @@ class TrainConfig:
     """Warn (with the sample ids) when a step's loss exceeds this multiple of the running median."""
 
 
+class ReshardMode(str, Enum):
+    auto = "auto"
+    never = "never"
+
+
 @dataclass
 class CheckpointConfig:
     """Resumable checkpoints under ``<output_dir>/checkpoints``: engine state + trainer state + tokenizer."""
@@ -256,7 +261,10 @@ class CheckpointConfig:
     """``auto`` (newest complete checkpoint of the run directory, else a fresh start), ``never``, ``required``
     (stop when there is none), or the path of one checkpoint folder."""
     force_resume: bool = False
-    """Resume even though the model, data, batch size, seed, ZeRO stage or precision changed."""
+    """Resume even though the model, data, global batch, seed or precision changed."""
+    reshard: ReshardMode = ReshardMode.auto
+    """auto: a checkpoint written on another layout (world size, nodes, ZeRO stage, offload) is converted once to
+    DeepSpeed's universal format and loaded into this one (``dtrain/reshard.py``); never: refuse it."""
 
 
 class ExportVerify(str, Enum):
@@ -395,3 +403,15 @@ class ReportJobConfig:
     """More run directories whose curves are overlaid on ``run_dir``'s."""
     out: Optional[str] = None
     """Default: ``<run_dir>/report.png`` (``report_compare.png`` with ``compare``)."""
+
+
+@dataclass
+class ConvertJobConfig:
+    """``launch/convert_ckpt.py``: convert a run's checkpoint to DeepSpeed's universal format ahead of a resume."""
+
+    run_dir: str = MISSING
+    """A run directory written by ``launch/train.py`` (holds ``checkpoints/``)."""
+    checkpoint: Optional[str] = None
+    """One checkpoint folder to convert; default: the newest complete one of ``run_dir``."""
+    workers: int = 2
+    """Processes of DeepSpeed's converter (extraction and merging)."""

@@ -11,6 +11,7 @@ from dtrain.checkpoint import (
     MANIFEST,
     POINTER,
     CheckpointManager,
+    FoundCheckpoint,
     TrainerState,
     capture_rng,
     check_complete,
@@ -24,6 +25,11 @@ from dtrain.dist import DistInfo
 from dtrain.errors import ConfigError
 
 ONE_PROCESS = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+
+
+def found(manager: CheckpointManager, step: int) -> FoundCheckpoint:
+    path = manager.root / f"step_{step:08d}"
+    return FoundCheckpoint(path, json.loads((path / "trainer_state.json").read_text()))
 
 
 def fake_save(manager: CheckpointManager, step: int, commit: bool = True):
@@ -96,17 +102,20 @@ def test_changed_settings_refused_unless_forced(tmp_path):
     fake_save(old, 10)
     new = manager(tmp_path, key={"data.path": "b.jsonl", "train.micro_batch_size": "4"})
     with pytest.raises(ConfigError, match=r"data.path: a.jsonl -> b.jsonl.*force_resume=true"):
-        new._check_config(new.root / "step_00000010")
+        new.check(found(new, 10))
     forced = manager(tmp_path, force=True, key={"data.path": "b.jsonl", "train.micro_batch_size": "4"})
-    forced._check_config(forced.root / "step_00000010")
+    forced.check(found(forced, 10))
 
 
 def test_resume_key_covers_what_matters_only():
     base = resume_key(compose_job(["+exp=tiny_cpu"]), world_size=2)
     assert resume_key(compose_job(["+exp=tiny_cpu", "train.lr=1e-4", "train.max_steps=999", "train.eval_every=7"]), 2) == base
-    for override in ("train.micro_batch_size=3", "data.max_seq_len=64", "peft=lora", "zero=zero3", "precision=fp32", "train.seed=1"):
+    for override in ("train.micro_batch_size=3", "data.max_seq_len=64", "peft=lora", "precision=fp32", "train.seed=1"):
         assert resume_key(compose_job(["+exp=tiny_cpu", override]), 2) != base, override
-    assert resume_key(compose_job(["+exp=tiny_cpu"]), world_size=4) != base
+    # The layout may change (dtrain.reshard): ZeRO stage, offload, and the world size at the same global batch.
+    assert resume_key(compose_job(["+exp=tiny_cpu", "zero=zero3_offload"]), 2) == base
+    assert resume_key(compose_job(["+exp=tiny_cpu", "train.grad_accum_steps=2"]), world_size=1) == base
+    assert resume_key(compose_job(["+exp=tiny_cpu"]), world_size=4) != base  # another global batch
 
 
 def test_rng_states_round_trip_through_json():
@@ -134,3 +143,38 @@ def test_choose_picks_newest_or_refuses_changed_settings(tmp_path, caplog):
     assert manager(tmp_path, resume="never").choose() is None
     with pytest.raises(ConfigError, match="data.path: a.jsonl -> other.jsonl"):
         manager(tmp_path, key={"data.path": "other.jsonl"}).choose()
+
+
+def test_reshard_keeps_the_global_batch_or_lists_the_choices():
+    from dtrain.reshard import accumulation_for
+
+    assert accumulation_for(32, micro_batch=16, world_size=1) == 2
+    assert accumulation_for(32, micro_batch=4, world_size=4) == 2
+    with pytest.raises(ConfigError, match="micro_batch_size=1 grad_accum_steps=8, micro_batch_size=2 grad_accum_steps=4"):
+        accumulation_for(32, micro_batch=3, world_size=4)
+    with pytest.raises(ConfigError, match="cannot be split over 3 ranks"):
+        accumulation_for(32, micro_batch=1, world_size=3)
+
+
+def test_only_partitioning_changes_need_a_conversion():
+    from dtrain.reshard import layout_changes, layout_of, needs_conversion
+
+    saved = layout_of(compose_job(["+exp=tiny_cpu", "zero=zero2"]), 2)
+    split = layout_changes(
+        saved, layout_of(compose_job(["+exp=tiny_cpu", "zero=zero2", "train.micro_batch_size=8", "train.grad_accum_steps=2"]), 2)
+    )
+    assert split and not needs_conversion(split)  # same partitions: an ordinary load
+    assert needs_conversion(layout_changes(saved, layout_of(compose_job(["+exp=tiny_cpu", "zero=zero3"]), 2)))
+    assert needs_conversion(layout_changes(saved, layout_of(compose_job(["+exp=tiny_cpu", "train.grad_accum_steps=2"]), 1)))
+
+
+def test_an_interrupted_conversion_is_never_taken_for_complete(tmp_path):
+    from dtrain.reshard import UNIVERSAL_DIR, convert_to_universal, is_converted
+
+    checkpoint = tmp_path / "step_00000007"
+    (checkpoint / f"{UNIVERSAL_DIR}.partial123" / "zero").mkdir(parents=True)  # a conversion killed midway
+    (checkpoint / UNIVERSAL_DIR / "zero").mkdir(parents=True)  # or a folder without its completion marker
+    assert not is_converted(checkpoint)
+    with pytest.raises(ConfigError, match="converting .* to a universal checkpoint failed"):
+        convert_to_universal(checkpoint)  # not a DeepSpeed checkpoint: the converter fails
+    assert not is_converted(checkpoint) and sorted(p.name for p in checkpoint.iterdir()) == []  # nothing left behind

@@ -1,0 +1,110 @@
+"""Elastic resume: a run continues on another world size or ZeRO stage and trains exactly what it would have trained.
+
+Each case: an uninterrupted 12-step run; the same run stopped by a preemption signal after step 7 (checkpoint,
+exit 75); then resumed on another layout (converted to DeepSpeed's universal format on the way). Steps 8-12 of the
+resumed run have the reference's batch fingerprints and token counts, and its losses and gradient norms within
+1e-6 (fp32, no dropout) where ZeRO-3 is not involved. The global batch stays 32: the accumulation steps follow the
+world size. Into or out of a full fine-tuning ZeRO-3 checkpoint the weights come back exact (the first resumed step
+matches to 1e-6) but DeepSpeed 0.19.8's universal path does not restore the Adam moments to the last bit: the
+next steps drift apart by up to ~6e-4 (bounded here at 3e-3) - a known gap, not hidden.
+"""
+
+import shutil
+
+import pytest
+
+from dtrain.errors import EXIT_BAD_INPUT, EXIT_PREEMPTED
+from dtrain.metrics import read_metrics
+
+from tests.conftest import launch_train
+
+pytestmark = pytest.mark.integration
+
+RUN = [
+    "+exp=tiny_cpu",
+    "precision=fp32",
+    "train.max_steps=12",
+    "train.warmup_ratio=0",
+    "train.eval_every=0",
+    "generate.num_prompts=0",
+    "generate.before_training=false",
+    "export.verify=none",
+]
+STOP_AFTER_7 = {"DTRAIN_FAULT_SIGNAL": "7:0:TERM"}  # rank 0 gets SIGTERM in step 7: all ranks save after it and stop
+
+
+def launch(run_dir, overrides, ranks, env=None, expect=0):
+    out = launch_train(RUN + overrides, run_dir, num_ranks=ranks, env=env)
+    assert out.returncode == expect, out.stdout[-3000:] + out.stderr[-3000:]
+    return out
+
+
+def assert_same_steps(resumed_dir, reference_dir, from_step=8, later_rel=1e-6):
+    """Steps from ``from_step`` on: the same data, and the same losses and gradient norms. The first of them runs on
+    the restored weights alone (exact); ``later_rel`` bounds the steps after it, which also depend on the restored
+    optimizer state."""
+    reference = {r.step: r for r in read_metrics(reference_dir).steps}
+    resumed = [r for r in read_metrics(resumed_dir).steps if r.step >= from_step]
+    assert [r.step for r in resumed] == list(range(from_step, 13))
+    for r in resumed:
+        ref = reference[r.step]
+        assert (r.batch_fingerprint, r.tokens, r.input_tokens) == (ref.batch_fingerprint, ref.tokens, ref.input_tokens), r.step
+        rel = 1e-6 if r.step == from_step else later_rel
+        assert r.loss == pytest.approx(ref.loss, rel=rel), r.step
+        assert r.grad_norm == pytest.approx(ref.grad_norm, rel=max(rel, 1e-5)), r.step
+
+
+def test_full_finetuning_resumes_on_fewer_ranks_and_another_stage(tmp_path):
+    reference, stopped = tmp_path / "reference", tmp_path / "two_to_one"
+    launch(reference, ["zero=zero2"], ranks=2)
+    launch(stopped, ["zero=zero2"], ranks=2, env=STOP_AFTER_7, expect=EXIT_PREEMPTED)
+    other_stage = tmp_path / "zero2_to_zero3"
+    shutil.copytree(stopped, other_stage)
+
+    # 2 -> 1 rank: the accumulation doubles, the checkpoint is converted (once), every step is the same.
+    out = launch(stopped, ["zero=zero2"], ranks=1)
+    assert "world_size 2 -> 1" in out.stdout and "train.grad_accum_steps=2 (was 1)" in out.stdout
+    assert "(universal): step 7" in out.stdout and (stopped / "checkpoints" / "step_00000007" / "universal" / "CONVERTED").is_file()
+    assert_same_steps(stopped, reference)
+
+    # ZeRO-2 -> ZeRO-3 on the same 2 ranks.
+    out = launch(other_stage, ["zero=zero3"], ranks=2)
+    assert "zero.stage 2 -> 3" in out.stdout and "(universal): step 7" in out.stdout
+    # Known gap: DeepSpeed 0.19.8's ZeRO-3 universal load restores the weights exactly (step 8 equal) but the Adam
+    # state not to the last bit: losses drift apart by up to ~6e-4 over the next 4 steps (ZeRO-1/2 targets: 1e-7).
+    assert_same_steps(other_stage, reference, later_rel=3e-3)
+
+    # What may not change is still refused, with the setting named, before any model loads.
+    refused = launch(other_stage, ["zero=zero3", "train.micro_batch_size=8", "train.max_steps=14"], ranks=2, expect=EXIT_BAD_INPUT)
+    assert "global_batch_size: 32 -> 16" in refused.stderr
+    refused = launch(other_stage, ["zero=zero2", "ckpt.reshard=never", "train.max_steps=14"], ranks=2, expect=EXIT_BAD_INPUT)
+    assert "ckpt.reshard=never" in refused.stderr and "zero.stage 3 -> 2" in refused.stderr
+
+
+def test_one_rank_zero3_resumes_on_two_ranks_zero1(tmp_path):
+    reference, stopped = tmp_path / "reference", tmp_path / "stopped"
+    launch(reference, ["zero=zero2"], ranks=2)  # the same global batch on 2 ranks: the same curve (loss invariance)
+    launch(stopped, ["zero=zero3", "train.grad_accum_steps=2"], ranks=1, env=STOP_AFTER_7, expect=EXIT_PREEMPTED)
+    out = launch(stopped, ["zero=zero1"], ranks=2)
+    assert "world_size 1 -> 2" in out.stdout and "zero.stage 3 -> 1" in out.stdout and "train.grad_accum_steps=1 (was 2)" in out.stdout
+    # The same known gap as into ZeRO-3: weights exact, the Adam state of a ZeRO-3 checkpoint not to the last bit.
+    assert_same_steps(stopped, reference, later_rel=3e-3)
+
+
+def test_lora_resumes_on_one_rank_under_zero3_after_an_offline_conversion(tmp_path, tiny_pretrained):
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO_ROOT
+
+    lora = ["peft=lora", f"model.path={tiny_pretrained}", "model.init=pretrained", "peft.dropout=0"]
+    reference, stopped = tmp_path / "reference", tmp_path / "stopped"
+    launch(reference, [*lora, "zero=zero2"], ranks=2)
+    launch(stopped, [*lora, "zero=zero2"], ranks=2, env=STOP_AFTER_7, expect=EXIT_PREEMPTED)
+    converted = subprocess.run(
+        [sys.executable, "launch/convert_ckpt.py", f"run_dir={stopped}"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert converted.returncode == 0, converted.stderr[-3000:]
+    out = launch(stopped, [*lora, "zero=zero3"], ranks=1)
+    assert "already converted: reused" in out.stdout and "(universal): step 7" in out.stdout
+    assert_same_steps(stopped, reference)
