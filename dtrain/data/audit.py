@@ -30,10 +30,13 @@ def audit_example(example: TokenizedExample, renderer: ChatRenderer) -> str | No
     if renderer.train_on == TrainOn.all:
         return None
     spans = _trained_spans(example)
-    for k, (_start, end) in enumerate(spans):
+    for k, (start, end) in enumerate(spans):
         cut_by_truncation = example.truncated and k == len(spans) - 1 and end == len(example.input_ids)
         if example.input_ids[end - 1] != renderer.end_of_turn_id and not cut_by_truncation:
             return "a trained assistant span does not end with its end-of-turn token (the model would not learn to stop)"
+        if renderer.end_of_turn_id in example.input_ids[start : end - 1]:
+            # Message text that spells the token must stay text: trained as the token, the model learns to stop mid-answer.
+            return "the end-of-turn token is trained inside an assistant span, before the end of the turn"
     return None
 
 

@@ -38,7 +38,8 @@ def _file_identity(path: str) -> list:
     return [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] if f.exists() else [str(f)] for f in files]
 
 
-PIPELINE_SOURCES = ("sources.py", "formats.py", "chat.py", "dataset.py", "cache.py")  # their bytes key the cache
+# Their bytes key the cache: a change to any of them prepares the data again.
+PIPELINE_SOURCES = ("sources.py", "formats.py", "chat.py", "template_text.py", "pieces.py", "dataset.py", "cache.py")
 
 
 def cache_key(cfg: DataConfig, renderer: ChatRenderer, seed: int, num_prompts: int) -> str:
@@ -95,6 +96,7 @@ def write_cache(data: PreparedData, folder: Path) -> None:
         "prompts": [asdict(p) for p in data.prompts],
         "dropped": dict(data.dropped),
         "truncated": dict(data.truncated),
+        "split": dict(data.split),
     }
     (tmp / "meta.json").write_text(json.dumps(meta))
     try:
@@ -111,6 +113,7 @@ def read_cache(folder: Path) -> PreparedData:
         prompts=[GenerationPrompt(**p) for p in meta["prompts"]],
         dropped=Counter(meta["dropped"]),
         truncated=Counter(meta["truncated"]),
+        split=Counter(meta.get("split", {})),
     )
 
 

@@ -1,9 +1,17 @@
 """Rendering conversations through the chat template, with labels taken from the message structure.
 
-The trained span of an assistant turn is found by rendering the conversation up to that turn (with the
-generation prompt) and up to its end: the tokens in between are that turn's, by construction. Nothing here
-searches the token stream for a template string, and padding is never identified by token id, so a
-tokenizer whose pad token equals its EOS token still trains the EOS that ends each answer.
+The trained span of an assistant turn runs from the end of its generation prompt (the render of the messages before
+it with ``add_generation_prompt``) through the end-of-turn token that closes its content: what the model has to
+produce at inference. Both ends come from renders of prefixes of the conversation, compared as text
+(``dtrain/data/template_text.py``); the text is then tokenised in pieces cut at those ends, with message content
+read as text, never as special tokens (``dtrain/data/pieces.py``). Nothing searches the token stream for a template
+string, and padding is never identified by token id, so a tokenizer whose pad token equals its EOS token still
+trains the EOS that ends each answer.
+
+A template that renders earlier turns differently once later turns follow (Qwen3 drops their ``<think>`` blocks)
+cannot give one example whose every turn is rendered as the model saw it: under ``train_on=assistant`` such a
+conversation becomes one example per assistant turn, each the conversation up to and including that turn
+(``render_examples``), and the caller counts it.
 """
 
 from __future__ import annotations
@@ -14,9 +22,21 @@ from typing import Optional
 
 from dtrain.config.schema import TrainOn
 from dtrain.data.formats import Message
+from dtrain.data.pieces import Encoded, PieceEncoder
+from dtrain.data.template_text import (
+    ChatTemplateError,
+    Renders,
+    TemplateRewrites,
+    Turn,
+    common_prefix_length,
+    find_content,
+    locate_turn,
+)
 from dtrain.errors import DataError
 
 IGNORE_INDEX = -100
+
+__all__ = ["IGNORE_INDEX", "ChatRenderer", "ChatTemplateError", "TokenizedExample", "resolve_chat_template"]
 
 
 @dataclass
@@ -50,6 +70,22 @@ def resolve_chat_template(tokenizer, override: Optional[str]) -> None:
         )
 
 
+def _single_token_id(tokenizer, token: str) -> int:
+    """The id of ``token`` if the tokenizer reads it as exactly that one token.
+
+    The unknown token is not a reason to refuse: Granite's and GPT-2's unk *is* their end token. What counts is that
+    the token round-trips: its id maps back to it, and encoding its text gives that id alone.
+    """
+    token_id = tokenizer.convert_tokens_to_ids(token)
+    if (
+        not isinstance(token_id, int)
+        or tokenizer.convert_ids_to_tokens(token_id) != token
+        or tokenizer(token, add_special_tokens=False)["input_ids"] != [token_id]
+    ):
+        raise DataError(f"data.end_of_turn_token={token!r} is not a single token of this tokenizer")
+    return token_id
+
+
 class ChatRenderer:
     """Renders messages to token ids and labels with one tokenizer and one masking strategy."""
 
@@ -59,61 +95,151 @@ class ChatRenderer:
         token = end_of_turn_token or tokenizer.eos_token
         if token is None:
             raise DataError("the tokenizer has no eos token; set data.end_of_turn_token to the token that ends an assistant turn")
-        self.end_of_turn_id = tokenizer.convert_tokens_to_ids(token)
-        if self.end_of_turn_id is None or self.end_of_turn_id == tokenizer.unk_token_id:
-            raise DataError(f"data.end_of_turn_token={token!r} is not a single token of this tokenizer")
+        self.end_of_turn_token = token
+        self.end_of_turn_id = _single_token_id(tokenizer, token)
+        self.pieces = PieceEncoder(tokenizer)
 
     def encode_text(self, text: str) -> list[int]:
         # The template already writes any BOS it wants; adding special tokens again would double it.
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def render_prompt(self, messages: list[Message]) -> list[int]:
-        """Token ids of ``messages`` followed by the assistant generation prompt (for generation)."""
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return self.encode_text(text)
+        """Token ids of ``messages`` followed by the assistant generation prompt (for generation).
+
+        Tokenised as training tokenises the same conversation (same cuts, content as text), so the ids equal the
+        prefix of a training example that precedes its next assistant turn.
+        """
+        renders = Renders(self.tokenizer, messages, "<prompt>")
+        text = renders(len(messages), generation_prompt=True)
+        return self._encode(renders, text, len(messages), self._turns(renders, text, len(messages), strict=())).ids
 
     def render(self, messages: list[Message], source: str = "<example>") -> TokenizedExample:
-        """Token ids and labels for one conversation.
-
-        Each trained assistant turn contributes its content and the end-of-turn token that closes it (once);
-        system and user turns, role headers and the template's separators after the end token get no loss.
+        """Token ids and labels for one conversation (see ``render_examples``).
 
         Raises:
-            DataError: if the template's renders are not token-prefixes of each other (masks would be wrong),
-                or an assistant turn has no end-of-turn token.
+            DataError: as ``render_examples``, or if the conversation needs one example per assistant turn.
         """
-        full = self.encode_text(self.tokenizer.apply_chat_template(messages, tokenize=False))
+        examples = self.render_examples(messages, source)
+        if len(examples) != 1:
+            raise DataError(
+                f"{source}: the chat template renders earlier assistant turns differently once later turns follow, so this "
+                "conversation trains as one example per assistant turn; use ChatRenderer.render_examples"
+            )
+        return examples[0]
+
+    def render_examples(self, messages: list[Message], source: str = "<example>") -> list[TokenizedExample]:
+        """Token ids and labels for one conversation: one example, or one per assistant turn.
+
+        Each trained assistant turn contributes what the model produces after its generation prompt: its content as
+        the template writes it and the end-of-turn token that closes it (once); system and user turns, role headers
+        and the template's separators after the end token get no loss. If the template rewrites an earlier trained
+        turn once later turns follow it (the rendered prefix is not a prefix of the whole), each trained turn becomes
+        its own example: the conversation up to and including that turn, as the template renders it for that turn.
+
+        Raises:
+            ChatTemplateError: the template refused the conversation (its message and the record's source).
+            DataError: if a trained turn is not closed by the end-of-turn token (the model would never learn to stop),
+                or its content or prompt cannot be placed in the rendered text.
+        """
+        renders = Renders(self.tokenizer, messages, source)
+        text = renders(len(messages))
+        assistant = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+        trained = [] if self.train_on == TrainOn.all else assistant if self.train_on == TrainOn.assistant else assistant[-1:]
+        try:
+            turns = self._turns(renders, text, len(messages), strict=trained)
+            self._check_unchanged(renders, text, turns, trained)
+        except TemplateRewrites:
+            named = (lambda k: f"{source}#turn{k}") if len(trained) > 1 else (lambda k: source)
+            return [self._turn_example(renders, i, named(k)) for k, i in enumerate(trained, 1)]
+        return [self._example(renders, len(messages), turns, trained, source)]
+
+    def _turns(self, renders: Renders, text: str, n: int, strict) -> dict[int, Turn]:
+        """The placed assistant turns among ``messages[:n]``; those not in ``strict`` are skipped if they cannot be."""
+        turns = {}
+        for i in range(n):
+            if renders.messages[i]["role"] != "assistant":
+                continue
+            try:
+                turns[i] = locate_turn(renders, text, i, self.end_of_turn_token)
+            except (TemplateRewrites, DataError):
+                if i in strict:
+                    raise
+        return turns
+
+    def _check_unchanged(self, renders: Renders, text: str, turns: dict[int, Turn], trained: list[int]) -> None:
+        """Raise ``TemplateRewrites`` if a trained turn renders differently when it is the last message."""
+        for i in trained:
+            if i + 1 < len(renders.messages):
+                turn = turns[i]
+                if not renders(i + 1).startswith(text[: turn.closing[1] if turn.closing else turn.content[1]]):
+                    raise TemplateRewrites
+
+    def _turn_example(self, renders: Renders, i: int, source: str) -> TokenizedExample:
+        try:
+            turns = self._turns(renders, renders(i + 1), i + 1, strict=[i])
+        except TemplateRewrites as e:
+            raise DataError(
+                f"{source}: {e}: the chat template drops or moves part of the conversation once the answer follows (Mistral's "
+                "templates write the system message only into a final user message), so no example shows the model what it "
+                "sees at inference; use a template that renders the conversation the same way (data.chat_template)"
+            ) from None
+        return self._example(renders, i + 1, turns, [i], source)
+
+    def _example(self, renders: Renders, n: int, turns: dict[int, Turn], trained: list[int], source: str) -> TokenizedExample:
+        """The example for the render of ``messages[:n]``, turns ``trained`` trained."""
+        text = renders(n)
+        encoded = self._encode(renders, text, n, turns)
+        ids = encoded.ids
         bos = self.tokenizer.bos_token_id
-        if bos is not None and full[:2] == [bos, bos]:
+        if bos is not None and ids[:2] == [bos, bos]:
             raise DataError(
                 f"{source}: the rendered conversation starts with two BOS tokens; the chat template and the tokenizer both add one"
             )
         if self.train_on == TrainOn.all:
-            return TokenizedExample(source, full, list(full))
-        labels = [IGNORE_INDEX] * len(full)
-        turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-        if self.train_on == TrainOn.last_assistant:
-            turns = turns[-1:]
+            return TokenizedExample(source, ids, list(ids))
+        labels = [IGNORE_INDEX] * len(ids)
         last_turn = None
-        for i in turns:
-            header = self._prefix_length(messages[:i], full, source, add_generation_prompt=False)
-            start = self._prefix_length(messages[:i], full, source, add_generation_prompt=True)
-            end = self._prefix_length(messages[: i + 1], full, source, add_generation_prompt=False)
-            span_end = self._end_of_turn(full, start, end, source, i)
-            labels[start:span_end] = full[start:span_end]
-            last_turn = (header, span_end)
-        return TokenizedExample(source, full, labels, last_turn)
+        for i in trained:
+            start, end = self._trained_span(encoded, turns[i], source, i)
+            labels[start:end] = ids[start:end]
+            last_turn = (encoded.covering(turns[i].header), end)
+        return TokenizedExample(source, ids, labels, last_turn)
 
-    def _prefix_length(self, messages: list[Message], full: list[int], source: str, add_generation_prompt: bool) -> int:
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-        ids = self.encode_text(text)
-        if full[: len(ids)] != ids:
+    def _trained_span(self, encoded: Encoded, turn: Turn, source: str, i: int) -> tuple[int, int]:
+        """Token range of turn ``i``'s trained part: checked to end with the end-of-turn token that closes it."""
+        token = self.end_of_turn_token
+        if turn.closing is None:
             raise DataError(
-                f"{source}: the chat template's render of the first {len(messages)} message(s) is not a token prefix "
-                "of the whole conversation, so turn boundaries cannot be taken from the message structure; "
-                "use a template whose turns end with a special token (set data.chat_template)"
+                f"{source}: assistant message {i} is not closed by the end-of-turn token {token!r} in the rendered template "
+                f"(it writes {turn.after!r} after the content), so the model would never learn to stop; set "
+                "data.end_of_turn_token to the token your template writes after an assistant turn, or use a template that writes one"
             )
-        return len(ids)
+        start, end = encoded.index(turn.start), encoded.index(turn.closing[1])
+        if end - 1 != encoded.index(turn.closing[0]) or encoded.ids[end - 1] != self.end_of_turn_id:
+            raise DataError(f"{source}: the end-of-turn token {token!r} after assistant message {i} does not encode as that one token")
+        return start, end
+
+    def _encode(self, renders: Renders, text: str, n: int, turns: dict[int, Turn]) -> Encoded:
+        """Tokenise ``text`` (a render of ``messages[:n]``) cut where trained spans start and end, content as text."""
+        cuts = [c for turn in turns.values() for c in (turn.start, *(turn.closing or ()))]
+        spans = [turn.content for turn in turns.values()]
+        for j, message in enumerate(renders.messages[:n]):
+            if j not in turns and self.pieces.has_special_text(message["content"]):
+                span = self._content_span(renders, text, j)
+                spans += [span] if span else []
+        return self.pieces.encode(text, cuts, spans)
+
+    @staticmethod
+    def _content_span(renders: Renders, text: str, j: int) -> Optional[tuple[int, int]]:
+        """Where message ``j`` (not an assistant turn) sits in ``text``, searched after the messages before it.
+
+        None if the template does not write it (Mistral's drops a system message unless a user message ends the chat).
+        """
+        try:
+            head = renders(j) if j else ""
+        except ChatTemplateError:  # a prefix the template refuses on its own (e.g. a lone system message)
+            head = ""
+        return find_content(text, common_prefix_length(head, text), renders.messages[j]["content"])
 
     def truncate(self, example: TokenizedExample, max_len: int) -> TokenizedExample:
         """Fit ``example`` into ``max_len`` tokens: the prompt's head, then the last trained assistant turn.
@@ -131,15 +257,3 @@ class ChatRenderer:
         )
         assert len(truncated.input_ids) <= max_len  # verified, never assumed
         return truncated
-
-    def _end_of_turn(self, full: list[int], start: int, end: int, source: str, turn: int) -> int:
-        """Index one past the last end-of-turn token inside ``full[start:end]``."""
-        for j in range(end - 1, start - 1, -1):
-            if full[j] == self.end_of_turn_id:
-                return j + 1
-        token = self.tokenizer.convert_ids_to_tokens(self.end_of_turn_id)
-        raise DataError(
-            f"{source}: assistant message {turn} is not closed by the end-of-turn token {token!r} in the rendered "
-            "template, so the model would never learn to stop; set data.end_of_turn_token to the token your template "
-            "writes after an assistant turn, or use a template that writes one"
-        )

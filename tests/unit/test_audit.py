@@ -38,3 +38,14 @@ def test_truncated_answer_without_its_end_token_is_accepted(tiny_tokenizer):
     cut = renderer.truncate(renderer.render([CONV[0], {"role": "assistant", "content": "A" * 50}]), 30)
     assert cut.truncated and cut.input_ids[-1] != renderer.end_of_turn_id
     assert audit_masks([cut], renderer, seed=0) == 1
+
+
+def test_an_end_token_trained_inside_an_answer_fails(tiny_tokenizer):
+    """The control token spelled in an answer and trained as the token: the model would learn to stop mid-answer."""
+    renderer = ChatRenderer(tiny_tokenizer, TrainOn.assistant)
+    good = renderer.render(CONV, "data.jsonl:8")
+    start = next(i for i, label in enumerate(good.labels) if label != IGNORE_INDEX)
+    ids = good.input_ids[: start + 1] + [renderer.end_of_turn_id] + good.input_ids[start + 1 :]
+    labels = good.labels[: start + 1] + [renderer.end_of_turn_id] + good.labels[start + 1 :]
+    with pytest.raises(DataError, match=r"data.jsonl:8: mask audit failed: the end-of-turn token is trained inside"):
+        audit_masks([dataclasses.replace(good, input_ids=ids, labels=labels)], renderer, seed=0)
