@@ -11,7 +11,7 @@ import sys
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.distributed as torch_dist
@@ -134,6 +134,19 @@ def broadcast_object(obj, src: int = 0):
     box = [obj]
     torch_dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def on_main_rank(dist: DistInfo, work: Callable[[], object], error: type[Exception]) -> None:
+    """Run ``work`` on rank 0 only; if it raises ``error``, every rank raises it (a broadcast: all stop together)."""
+    problem = None
+    if dist.is_main:
+        try:
+            work()
+        except error as e:
+            problem = str(e)
+    problem = broadcast_object(problem)
+    if problem:
+        raise error(problem)
 
 
 def free_port() -> int:

@@ -20,7 +20,7 @@ from dtrain.config.schema import JobConfig
 from dtrain.data.chat import ChatRenderer
 from dtrain.data.dataset import PreparedData
 from dtrain.data.loader import probe_batch
-from dtrain.dist import DistInfo, all_gather_objects, broadcast_object
+from dtrain.dist import DistInfo, all_gather_objects, on_main_rank
 from dtrain.errors import ExportError
 from dtrain.export import parse_size, save_model, verify_export
 from dtrain.generation import exact_match_accuracy, format_samples, generate_answers
@@ -82,16 +82,8 @@ class RunOutputs:
             self.engine.module, self.tokenizer, final, self.dist, self.job.peft.uses_adapters, parse_size(self.job.export.max_shard_size)
         )
         probe = self._write_probe()
-        problem = None
-        if self.dist.is_main:
-            try:
-                verify_export(final, shapes, probe, self.job, self.num_parameters)
-            except ExportError as e:
-                problem = str(e)
         # Every rank learns the verdict, so a bad export stops the whole job rather than rank 0 alone.
-        problem = broadcast_object(problem)
-        if problem:
-            raise ExportError(problem)
+        on_main_rank(self.dist, lambda: verify_export(final, shapes, probe, self.job, self.num_parameters), ExportError)
         return final
 
     @torch.no_grad()

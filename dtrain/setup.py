@@ -24,7 +24,7 @@ from dtrain.config.schema import JobConfig, ReshardMode
 from dtrain.data import ChatRenderer, PreparedData, resolve_chat_template
 from dtrain.data.audit import audit_masks
 from dtrain.data.cache import load_or_prepare
-from dtrain.dist import DistInfo, barrier, broadcast_object, init_distributed, setup_logging
+from dtrain.dist import DistInfo, barrier, broadcast_object, init_distributed, on_main_rank, setup_logging
 from dtrain.ds_config import write_ds_config
 from dtrain.errors import ConfigError
 from dtrain.model import load_tokenizer
@@ -129,14 +129,6 @@ def prepare_resume(found: Optional[FoundCheckpoint], job: JobConfig, dist: DistI
             "set ckpt.reshard=auto to convert it, or resume on the layout that wrote it"
         )
     log.info("resuming %s on another layout (%s): loading it through DeepSpeed's universal checkpoint format", found.path, described)
-    error = None
-    if dist.is_main:
-        try:
-            convert_to_universal(found.path)
-        except ConfigError as e:
-            error = str(e)
     # Sync point: the converted folder is complete before any rank reads it (a long wait on a big model).
-    error = broadcast_object(error)
-    if error:
-        raise ConfigError(error)
+    on_main_rank(dist, lambda: convert_to_universal(found.path), ConfigError)
     return True
