@@ -55,9 +55,16 @@ def assert_same_steps(resumed_dir, reference_dir, from_step=8, later_rel=1e-6, l
         assert r.grad_norm == pytest.approx(ref.grad_norm, rel=1e-5 if first else later_grad_rel), r.step
 
 
-def test_full_finetuning_resumes_on_fewer_ranks_and_another_stage(tmp_path):
-    reference, stopped = tmp_path / "reference", tmp_path / "two_to_one"
-    launch(reference, ["zero=zero2"], ranks=2)
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The uninterrupted full fine-tuning run: 12 steps, 2 ranks, ZeRO-2 (shared by the full fine-tuning cases)."""
+    run_dir = tmp_path_factory.mktemp("elastic") / "reference"
+    launch(run_dir, ["zero=zero2"], ranks=2)
+    return run_dir
+
+
+def test_full_finetuning_resumes_on_fewer_ranks_and_another_stage(tmp_path, reference):
+    stopped = tmp_path / "two_to_one"
     launch(stopped, ["zero=zero2"], ranks=2, env=STOP_AFTER_7, expect=EXIT_PREEMPTED)
     other_stage = tmp_path / "zero2_to_zero3"
     shutil.copytree(stopped, other_stage)
@@ -82,9 +89,8 @@ def test_full_finetuning_resumes_on_fewer_ranks_and_another_stage(tmp_path):
     assert "ckpt.reshard=never" in refused.stderr and "zero.stage 3 -> 2" in refused.stderr
 
 
-def test_one_rank_zero3_resumes_on_two_ranks_zero1(tmp_path):
-    reference, stopped = tmp_path / "reference", tmp_path / "stopped"
-    launch(reference, ["zero=zero2"], ranks=2)  # the same global batch on 2 ranks: the same curve (loss invariance)
+def test_one_rank_zero3_resumes_on_two_ranks_zero1(tmp_path, reference):
+    stopped = tmp_path / "stopped"  # 1 rank x 2 accumulation: the reference's global batch, so its curve
     launch(stopped, ["zero=zero3", "train.grad_accum_steps=2"], ranks=1, env=STOP_AFTER_7, expect=EXIT_PREEMPTED)
     out = launch(stopped, ["zero=zero1"], ranks=2)
     assert "world_size 1 -> 2" in out.stdout and "zero.stage 3 -> 1" in out.stdout and "train.grad_accum_steps=1 (was 2)" in out.stdout
