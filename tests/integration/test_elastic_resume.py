@@ -93,7 +93,7 @@ def test_one_rank_zero3_resumes_on_two_ranks_zero1(tmp_path, reference):
     stopped = tmp_path / "stopped"  # 1 rank x 2 accumulation: the reference's global batch, so its curve
     launch(stopped, ["zero=zero3", "train.grad_accum_steps=2"], ranks=1, env=STOP_AFTER_7, expect=EXIT_PREEMPTED)
     out = launch(stopped, ["zero=zero1"], ranks=2)
-    assert "world_size 1 -> 2" in out.stdout and "zero.stage 3 -> 1" in out.stdout and "train.grad_accum_steps=1 (was 2)" in out.stdout
+    assert "world_size 1 -> 2" in out.stdout and "zero.stage 3 -> 1" in out.stdout and "train.grad_accum_steps 2 -> 1" in out.stdout
     # The same known gap as into ZeRO-3: weights exact, the Adam state of a ZeRO-3 checkpoint not to the last bit.
     assert_same_steps(stopped, reference, later_rel=3e-3, later_grad_rel=2e-2)
 
