@@ -363,11 +363,6 @@ class CheckpointManager:
         )
         if load_path is None:
             raise ConfigError(f"DeepSpeed could not load the engine state from {load_dir / tag}")
-        if universal and engine.lr_scheduler is not None:
-            # ZeRO-3's universal load sets each group's lr to the one stored with the optimizer (the last step's);
-            # the restored schedule says what the next step uses.
-            for group, lr in zip(engine.optimizer.param_groups, engine.lr_scheduler.get_last_lr()):
-                group["lr"] = lr
         saved = json.loads((path / STATE_FILE).read_text())
         state = TrainerState(**{k: saved[k] for k in TrainerState.__dataclass_fields__ if k in saved})
         rng_file = path / f"rng_rank{self.dist.rank:05d}.json"

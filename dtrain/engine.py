@@ -28,16 +28,7 @@ from dtrain.optim import build_client_optimizer, build_scheduler, parameter_grou
 log = logging.getLogger("dtrain")
 
 
-@dataclass(frozen=True)
-class ModelFacts:
-    """What the model's config says, before any weight is loaded."""
-
-    num_parameters: int
-    hidden_size: Optional[int]
-    shape: ModelShape
-
-
-def read_model_facts(job: JobConfig, data: PreparedData) -> ModelFacts:
+def read_model_shape(job: JobConfig, data: PreparedData) -> ModelShape:
     """The model's size and shape from its ``config.json``; the data's token ids are checked against its vocabulary.
 
     Raises:
@@ -52,8 +43,7 @@ def read_model_facts(job: JobConfig, data: PreparedData) -> ModelFacts:
             f"token id {biggest} does not fit the model's {config.vocab_size} embedding rows: the tokenizer at "
             f"{job.model.path} does not belong to this model (or added tokens need resize_token_embeddings)"
         )
-    shape = model_shape(config)
-    return ModelFacts(shape.num_parameters, getattr(config, "hidden_size", None), shape)
+    return model_shape(config)
 
 
 class BatchLoss:
@@ -92,11 +82,11 @@ class EngineParts:
     """Keep referenced for the life of the model: transformers holds it weakly (ZeRO-3 saving and generation)."""
 
 
-def build_engine(job: JobConfig, ds_config: dict[str, Any], facts: ModelFacts, total_steps: int, device: torch.device) -> EngineParts:
+def build_engine(job: JobConfig, ds_config: dict[str, Any], shape: ModelShape, total_steps: int, device: torch.device) -> EngineParts:
     """Load the model and start the DeepSpeed engine (a collective: every rank calls it)."""
     import deepspeed
 
-    model, hf_ds_config = build_model(job, ds_config, facts.num_parameters)
+    model, hf_ds_config = build_model(job, ds_config, shape.num_parameters)
     # Before deepspeed.initialize: ZeRO-3 hooks the modules present then, and the head must gather its weight.
     loss_head = install_chunked_loss_head(model, job.train.loss_chunk_size) if job.train.loss_chunk_size else None
     if loss_head is not None:

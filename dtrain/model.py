@@ -8,7 +8,14 @@ from typing import Any, Optional
 
 import torch
 
-from dtrain.architectures import LoraTargets, causal_lm_class, lora_targets, mark_moe_blocks_as_zero3_leaves, supports_attention
+from dtrain.architectures import (
+    LoraTargets,
+    causal_lm_class,
+    lora_targets,
+    mark_moe_blocks_as_zero3_leaves,
+    model_shape,
+    supports_attention,
+)
 from dtrain.config.checks import check_remote_code
 from dtrain.config.schema import JobConfig, ModelConfig, ModelInit, PeftConfig, PeftMethod, Precision
 from dtrain.init_weights import init_weights_by_name
@@ -195,11 +202,7 @@ def prepare_for_kbit_training(model, gradient_checkpointing: bool) -> None:
 
 def count_parameters_from_config(config) -> int:
     """Exact parameter count of the model a config describes, built on the meta device (no memory, no weights)."""
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    return sum(p.numel() for p in model.parameters())
+    return model_shape(config).num_parameters
 
 
 def apply_lora(model, cfg: PeftConfig):

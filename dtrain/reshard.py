@@ -181,7 +181,6 @@ def _optimizer_state_for_every_stage(path: Path) -> None:
     state.setdefault("param_groups", groups)
     if nested is None:
         state["optimizer_state_dict"] = {"state": {0: {"step": step}}, "param_groups": groups}
-    state.setdefault("clip_grad", 0.0)
     state.setdefault("ds_version", deepspeed.__version__)  # ZeRO-3 keeps it elsewhere; ZeRO-1/2 require it here
     torch.save(state, path)
 

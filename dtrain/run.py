@@ -21,9 +21,9 @@ from dtrain.config.schema import JobConfig, Precision
 from dtrain.data.loader import TrainLoader
 from dtrain.dist import DistInfo, broadcast_object
 from dtrain.ds_config import build_ds_config
-from dtrain.engine import EngineParts, ModelFacts, build_engine, read_model_facts
+from dtrain.engine import EngineParts, build_engine, read_model_shape
 from dtrain.memory.meters import gpu_capacity_bytes_here, peak_memory_bytes
-from dtrain.memory.plan import MemoryPlan, format_plans, plan_for_run
+from dtrain.memory.plan import MemoryPlan, ModelShape, format_plans, plan_for_run
 from dtrain.oom import oom_report
 from dtrain.resolve import machine_facts, resolve_job
 from dtrain.setup import RunData, checkpoint_manager, load_data, prepare_resume, start_run, write_run_files
@@ -43,7 +43,8 @@ class Run:
     data: RunData
     loader: TrainLoader
     total_steps: int
-    facts: ModelFacts
+    shape: ModelShape
+    """The model's sizes from its config (planner, MFU, OOM advice)."""
     memory_plan: MemoryPlan
     peak_flops: Optional[float]
     """Peak FLOP/s of one device for MFU (None: unknown, e.g. CPU)."""
@@ -61,7 +62,7 @@ class Run:
         peak = peak_memory_bytes().get("peak_cuda_reserved")
         return oom_report(
             self.job,
-            self.facts.shape,
+            self.shape,
             self.dist.world_size,
             self.dist.local_world_size,
             self.memory_plan.capacity_bytes,
@@ -99,19 +100,17 @@ def build_run(job: JobConfig) -> Run:
         pad_token_id=data.tokenizer.pad_token_id,
     )
     total_steps = job.train.max_steps or job.train.epochs * loader.steps_per_epoch
-    facts = read_model_facts(job, data.data)
+    shape = read_model_shape(job, data.data)
     on_gpu = torch.cuda.is_available()
-    ds_config = build_ds_config(
-        job, resolved.batch, hidden_size=facts.hidden_size, num_parameters=facts.num_parameters, cuda_available=on_gpu
-    )
+    ds_config = build_ds_config(job, resolved.batch, hidden_size=shape.hidden, num_parameters=shape.num_parameters, cuda_available=on_gpu)
     if universal:
         ds_config["checkpoint"] = {"load_universal": True}  # this start only: later saves are ordinary checkpoints
     write_run_files(resolved, ds_config, run_dir, dist)
     loader.log_plan(data.data, total_steps)
-    memory_plan = plan_for_run(job, facts.shape, dist.world_size, dist.local_world_size, ds_config, gpu_capacity_bytes_here())
+    memory_plan = plan_for_run(job, shape, dist.world_size, dist.local_world_size, ds_config, gpu_capacity_bytes_here())
     log.info("memory plan per %s (launch/plan.py prices the alternatives):\n%s", "GPU" if on_gpu else "rank", format_plans([memory_plan]))
     device_name = torch.cuda.get_device_name() if on_gpu else None
-    parts = build_engine(job, ds_config, facts, total_steps, dist.device)
+    parts = build_engine(job, ds_config, shape, total_steps, dist.device)
     state = ckpt.restore(parts.engine, found.path, universal, job.train.seed) if found is not None else TrainerState()
     if job.ckpt.every_steps:
         log.info("checkpoints: every %d steps into %s, keeping the last %d", job.ckpt.every_steps, ckpt.root, job.ckpt.keep_last)
@@ -122,7 +121,7 @@ def build_run(job: JobConfig) -> Run:
         data,
         loader,
         total_steps,
-        facts,
+        shape,
         memory_plan,
         peak_flops(device_name, job.precision.name == Precision.fp32, job.train.peak_tflops),
         parts,

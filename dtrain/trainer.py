@@ -65,7 +65,7 @@ class Trainer:
             run.data.tokenizer,
             run.data.renderer,
             run.data.data,
-            run.facts.num_parameters,
+            run.shape.num_parameters,
         )
         self.started = time.monotonic()
 
@@ -169,7 +169,7 @@ class Trainer:
     def _micro_batch_loss(self, micro_batch: dict[str, torch.Tensor], first: bool) -> torch.Tensor:
         """Summed token loss of one micro-batch; the run's first one is measured when ``train.measure_activations``."""
         if first and self.job.train.measure_activations and self.measured_activations is None:
-            loss_sum, self.measured_activations = measure_activations(self.loss, micro_batch, self.engine, self.job, self.run.facts.shape)
+            loss_sum, self.measured_activations = measure_activations(self.loss, micro_batch, self.engine, self.job, self.run.shape)
             return loss_sum
         return self.loss(micro_batch)
 
@@ -182,7 +182,7 @@ class Trainer:
         if skipped:
             self.state.skipped_steps += 1
         grad_norm = self.engine.get_global_grad_norm()
-        flops = step_flops(self.run.facts.shape, total.real_tokens, total.sum_sq_lengths, self.run.parts.trainable_weights)
+        flops = step_flops(self.run.shape, total.real_tokens, total.sum_sq_lengths, self.run.parts.trainable_weights)
         phases = {f"time_{p}_s": s if timer.reliable or p == "data" else None for p, s in timer.seconds.items()}
         if timer.seconds["data"] > 0.05 * elapsed and (self.state.step + 1) % 100 == 1:
             log.warning(

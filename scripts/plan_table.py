@@ -3,10 +3,10 @@
 .venv/bin/python scripts/plan_table.py
 """
 
+from dtrain.architectures import model_shape
 from dtrain.config import asset_path
 from dtrain.config.schema import Precision
-from dtrain.memory.plan import GiB, ModelShape, PlanSetup, plan_memory
-from dtrain.model import count_parameters_from_config
+from dtrain.memory.plan import GiB, PlanSetup, plan_memory
 
 MODELS = ["llama2_7b", "llama3_8b", "llama2_13b", "llama2_70b"]
 SETUPS = [
@@ -27,7 +27,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name in MODELS:
         config = AutoConfig.from_pretrained(asset_path(f"configs/{name}"))
-        shape = ModelShape.from_hf_config(config, count_parameters_from_config(config))
+        shape = model_shape(config)
         for setup in SETUPS:
             plan = plan_memory(
                 shape,

@@ -3,11 +3,10 @@
 Each case: an uninterrupted 12-step run; the same run stopped by a preemption signal after step 7 (checkpoint,
 exit 75); then resumed on another layout (converted to DeepSpeed's universal format on the way). Steps 8-12 of the
 resumed run have the reference's batch fingerprints and token counts, and its losses and gradient norms within
-1e-6 (fp32, no dropout) where ZeRO-3 is not involved. The global batch stays 32: the accumulation steps follow the
-world size. Into or out of a full fine-tuning ZeRO-3 checkpoint the weights come back exact (the first resumed step
-matches to 1e-6) but DeepSpeed 0.19.8's universal path does not restore the Adam moments to the last bit: the
-next steps drift apart by up to ~1e-3 in loss and ~7e-3 in gradient norm (bounded here at 3e-3 and 2e-2) - a
-known gap, not hidden.
+1e-6 (fp32, no dropout). The global batch stays 32: the accumulation steps follow the world size. One known gap:
+full fine-tuning resumed *into* ZeRO-3 from a ZeRO-1/2 checkpoint gets its weights back exact (the first resumed step
+matches to 1e-6) but not DeepSpeed 0.19.8's ZeRO-3 universal optimizer state to the last bit: the next steps drift
+apart by up to ~6e-4 in loss and ~2e-3 in gradient norm (bounded here at 3e-3 and 2e-2), not hidden.
 """
 
 import shutil
@@ -94,8 +93,7 @@ def test_one_rank_zero3_resumes_on_two_ranks_zero1(tmp_path, reference):
     launch(stopped, ["zero=zero3", "train.grad_accum_steps=2"], ranks=1, env=STOP_AFTER_7, expect=EXIT_PREEMPTED)
     out = launch(stopped, ["zero=zero1"], ranks=2)
     assert "world_size 1 -> 2" in out.stdout and "zero.stage 3 -> 1" in out.stdout and "train.grad_accum_steps 2 -> 1" in out.stdout
-    # The same known gap as into ZeRO-3: weights exact, the Adam state of a ZeRO-3 checkpoint not to the last bit.
-    assert_same_steps(stopped, reference, later_rel=3e-3, later_grad_rel=2e-2)
+    assert_same_steps(stopped, reference)
 
 
 def test_lora_resumes_on_one_rank_under_zero3_after_an_offline_conversion(tmp_path, tiny_pretrained):
