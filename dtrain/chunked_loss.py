@@ -74,8 +74,11 @@ def _chunk_loss_and_grads(
     need_hidden_grad: bool,
     need_weight_grad: bool,
     grad_weight: Optional[torch.Tensor],
+    groups: Optional[torch.Tensor] = None,
+    group_sums: Optional[torch.Tensor] = None,
 ):
-    """Summed cross-entropy of one chunk of rows and its gradients.
+    """Summed cross-entropy of one chunk of rows and its gradients (and, given ``group_sums``, the rows' losses
+    added into it by their ``groups``).
 
     The weight gradient is added into ``grad_weight`` when one is given, else returned in the weight's dtype.
     A function of its own so that the chunk's ``rows x vocab`` buffers are freed on return, before the next
@@ -90,7 +93,10 @@ def _chunk_loss_and_grads(
     shifted = logits.sub_(logits.amax(dim=1, keepdim=True))
     target_logit = shifted.gather(1, t.unsqueeze(1)).squeeze(1)
     exp_sum = shifted.exp_().sum(dim=1)
-    loss = (exp_sum.log() - target_logit).sum()
+    row_losses = exp_sum.log() - target_logit
+    loss = row_losses.sum()
+    if group_sums is not None:
+        group_sums.index_add_(0, groups, row_losses.detach())
     if not (need_hidden_grad or need_weight_grad):
         return loss, None, None
     grad_logits = shifted.div_(exp_sum.unsqueeze(1))  # softmax - one_hot(target) is d(loss)/d(logits)
@@ -123,7 +129,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_size, need_hidden_grad, need_weight_grad):
+    def forward(ctx, hidden, weight, targets, chunk_size, need_hidden_grad, need_weight_grad, groups=None, group_sums=None):
         rows = (targets != IGNORE_INDEX).nonzero().squeeze(1)  # one host sync per call
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.zeros_like(hidden) if need_hidden_grad else None
@@ -136,7 +142,14 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         for start in range(0, rows.numel(), chunk_size):
             index = rows[start : start + chunk_size]
             chunk_loss, chunk_grad_hidden, grad_weight = _chunk_loss_and_grads(
-                hidden.index_select(0, index), weight, targets.index_select(0, index), need_hidden_grad, need_weight_grad, grad_weight
+                hidden.index_select(0, index),
+                weight,
+                targets.index_select(0, index),
+                need_hidden_grad,
+                need_weight_grad,
+                grad_weight,
+                None if groups is None else groups.index_select(0, index),
+                group_sums,
             )
             loss += chunk_loss
             if grad_hidden is not None:
@@ -159,11 +172,17 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             # In place (computed in float32 for half-precision buffers): a second vocab x hidden buffer here would
             # be as large as the one saved.
             grad_weight = grad_weight.mul_(grad_output).to(weight_dtype)
-        return grad_hidden, grad_weight, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None, None
 
 
 def chunked_token_loss_sum(
-    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_size: int, use_liger: Optional[bool] = None
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    chunk_size: int,
+    use_liger: Optional[bool] = None,
+    groups: Optional[torch.Tensor] = None,
+    group_sums: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Sum of next-token cross-entropies computed from the last hidden states, ``chunk_size`` rows at a time.
 
@@ -179,6 +198,9 @@ def chunked_token_loss_sum(
         use_liger: None takes Liger's fused kernel when it is installed and the inputs are on CUDA, False never
             does, True requires it. Liger picks its own chunking (``chunk_size`` is then unused) and accumulates
             the weight gradient in the inputs' dtype.
+        groups: ``[batch, seq]`` a group per position (e.g. the mixture source); with ``group_sums`` (a float32
+            tensor, one entry per group) each trained token's loss is also added, detached, into its group's entry.
+            Liger returns no per-token losses, so grouped sums take the chunked path.
 
     Returns:
         The summed loss as a float32 scalar. A micro-batch with no trained token gives an exact zero whose
@@ -196,7 +218,7 @@ def chunked_token_loss_sum(
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     if use_liger is None:
-        use_liger = hidden.is_cuda and _liger_fused_linear_cross_entropy() is not None
+        use_liger = hidden.is_cuda and _liger_fused_linear_cross_entropy() is not None and group_sums is None
     elif use_liger and not (hidden.is_cuda and _liger_fused_linear_cross_entropy() is not None):
         raise ValueError("use_liger=True needs the liger-kernel package and CUDA inputs")
     labels = labels.to(hidden.device)
@@ -204,8 +226,17 @@ def chunked_token_loss_sum(
         return _liger_token_loss_sum(hidden, weight, labels)
     targets = _shifted_targets(labels).reshape(-1)
     grad_on = torch.is_grad_enabled()
+    if groups is not None:
+        groups = _shifted_targets(groups.to(hidden.device).long()).reshape(-1)  # a loss belongs to its label's group
     return _ChunkedCrossEntropy.apply(
-        hidden.reshape(-1, hidden.size(-1)), weight, targets, chunk_size, grad_on and hidden.requires_grad, grad_on and weight.requires_grad
+        hidden.reshape(-1, hidden.size(-1)),
+        weight,
+        targets,
+        chunk_size,
+        grad_on and hidden.requires_grad,
+        grad_on and weight.requires_grad,
+        groups,
+        group_sums,
     )
 
 
@@ -228,14 +259,17 @@ class ChunkedLossHead(nn.Module):
         self.out_features = lm_head.out_features
         self.chunk_size = chunk_size
         self.labels: Optional[torch.Tensor] = None
+        self.groups: Optional[torch.Tensor] = None
+        self.group_sums: Optional[torch.Tensor] = None
         # Kept outside the module tree: registered, it would add a second copy of the weight to the state dict.
         self.__dict__["original"] = lm_head
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         labels, self.labels = self.labels, None
+        groups, self.groups = self.groups, None
         if labels is None:
             return F.linear(hidden_states, self.weight)
-        return chunked_token_loss_sum(hidden_states, self.weight, labels, self.chunk_size)
+        return chunked_token_loss_sum(hidden_states, self.weight, labels, self.chunk_size, groups=groups, group_sums=self.group_sums)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, chunk_size={self.chunk_size}"

@@ -20,7 +20,7 @@ from dtrain.chunked_loss import ChunkedLossHead, install_chunked_loss_head, lige
 from dtrain.config.schema import JobConfig
 from dtrain.data.dataset import PreparedData
 from dtrain.errors import DataError
-from dtrain.loss import shifted_token_loss_sum
+from dtrain.loss import shifted_group_loss_sums, shifted_token_loss_sum
 from dtrain.memory.plan import ModelShape
 from dtrain.model import build_model, parameter_counts
 from dtrain.optim import build_client_optimizer, build_scheduler, parameter_groups
@@ -37,7 +37,7 @@ def read_model_shape(job: JobConfig, data: PreparedData) -> ModelShape:
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(job.model.path, trust_remote_code=job.model.trust_remote_code, revision=job.model.revision)
-    biggest = max(max(e.input_ids) for e in data.train + data.eval)
+    biggest = data.max_token_id
     if biggest >= config.vocab_size:
         raise DataError(
             f"token id {biggest} does not fit the model's {config.vocab_size} embedding rows: the tokenizer at "
@@ -47,12 +47,18 @@ def read_model_shape(job: JobConfig, data: PreparedData) -> ModelShape:
 
 
 class BatchLoss:
-    """Logits and summed token loss of a collated batch on the engine (each call a collective under ZeRO-3)."""
+    """Logits and summed token loss of a collated batch on the engine (each call a collective under ZeRO-3).
 
-    def __init__(self, engine, device: torch.device, loss_head: Optional[ChunkedLossHead]):
+    A batch that carries ``source_ids`` (a mixture of several sources) also leaves the detached loss sum of each
+    source in ``source_sums``.
+    """
+
+    def __init__(self, engine, device: torch.device, loss_head: Optional[ChunkedLossHead], num_sources: int = 1):
         self.engine = engine
         self.device = device
         self.loss_head = loss_head
+        self.num_sources = num_sources
+        self.source_sums: Optional[torch.Tensor] = None
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Logits of the engine on one collated batch."""
@@ -65,10 +71,21 @@ class BatchLoss:
     def __call__(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Sum of next-token cross-entropies over the batch's trained tokens (no host sync)."""
         labels = batch["labels"].to(self.device, non_blocking=True)
-        if self.loss_head is None:
+        groups = batch.get("source_ids")
+        self.source_sums = None
+        if groups is not None:
+            groups = groups.to(self.device, non_blocking=True)
+        if self.loss_head is None and groups is None:
             return shifted_token_loss_sum(self.forward(batch), labels)
-        self.loss_head.labels = labels  # consumed by the head in this forward; without labels it returns logits
-        return self.forward(batch)
+        if self.loss_head is None:
+            loss_sum, self.source_sums = shifted_group_loss_sums(self.forward(batch), labels, groups, self.num_sources)
+            return loss_sum
+        # Consumed by the head in this forward; without labels it returns logits.
+        self.loss_head.labels, self.loss_head.groups = labels, groups
+        self.loss_head.group_sums = None if groups is None else torch.zeros(self.num_sources, dtype=torch.float32, device=self.device)
+        loss_sum = self.forward(batch)
+        self.source_sums = self.loss_head.group_sums
+        return loss_sum
 
 
 @dataclass
@@ -82,7 +99,9 @@ class EngineParts:
     """Keep referenced for the life of the model: transformers holds it weakly (ZeRO-3 saving and generation)."""
 
 
-def build_engine(job: JobConfig, ds_config: dict[str, Any], shape: ModelShape, total_steps: int, device: torch.device) -> EngineParts:
+def build_engine(
+    job: JobConfig, ds_config: dict[str, Any], shape: ModelShape, total_steps: int, device: torch.device, num_sources: int = 1
+) -> EngineParts:
     """Load the model and start the DeepSpeed engine (a collective: every rank calls it)."""
     import deepspeed
 
@@ -104,4 +123,4 @@ def build_engine(job: JobConfig, ds_config: dict[str, Any], shape: ModelShape, t
         config=ds_config,
         lr_scheduler=lambda optimizer: build_scheduler(optimizer, job.train, total_steps),
     )
-    return EngineParts(engine, scheduler, BatchLoss(engine, device, loss_head), trainable_weights, hf_ds_config)
+    return EngineParts(engine, scheduler, BatchLoss(engine, device, loss_head, num_sources), trainable_weights, hf_ds_config)

@@ -59,6 +59,9 @@ class StepRecord:
     time_optimizer_s: Optional[float] = None
     skipped: Optional[str] = None
     """``nonfinite`` or ``overflow`` when the optimizer skipped the update; absent otherwise."""
+    source_loss: Optional[dict[str, float]] = None
+    """A mixture of several sources: token-mean loss of each source's trained tokens in the global batch (written
+    as ``loss/<source>``; a source without a token in the step is absent)."""
 
     def phase_seconds(self, phase: str) -> Optional[float]:
         return getattr(self, f"time_{phase}_s")
@@ -71,16 +74,25 @@ class EvalRecord:
     step: int
     eval_loss: float
     eval_tokens: int
+    source_eval_loss: Optional[dict[str, float]] = None
+    """A mixture of several sources: the eval loss of each source (written as ``eval_loss/<source>``)."""
 
 
 Record = Union[StepRecord, EvalRecord]
 
 
+# Per-source losses are flat keys ``<prefix><source>``: one number per key for W&B panels and TensorBoard.
+PER_SOURCE = {"source_loss": "loss/", "source_eval_loss": "eval_loss/"}
+
+
 def record_to_dict(record: Record) -> dict[str, Any]:
-    """The JSON object of one ``metrics.jsonl`` line (``skipped`` only when set)."""
+    """The JSON object of one ``metrics.jsonl`` line (``skipped`` and per-source losses only when set)."""
     values = dataclasses.asdict(record)
     if values.get("skipped", 0) is None:
         del values["skipped"]
+    for field_name, prefix in PER_SOURCE.items():
+        if field_name in values:
+            values.update({f"{prefix}{name}": loss for name, loss in (values.pop(field_name) or {}).items()})
     return values
 
 
@@ -89,7 +101,12 @@ def record_from_dict(values: dict[str, Any]) -> Optional[Record]:
     kind = EvalRecord if "eval_loss" in values else StepRecord if "loss" in values else None
     if kind is None:
         return None
-    return kind(**{f.name: values.get(f.name) for f in fields(kind)})
+    known = {f.name: values.get(f.name) for f in fields(kind)}
+    for field_name, prefix in PER_SOURCE.items():
+        if field_name in known:
+            per_source = {k[len(prefix) :]: v for k, v in values.items() if k.startswith(prefix)}
+            known[field_name] = per_source or None
+    return kind(**known)
 
 
 @dataclass

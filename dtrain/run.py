@@ -83,8 +83,7 @@ def build_run(job: JobConfig) -> Run:
     # Rank 0's machine decides precision=auto for all: ranks that chose differently could not train together.
     machine = broadcast_object(machine_facts() if dist.is_main else None)
     found = find_checkpoint(run_dir / CKPT_DIRNAME, job.ckpt, dist)
-    lengths = [len(e.input_ids) for e in data.data.train]
-    resolved = resolve_job(job, lengths, dist.world_size, machine, found.layout if found else None)
+    resolved = resolve_job(job, data.data.train.lengths.tolist(), dist.world_size, machine, found.layout if found else None)
     job = resolved.job
     # Before anything is (over)written: a checkpoint from other settings is refused here, not after loading.
     ckpt = checkpoint_manager(run_dir, job, dist, found)
@@ -98,6 +97,7 @@ def build_run(job: JobConfig) -> Run:
         seed=job.train.seed,
         grouping=job.data.group_by_length,
         pad_token_id=data.tokenizer.pad_token_id,
+        weights=data.weights,
     )
     total_steps = job.train.max_steps or job.train.epochs * loader.steps_per_epoch
     shape = read_model_shape(job, data.data)
@@ -110,7 +110,7 @@ def build_run(job: JobConfig) -> Run:
     memory_plan = plan_for_run(job, shape, dist.world_size, dist.local_world_size, ds_config, gpu_capacity_bytes_here())
     log.info("memory plan per %s (launch/plan.py prices the alternatives):\n%s", "GPU" if on_gpu else "rank", format_plans([memory_plan]))
     device_name = torch.cuda.get_device_name() if on_gpu else None
-    parts = build_engine(job, ds_config, shape, total_steps, dist.device)
+    parts = build_engine(job, ds_config, shape, total_steps, dist.device, len(data.data.source_names))
     state = ckpt.restore(parts.engine, found.path, universal, job.train.seed) if found is not None else TrainerState()
     if job.ckpt.every_steps:
         log.info("checkpoints: every %d steps into %s, keeping the last %d", job.ckpt.every_steps, ckpt.root, job.ckpt.keep_last)

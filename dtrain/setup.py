@@ -21,7 +21,7 @@ import torch
 from dtrain.checkpoint import CheckpointManager, FoundCheckpoint, resume_key
 from dtrain.config.checks import check_job
 from dtrain.config.schema import JobConfig, ReshardMode
-from dtrain.data import ChatRenderer, PreparedData, resolve_chat_template
+from dtrain.data import ChatRenderer, PreparedData, mixture_weights, resolve_chat_template
 from dtrain.data.audit import audit_masks
 from dtrain.data.cache import load_or_prepare
 from dtrain.dist import DistInfo, barrier, broadcast_object, init_distributed, on_main_rank, setup_logging
@@ -62,6 +62,8 @@ class RunData:
     tokenizer: Any
     renderer: ChatRenderer
     data: PreparedData
+    weights: list[float]
+    """Each source's mixture weight, by source index."""
 
 
 def load_data(job: JobConfig, dist: DistInfo) -> RunData:
@@ -82,7 +84,7 @@ def load_data(job: JobConfig, dist: DistInfo) -> RunData:
     )
     checked = audit_masks(data.train, renderer, job.train.seed)
     log.info("mask audit: %d examples checked (trained tokens, end-of-turn tokens, labels)", checked)
-    return RunData(tokenizer, renderer, data)
+    return RunData(tokenizer, renderer, data, mixture_weights(job.data, data.source_names))
 
 
 def write_run_files(run: ResolvedJob, ds_config: dict[str, Any], run_dir: Path, dist: DistInfo) -> None:

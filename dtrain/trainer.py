@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 
 from dtrain.config.schema import JobConfig, Precision
-from dtrain.data.loader import BatchStats, StepBatch, eval_batches
+from dtrain.data.loader import BatchStats, SourceLosses, StepBatch, eval_batches
 from dtrain.dist import all_gather_objects, all_reduce_sum, barrier
 from dtrain.errors import Preempted
 from dtrain.guard import StepGuard, step_failures
@@ -143,6 +143,7 @@ class Trainer:
         # both makes the final gradient exactly d(global token-mean loss).
         scale = self.batch.grad_accum_steps * self.batch.world_size / total.trained_tokens
         local_loss_sum = torch.zeros((), dtype=torch.float64, device=self.dist.device)
+        sources = SourceLosses(self.run.data.data.source_names) if "source_ids" in batch.micro_batches[0] else None
         last = len(batch.micro_batches) - 1
         for k, micro_batch in enumerate(batch.micro_batches):
             with timer("forward"):
@@ -163,8 +164,13 @@ class Trainer:
             if measure_grads:
                 self.gradient_meter.after_step()
             local_loss_sum += loss_sum.detach().double()
-        (global_loss_sum,) = all_reduce_sum([local_loss_sum.item()], self.dist.device)
-        return self._step_record(global_loss_sum / total.trained_tokens, total, batch, timer, time.perf_counter() - t0)
+            if sources is not None:
+                sources.add(self.loss.source_sums, micro_batch["labels"], micro_batch["source_ids"])
+        # One reduction for the step's loss and, in a mixture, each source's loss sum and token count.
+        reduced = all_reduce_sum([local_loss_sum.item(), *(sources.as_list() if sources else [])], self.dist.device)
+        record = self._step_record(reduced[0] / total.trained_tokens, total, batch, timer, time.perf_counter() - t0)
+        record.source_loss = sources.losses(reduced[1:]) if sources else None
+        return record
 
     def _micro_batch_loss(self, micro_batch: dict[str, torch.Tensor], first: bool) -> torch.Tensor:
         """Summed token loss of one micro-batch; the run's first one is measured when ``train.measure_activations``."""
@@ -219,15 +225,20 @@ class Trainer:
             return None
         self.engine.eval()
         loss_sum, tokens = 0.0, 0
-        for batch, trained in eval_batches(
-            examples, self.dist.rank, self.dist.world_size, self.job.train.micro_batch_size, self.run.data.tokenizer.pad_token_id
-        ):
+        names = self.run.data.data.source_names
+        sources = SourceLosses(names) if len(names) > 1 else None
+        pad_id, micro = self.run.data.tokenizer.pad_token_id, self.job.train.micro_batch_size
+        for batch, trained in eval_batches(examples, self.dist.rank, self.dist.world_size, micro, pad_id, len(names)):
             loss_sum += float(self.loss(batch))
             tokens += trained
+            if sources is not None:
+                sources.add(self.loss.source_sums, batch["labels"], batch["source_ids"])
         self.engine.train()
-        total_loss, total_tokens = all_reduce_sum([loss_sum, tokens], self.dist.device)
+        reduced = all_reduce_sum([loss_sum, tokens, *(sources.as_list() if sources else [])], self.dist.device)
+        total_loss, total_tokens, per_source = reduced[0], reduced[1], reduced[2:]
         eval_loss = total_loss / max(total_tokens, 1)
-        self.metrics.log(EvalRecord(step=self.state.step, eval_loss=eval_loss, eval_tokens=int(total_tokens)))
+        by_source = sources.losses(per_source) if sources else None
+        self.metrics.log(EvalRecord(step=self.state.step, eval_loss=eval_loss, eval_tokens=int(total_tokens), source_eval_loss=by_source))
         log.info("step %d eval_loss %.4f (%d tokens)", self.state.step, eval_loss, total_tokens)
         return eval_loss
 

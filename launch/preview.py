@@ -16,9 +16,11 @@ from omegaconf import DictConfig
 
 from dtrain.config import register_configs, to_job_config
 from dtrain.config.batch import BatchPlan
+from dtrain.config.checks import check_data_sources
 from dtrain.config.schema import PreviewFormat
-from dtrain.data import ChatRenderer, prepare_data, resolve_chat_template
-from dtrain.data.loader import TrainLoader
+from dtrain.data import ChatRenderer, mixture_weights, resolve_chat_template
+from dtrain.data.cache import load_or_prepare
+from dtrain.data.loader import TrainLoader, collate_units
 from dtrain.data.preview import preview_json, preview_text
 from dtrain.errors import exit_on_error
 from dtrain.model import load_tokenizer
@@ -29,11 +31,13 @@ from dtrain.resolve import resolve_job
 def main(cfg: DictConfig) -> None:
     job = to_job_config(cfg)
     with exit_on_error():
+        check_data_sources(job.data)
         tokenizer = load_tokenizer(job.model)
         resolve_chat_template(tokenizer, job.data.chat_template)
         renderer = ChatRenderer(tokenizer, job.data.train_on, job.data.end_of_turn_token)
-        data = prepare_data(job.data, renderer, job.train.seed, num_prompts=0)
-        job = resolve_job(job, [len(e.input_ids) for e in data.train], world_size=1).job
+        # The store training reads (prepared here when missing, so training then finds it).
+        data = load_or_prepare(job.data, renderer, job.train.seed, job.generate.num_prompts, is_local_main=True, barrier=lambda: None)
+        job = resolve_job(job, data.train.lengths.tolist(), world_size=1).job
         # The training loader over the same units; a step of one unit, since only the units are shown, in data order.
         loader = TrainLoader(
             data.train,
@@ -44,10 +48,11 @@ def main(cfg: DictConfig) -> None:
             seed=job.train.seed,
             grouping=job.data.group_by_length,
             pad_token_id=tokenizer.pad_token_id,
+            weights=mixture_weights(job.data, data.source_names),
         )
-    units = loader.units[: job.preview.n]
+    units = [loader.unit_examples(u) for u in range(min(job.preview.n, len(loader.units)))]
     if job.preview.format == PreviewFormat.json:
-        print("\n".join(preview_json(units, lambda unit: loader.collate([unit]), loader.packing)))
+        print("\n".join(preview_json(units, lambda unit: collate_units([unit], loader.packing, loader.pad_token_id), loader.packing)))
     else:
         print(preview_text(units, tokenizer, color=sys.stdout.isatty()))
 

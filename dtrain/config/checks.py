@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import importlib.util
 
-from dtrain.config.schema import JobConfig, ModelConfig, ModelInit, OptimName, PeftMethod, Precision
-from dtrain.errors import ConfigError
+from dtrain.config.schema import DataConfig, JobConfig, ModelConfig, ModelInit, OptimName, PeftMethod, Precision
+from dtrain.errors import ConfigError, DataError
 
 
 def check_job(job: JobConfig, *, cuda_available: bool) -> None:
@@ -50,6 +50,30 @@ def check_job(job: JobConfig, *, cuda_available: bool) -> None:
         check_qlora(job)
     if job.optim.name == OptimName.adamw_8bit:
         check_adamw_8bit(job)
+    check_data_sources(job.data)
+
+
+def check_data_sources(cfg: DataConfig) -> None:
+    """The mixture is well formed and every local source exists (before any tokenizer or model loads).
+
+    Raises:
+        ConfigError: A malformed mixture (``data.sources``/``data.path``).
+        DataError: A missing file or folder, with the source named.
+    """
+    from dtrain.data.mixture import data_sources
+    from dtrain.data.sources import data_files
+
+    for source in data_sources(cfg):
+        try:
+            data_files(source.path)
+        except DataError as e:
+            named = f"data.sources[{source.index}] ({source.name})" if cfg.sources else "data.path"
+            raise DataError(f"{named}: {e}") from None
+    if cfg.eval_path:
+        try:
+            data_files(cfg.eval_path)
+        except DataError as e:
+            raise DataError(f"data.eval_path: {e}") from None
 
 
 def check_remote_code(cfg: ModelConfig) -> None:

@@ -111,11 +111,36 @@ class ModelConfig:
 
 
 @dataclass
-class DataConfig:
-    """Where the examples come from and how they become token ids and labels."""
+class SourceConfig:
+    """One source of a mixture (``data.sources``); unset fields take the value of ``data``."""
 
     path: str = MISSING
     """A .jsonl/.json/.parquet file, a folder of them, or a hub dataset id."""
+    name: Optional[str] = None
+    """Its name in the log, metrics.jsonl and W&B (``loss/<name>``); default: the file or folder name."""
+    weight: float = 1.0
+    """Examples drawn per epoch per example of the source: 2 trains each twice, 0.5 a seeded half of them, 0 none
+    (eval only)."""
+    format: Optional[DataFormat] = None
+    split: Optional[str] = None
+    train_on: Optional[TrainOn] = None
+    chat_template: Optional[str] = None
+    """Render this source with another template (a Jinja string or a .jinja file); the exported tokenizer keeps
+    ``data.chat_template`` or its own."""
+    max_examples: Optional[int] = None
+    """Read only the first this many records of the source."""
+
+
+@dataclass
+class DataConfig:
+    """Where the examples come from and how they become token ids and labels."""
+
+    path: Optional[str] = None
+    """A .jsonl/.json/.parquet file, a folder of them, or a hub dataset id: a mixture of one source. Set this or
+    ``sources``."""
+    sources: List[SourceConfig] = field(default_factory=list)
+    """A weighted mixture: each source with its own path, weight and optional format, split, train_on,
+    chat_template and max_examples."""
     format: DataFormat = DataFormat.messages
     eval_path: Optional[str] = None
     """Held-out file; when unset, ``eval_fraction`` of ``path`` is split off with ``train.seed``."""
@@ -128,10 +153,14 @@ class DataConfig:
     on_invalid: OnInvalid = OnInvalid.error
     max_invalid_fraction: float = 0.01
     """With ``on_invalid=skip``: stop anyway when more than this share of the records is invalid."""
-    num_proc: int = 1
-    """Processes that render and tokenise in parallel (on the rank that tokenises)."""
+    num_proc: Optional[int] = None
+    """Processes that parse, render and tokenise in parallel (on the rank that prepares); null: this machine's cores."""
     cache_dir: Optional[str] = "~/.cache/dtrain/tokenized"
-    """Tokenised data is cached here (keyed by files, tokenizer, data config and code); empty: no cache."""
+    """Prepared token stores live here, one folder per key (data files, tokenizer, data config, code); empty:
+    prepare into a temporary folder every run."""
+    prepared_path: Optional[str] = None
+    """A token store written by ``launch/prepare.py`` (or to be written there, when missing); wins over
+    ``cache_dir``. A store prepared from other settings is refused, naming them."""
     packing: Optional[bool] = None
     """Pack several examples per row up to ``max_seq_len`` (no padding, no attention across examples; a
     micro-batch is then that many rows). null (default): pack when the data is mixed-length, i.e. padded

@@ -1,9 +1,11 @@
-"""Data: sources, formats, chat rendering with structure-derived masks, batching."""
+"""Data: sources and mixtures, formats, chat rendering with structure-derived masks, the token store, batching."""
 
 from dtrain.data.batching import StepSampler, collate
 from dtrain.data.chat import IGNORE_INDEX, ChatRenderer, TokenizedExample, resolve_chat_template
-from dtrain.data.dataset import GenerationPrompt, PreparedData, prepare_data
+from dtrain.data.dataset import GenerationPrompt, PreparedData, open_store, prepare_data
+from dtrain.data.mixture import data_sources, mixture_weights
 from dtrain.data.sources import load_records
+from dtrain.data.store import TokenStore
 from dtrain.errors import DataError
 
 __all__ = [
@@ -13,9 +15,13 @@ __all__ = [
     "GenerationPrompt",
     "PreparedData",
     "StepSampler",
+    "TokenStore",
     "TokenizedExample",
     "collate",
+    "data_sources",
     "load_records",
+    "mixture_weights",
+    "open_store",
     "prepare_data",
     "resolve_chat_template",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from typing import Sequence
 
 from dtrain.config.schema import TrainOn
 from dtrain.data.chat import IGNORE_INDEX, ChatRenderer, TokenizedExample
@@ -12,7 +13,7 @@ from dtrain.errors import DataError
 
 def _trained_spans(example: TokenizedExample) -> list[tuple[int, int]]:
     spans, start = [], None
-    for i, label in enumerate(example.labels + [IGNORE_INDEX]):
+    for i, label in enumerate([*example.labels, IGNORE_INDEX]):
         if label != IGNORE_INDEX and start is None:
             start = i
         elif label == IGNORE_INDEX and start is not None:
@@ -40,7 +41,7 @@ def audit_example(example: TokenizedExample, renderer: ChatRenderer) -> str | No
     return None
 
 
-def audit_masks(examples: list[TokenizedExample], renderer: ChatRenderer, seed: int, sample: int = 1000) -> int:
+def audit_masks(examples: Sequence[TokenizedExample], renderer: ChatRenderer, seed: int, sample: int = 1000) -> int:
     """Check up to ``sample`` examples; stop with the highlighted example on the first problem.
 
     Returns:
@@ -49,8 +50,10 @@ def audit_masks(examples: list[TokenizedExample], renderer: ChatRenderer, seed: 
     Raises:
         DataError: naming the example and the problem, with its rendering (trained tokens in [[ ]]).
     """
-    chosen = examples if len(examples) <= sample else random.Random(seed).sample(examples, sample)
-    for example in chosen:
+    # Indices, not examples: a token store reads only the sampled examples.
+    chosen = range(len(examples)) if len(examples) <= sample else random.Random(seed).sample(range(len(examples)), sample)
+    for i in chosen:
+        example = examples[i]
         problem = audit_example(example, renderer)
         if problem:
             raise DataError(f"{example.source}: mask audit failed: {problem}:\n{highlight(example, renderer.tokenizer, color=False)}")

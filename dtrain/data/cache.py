@@ -1,10 +1,9 @@
-"""Tokenise once: an on-disk cache of prepared data, keyed by the data files, the tokenizer and the data config.
+"""Prepare once: token stores on disk, keyed by the data files, the tokenizer and the data config.
 
-Each node's local rank 0 builds the entry if it is missing and publishes it with an atomic rename; the other
-ranks wait at a barrier and read it. On a filesystem shared by the nodes, a lock file holding the job's token
-(agreed by all ranks) lets one node tokenise while the others' local rank 0 wait with everyone else; a lock left
-by another (dead) job is taken over. Arrays are stored with numpy (``allow_pickle=False``), the rest as JSON,
-so reading a cache never executes code.
+Each node's local rank 0 prepares the store if it is missing and publishes it with an atomic rename; the other
+ranks wait at a barrier and map it. On a filesystem shared by the nodes, a lock file holding the job's token
+(agreed by all ranks) lets one node prepare while the others' local rank 0 wait with everyone else; a lock left
+by another (dead) job is taken over. ``launch/prepare.py`` writes the same store ahead of training.
 """
 
 from __future__ import annotations
@@ -14,18 +13,16 @@ import json
 import logging
 import os
 import shutil
-from collections import Counter
-from dataclasses import asdict
 from pathlib import Path
-from typing import Callable
-
-import numpy as np
+from typing import Any, Callable, Optional
 
 from dtrain import __version__
 from dtrain.config.schema import DataConfig
-from dtrain.data.chat import ChatRenderer, TokenizedExample
-from dtrain.data.dataset import GenerationPrompt, PreparedData, prepare_data
+from dtrain.data.chat import ChatRenderer
+from dtrain.data.dataset import PreparedData, open_store, prepare_data, prepare_store
+from dtrain.data.mixture import data_sources
 from dtrain.data.sources import DATA_SUFFIXES
+from dtrain.data.store import META, read_meta
 from dtrain.errors import DataError
 
 log = logging.getLogger("dtrain")
@@ -38,19 +35,30 @@ def _file_identity(path: str) -> list:
     return [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] if f.exists() else [str(f)] for f in files]
 
 
-# Their bytes key the cache: a change to any of them prepares the data again.
-PIPELINE_SOURCES = ("sources.py", "formats.py", "chat.py", "template_text.py", "pieces.py", "dataset.py", "cache.py")
+# Their bytes key the store: a change to any of them prepares the data again.
+PIPELINE_SOURCES = ("sources.py", "formats.py", "chat.py", "template_text.py", "pieces.py", "mixture.py", "dataset.py", "store.py")
+
+# The data settings that change what is prepared (weights, packing and batching do not: they reuse the store).
+PREPARATION_FIELDS = ("format", "eval_path", "eval_fraction", "split", "max_seq_len", "train_on", "truncation", "on_invalid")
+PREPARATION_FIELDS += ("max_invalid_fraction", "chat_template", "end_of_turn_token")
 
 
-def cache_key(cfg: DataConfig, renderer: ChatRenderer, seed: int, num_prompts: int) -> str:
-    """A hash of everything that changes the prepared tensors, the data pipeline's own code included."""
+def store_identity(cfg: DataConfig, renderer: ChatRenderer, seed: int, num_prompts: int) -> dict[str, Any]:
+    """Everything that changes the prepared store, the data pipeline's own code included (JSON-able)."""
     tok = renderer.tokenizer
     here = Path(__file__).parent
-    identity = {
+    sources = [
+        {"path": s.path, "name": s.name, "format": s.format.value, "split": s.split, "train_on": getattr(s.train_on, "value", None)}
+        | {"chat_template": s.chat_template, "max_examples": s.max_examples, "files": _file_identity(s.path)}
+        for s in data_sources(cfg)
+    ]
+    settings = {f: getattr(cfg, f) for f in PREPARATION_FIELDS}
+    return {
         "dtrain": __version__,
         "code": hashlib.sha256(b"".join((here / name).read_bytes() for name in PIPELINE_SOURCES)).hexdigest(),
-        "data_config": json.loads(json.dumps(asdict(cfg), default=lambda v: getattr(v, "value", str(v)))),
-        "files": [_file_identity(cfg.path), _file_identity(cfg.eval_path) if cfg.eval_path else None],
+        "data": json.loads(json.dumps(settings, default=lambda v: getattr(v, "value", str(v)))),
+        "sources": sources,
+        "eval_files": _file_identity(cfg.eval_path) if cfg.eval_path else None,
         "tokenizer": hashlib.sha256(tok.backend_tokenizer.to_str().encode()).hexdigest()
         if hasattr(tok, "backend_tokenizer")
         else tok.name_or_path,
@@ -59,62 +67,58 @@ def cache_key(cfg: DataConfig, renderer: ChatRenderer, seed: int, num_prompts: i
         "seed": seed,
         "num_prompts": num_prompts,
     }
+
+
+def cache_key(cfg: DataConfig, renderer: ChatRenderer, seed: int, num_prompts: int) -> str:
+    """The store's folder name under ``data.cache_dir``: a hash of ``store_identity``."""
+    return _hash(store_identity(cfg, renderer, seed, num_prompts))
+
+
+def _hash(identity: dict) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def _save_examples(examples: list[TokenizedExample], folder: Path, name: str) -> list:
-    lengths = np.array([len(e.input_ids) for e in examples], dtype=np.int64)
-    np.save(folder / f"{name}_input_ids.npy", np.array([t for e in examples for t in e.input_ids], dtype=np.int64))
-    np.save(folder / f"{name}_labels.npy", np.array([t for e in examples for t in e.labels], dtype=np.int64))
-    np.save(folder / f"{name}_lengths.npy", lengths)
-    return [[e.source, list(e.last_turn) if e.last_turn else None, e.truncated] for e in examples]
+def store_folder(cfg: DataConfig, renderer: ChatRenderer, seed: int, num_prompts: int) -> Optional[Path]:
+    """Where the store of this config lives: ``data.prepared_path``, else under ``data.cache_dir``; None: nowhere."""
+    if cfg.prepared_path:
+        return Path(cfg.prepared_path).expanduser().resolve()
+    if cfg.cache_dir:
+        return Path(cfg.cache_dir).expanduser() / cache_key(cfg, renderer, seed, num_prompts)
+    return None
 
 
-def _load_examples(folder: Path, name: str, meta: list) -> list[TokenizedExample]:
-    ids = np.load(folder / f"{name}_input_ids.npy", allow_pickle=False).tolist()
-    labels = np.load(folder / f"{name}_labels.npy", allow_pickle=False).tolist()
-    lengths = np.load(folder / f"{name}_lengths.npy", allow_pickle=False).tolist()
-    out, offset = [], 0
-    for (source, last_turn, truncated), n in zip(meta, lengths):
-        out.append(
-            TokenizedExample(
-                source, ids[offset : offset + n], labels[offset : offset + n], tuple(last_turn) if last_turn else None, truncated
-            )
-        )
-        offset += n
-    return out
+def check_identity(folder: Path, identity: dict) -> None:
+    """Refuse a store prepared from other data, settings, tokenizer or code than ``identity``.
+
+    Raises:
+        DataError: naming the store and what differs.
+    """
+    stored = read_meta(folder).get("identity") or {}
+    if _hash(stored) == _hash(identity):
+        return
+    differ = sorted(k for k in set(stored) | set(identity) if _hash({"v": stored.get(k)}) != _hash({"v": identity.get(k)}))
+    raise DataError(
+        f"{folder}: this token store was prepared from other settings (they differ in: {', '.join(differ)}); "
+        "prepare it again with launch/prepare.py and these settings, or point data.prepared_path elsewhere"
+    )
 
 
-def write_cache(data: PreparedData, folder: Path) -> None:
-    """Write ``data`` to ``folder`` atomically (a temporary sibling renamed into place)."""
+def write_store(cfg: DataConfig, renderer: ChatRenderer, seed: int, num_prompts: int, folder: Path, progress: bool = False) -> dict:
+    """Prepare the store into a temporary sibling of ``folder`` and rename it into place (atomic: a store that is
+    there is complete). Returns its ``meta.json`` content."""
+    identity = store_identity(cfg, renderer, seed, num_prompts)
     tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    meta = {
-        "train": _save_examples(data.train, tmp, "train"),
-        "eval": _save_examples(data.eval, tmp, "eval"),
-        "prompts": [asdict(p) for p in data.prompts],
-        "dropped": dict(data.dropped),
-        "truncated": dict(data.truncated),
-        "split": dict(data.split),
-    }
-    (tmp / "meta.json").write_text(json.dumps(meta))
     try:
-        os.replace(tmp, folder)
-    except OSError:  # another node published the same entry first: identical content, keep theirs
+        meta = prepare_store(cfg, renderer, seed, num_prompts, tmp, progress=progress, identity=identity)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # another node published the same store first: identical content, keep theirs
+            meta = read_meta(folder)
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def read_cache(folder: Path) -> PreparedData:
-    meta = json.loads((folder / "meta.json").read_text())
-    return PreparedData(
-        train=_load_examples(folder, "train", meta["train"]),
-        eval=_load_examples(folder, "eval", meta["eval"]),
-        prompts=[GenerationPrompt(**p) for p in meta["prompts"]],
-        dropped=Counter(meta["dropped"]),
-        truncated=Counter(meta["truncated"]),
-        split=Counter(meta.get("split", {})),
-    )
+    return meta
 
 
 def _claim(lock: Path, token: str) -> bool:
@@ -148,44 +152,50 @@ def load_or_prepare(
     barrier: Callable[[], None],
     job_token: str = "",
 ) -> PreparedData:
-    """Prepared data from the cache, or prepared (by one local main rank) and cached for everyone.
+    """The prepared data, memory-mapped from its store; prepared first (by one local main rank) when missing.
 
-    Every rank must call this (it contains one barrier). With ``data.cache_dir`` empty, every rank prepares
-    the data itself and nothing is written.
+    Every rank must call this (it contains one barrier). With neither ``data.prepared_path`` nor
+    ``data.cache_dir`` set, every rank prepares the data into a temporary store of its own.
 
     Args:
         job_token: The same string on every rank of this job and on no other job (rank 0 broadcasts one): a
-            node that finds the lock holding it waits instead of tokenising the same data again.
+            node that finds the lock holding it waits instead of preparing the same data again.
+
+    Raises:
+        DataError: Bad data (named by file and line), or a ``data.prepared_path`` prepared from other settings.
     """
-    if not cfg.cache_dir:
+    folder = store_folder(cfg, renderer, seed, num_prompts)
+    if folder is None:
         return prepare_data(cfg, renderer, seed, num_prompts)
-    folder = Path(cfg.cache_dir).expanduser() / cache_key(cfg, renderer, seed, num_prompts)
     failure = folder.with_name(f"{folder.name}.error")
     error = None
     lock = folder.with_name(f"{folder.name}.lock")
-    if is_local_main and not (folder / "meta.json").is_file():
+    if is_local_main and not (folder / META).is_file():
         folder.parent.mkdir(parents=True, exist_ok=True)
         if not _claim(lock, job_token or f"pid{os.getpid()}"):
-            log.info("another node of this job is tokenising %s into %s; waiting for it", cfg.path, folder)
-        elif (folder / "meta.json").is_file():  # published between the first look and the claim
+            log.info("another node of this job is preparing %s; waiting for it", folder)
+        elif (folder / META).is_file():  # published between the first look and the claim
             lock.unlink(missing_ok=True)
         else:
-            log.info("tokenising %s (cache miss; writing %s)", cfg.path, folder)
+            log.info("preparing the token store %s (not there yet)", folder)
             failure.unlink(missing_ok=True)
             try:
-                write_cache(prepare_data(cfg, renderer, seed, num_prompts), folder)
+                meta = write_store(cfg, renderer, seed, num_prompts, folder, progress=True)
+                done = meta["prepare"]
+                log.info("prepared %d records in %.1f s (%d tokens/s, %d processes)", meta["records"], *done.values())
             except DataError as e:  # tell the waiting ranks instead of leaving them at the barrier
                 failure.write_text(str(e))
                 error = e
             finally:
                 lock.unlink(missing_ok=True)
     elif is_local_main:
-        log.info("tokenised data from cache %s", folder)
-    # Other ranks wait here while the local main rank tokenises (a long step on big data: the process group's
+        log.info("token store %s (prepared before)", folder)
+    # Other ranks wait here while the local main rank prepares (a long step on big data: the process group's
     # timeout must allow it).
     barrier()
     if error is not None:
         raise error
-    if not (folder / "meta.json").is_file():
-        raise DataError(failure.read_text() if failure.is_file() else f"tokenised data missing from {folder}")
-    return read_cache(folder)
+    if not (folder / META).is_file():
+        raise DataError(failure.read_text() if failure.is_file() else f"prepared data missing from {folder}")
+    check_identity(folder, store_identity(cfg, renderer, seed, num_prompts))
+    return open_store(folder)

@@ -16,6 +16,7 @@ conversation becomes one example per assistant turn, each the conversation up to
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -98,6 +99,18 @@ class ChatRenderer:
         self.end_of_turn_token = token
         self.end_of_turn_id = _single_token_id(tokenizer, token)
         self.pieces = PieceEncoder(tokenizer)
+
+    def for_source(self, train_on: Optional[TrainOn], chat_template: Optional[str]) -> ChatRenderer:
+        """This renderer with a source's own masking and template (``data.sources[i]``; None: this renderer's)."""
+        if train_on in (None, self.train_on) and not chat_template:
+            return self
+        train_on = train_on or self.train_on
+        tokenizer = self.tokenizer
+        if chat_template:
+            # A copy carries the source's template; the run's tokenizer (exported with the model) keeps its own.
+            tokenizer = copy.copy(tokenizer)
+            resolve_chat_template(tokenizer, chat_template)
+        return ChatRenderer(tokenizer, train_on, self.end_of_turn_token)
 
     def encode_text(self, text: str) -> list[int]:
         # The template already writes any BOS it wants; adding special tokens again would double it.

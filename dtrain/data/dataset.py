@@ -1,17 +1,35 @@
-"""From data config to tokenized train/eval examples and held-out generation prompts, with counted drops."""
+"""From data config to a token store of train/eval examples and held-out generation prompts, with counted drops.
+
+Preparation streams: the records of each source are read one at a time and handed, in chunks, to ``data.num_proc``
+worker processes that parse, validate, render, tokenise and fit them; the results come back in order and are
+appended to the store's files. Neither the raw records nor the tokens of the corpus are ever held as a list.
+"""
 
 from __future__ import annotations
 
+import logging
+import os
 import random
-from collections import Counter
+import shutil
+import tempfile
+import time
+from collections import Counter, deque
 from dataclasses import dataclass, field
-from typing import Optional
+from pathlib import Path
+from typing import Iterator, Optional
 
-from dtrain.config.schema import DataConfig, OnInvalid, Truncation
+from dtrain.config.schema import DataConfig, DataFormat, OnInvalid, Truncation
 from dtrain.data.chat import ChatRenderer, ChatTemplateError, TokenizedExample
 from dtrain.data.formats import Message, to_messages
-from dtrain.data.sources import InvalidRecord, RawRecord, load_records
+from dtrain.data.mixture import EVAL_PATH_SOURCE, Source, data_sources
+from dtrain.data.sources import InvalidRecord, Payload, count_records, iter_payloads, parse_payload
+from dtrain.data.store import SplitWriter, TokenStore, read_meta, write_meta
 from dtrain.errors import DataError
+
+log = logging.getLogger("dtrain")
+
+CHUNK_RECORDS = 256
+"""Records per task sent to a worker: big enough that inter-process traffic is small next to tokenising."""
 
 
 @dataclass
@@ -25,12 +43,20 @@ class GenerationPrompt:
 
 @dataclass
 class PreparedData:
-    train: list[TokenizedExample]
-    eval: list[TokenizedExample]
+    """A prepared corpus: memory-mapped examples, prompts, and what preparation dropped, truncated and split."""
+
+    train: TokenStore
+    eval: TokenStore
     prompts: list[GenerationPrompt]
     dropped: Counter = field(default_factory=Counter)  # reason -> count, reported at start
     truncated: Counter = field(default_factory=Counter)
     split: Counter = field(default_factory=Counter)  # conversations trained as one example per assistant turn
+    source_names: list[str] = field(default_factory=list)
+    """By source index (``TokenStore.source_index``)."""
+
+    @property
+    def max_token_id(self) -> int:
+        return max(self.train.max_token_id, self.eval.max_token_id)
 
 
 # The keys the counters above report under (the start-up log prints "<count> <unit>(s) <reason>").
@@ -39,7 +65,42 @@ SPLIT_PER_TURN = "split into one example per assistant turn (the chat template r
 
 
 def prepare_data(cfg: DataConfig, renderer: ChatRenderer, seed: int, num_prompts: int) -> PreparedData:
-    """Load, validate, render and filter the train and eval data.
+    """Prepare ``cfg``'s data into a temporary token store and open it (the files are unlinked once mapped).
+
+    See ``prepare_store`` for what is checked, dropped and counted.
+    """
+    folder = Path(tempfile.mkdtemp(prefix="dtrain-prepared-"))
+    try:
+        prepare_store(cfg, renderer, seed, num_prompts, folder)
+        return open_store(folder)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)  # open maps keep the data readable until they are closed
+
+
+def open_store(folder: Path) -> PreparedData:
+    """The prepared data of a token store folder, memory-mapped."""
+    meta = read_meta(folder)
+    return PreparedData(
+        train=TokenStore(folder, "train"),
+        eval=TokenStore(folder, "eval"),
+        prompts=[GenerationPrompt(**p) for p in meta["prompts"]],
+        dropped=Counter(meta["dropped"]),
+        truncated=Counter(meta["truncated"]),
+        split=Counter(meta["split"]),
+        source_names=meta["sources"],
+    )
+
+
+def prepare_store(
+    cfg: DataConfig,
+    renderer: ChatRenderer,
+    seed: int,
+    num_prompts: int,
+    folder: Path,
+    progress: bool = False,
+    identity: Optional[dict] = None,
+) -> dict:
+    """Load, validate, render and filter the train and eval data of every source into a token store in ``folder``.
 
     Invalid records, those the chat template refuses (its ``raise_exception``) included, stop the run with their
     file, line and reason (``data.on_invalid=error``) or are skipped and counted per reason (``skip``). A
@@ -50,42 +111,216 @@ def prepare_data(cfg: DataConfig, renderer: ChatRenderer, seed: int, num_prompts
 
     Args:
         cfg: The data config.
-        renderer: Chat renderer built from the tokenizer.
-        seed: Seed for the train/eval split when ``cfg.eval_path`` is unset.
+        renderer: Chat renderer built from the tokenizer (each source may vary its masking and template).
+        seed: Seed for each source's train/eval split when ``cfg.eval_path`` is unset.
         num_prompts: How many held-out generation prompts to keep.
-    """
-    train_records = load_records(cfg.path, cfg.split)
-    if cfg.eval_path:
-        eval_records = load_records(cfg.eval_path, cfg.split)
-    else:
-        train_records, eval_records = _split(train_records, cfg.eval_fraction, seed)
-    if not train_records:
-        raise DataError(f"{cfg.path}: no records")
+        folder: An empty or missing folder; the store's files are written there.
+        progress: Show a progress bar (records, tokens/s) on stderr.
+        identity: What the store was prepared from (kept in ``meta.json`` to refuse a mismatched reuse).
 
-    dropped: Counter = Counter()
-    train_conversations = _validate(train_records, cfg, dropped)
-    eval_conversations = _validate(eval_records, cfg, dropped)
-    total = len(train_records) + len(eval_records)
-    _check_invalid_fraction(dropped, total, cfg)
-    tally = _Tally(dropped)
-    train = _render_all(train_conversations, renderer, cfg, tally)
-    evaluation = _render_all(eval_conversations, renderer, cfg, tally)
-    _check_invalid_fraction(dropped, total, cfg)  # again, with the records the chat template refused
-    if not train:
-        raise DataError(f"{cfg.path}: every example was dropped ({dict(dropped)}); raise data.max_seq_len?")
-    held_out = [(src, msgs) for src, msgs in eval_conversations if src not in tally.refused]
-    prompts = [_to_prompt(src, msgs) for src, msgs in held_out[:num_prompts]]
-    return PreparedData(train, evaluation, prompts, dropped, tally.truncated, tally.split)
+    Returns:
+        The store's ``meta.json`` content.
+    """
+    sources = data_sources(cfg)
+    plans = [_plan_source(s, cfg, seed) for s in sources]
+    if cfg.eval_path:
+        plans.append(_eval_path_plan(cfg, sources))
+    names = [s.name for s in sources] + ([EVAL_PATH_SOURCE] if cfg.eval_path and len(sources) > 1 else [])
+    total_records = sum(p.records for p in plans)
+    renderers = [renderer.for_source(p.source.train_on, p.source.chat_template) for p in plans]
+    worker = _ChunkWorker(renderers, [p.source.format for p in plans], cfg)
+    folder.mkdir(parents=True, exist_ok=True)
+    writers = {"train": SplitWriter(folder, "train"), "eval": SplitWriter(folder, "eval")}
+    tally = _Tally()
+    prompts: list[GenerationPrompt] = []
+    num_proc = cfg.num_proc or len(os.sched_getaffinity(0))
+    start = time.perf_counter()
+    bar = _progress_bar(total_records, progress)
+    try:
+        for out in _map_in_order(worker, _chunks(plans), num_proc):
+            tally.add(out)
+            for split, examples in out.examples.items():
+                writers[split].add(examples, plans[out.plan].source.index)
+            prompts += [_to_prompt(src, msgs) for src, msgs in out.eval_conversations[: max(0, num_prompts - len(prompts))]]
+            invalid = sum(n for reason, n in tally.dropped.items() if reason.startswith("invalid: "))
+            if invalid > cfg.max_invalid_fraction * total_records:  # no need to read on: the run cannot start
+                _check_invalid_fraction(tally.dropped, total_records, cfg)
+            bar.update(out.records)
+            tokens = writers["train"].num_tokens + writers["eval"].num_tokens
+            bar.set_postfix(tokens_per_s=f"{tokens / (time.perf_counter() - start):.3g}", refresh=False)
+    finally:
+        bar.close()
+        stats = {split: w.close() for split, w in writers.items()}
+    _check_invalid_fraction(tally.dropped, total_records, cfg)
+    if stats["train"]["examples"] == 0:
+        raise DataError(f"{', '.join(s.path for s in sources)}: every example was dropped ({dict(tally.dropped)}); raise data.max_seq_len?")
+    seconds = time.perf_counter() - start
+    tokens_per_s = round((stats["train"]["tokens"] + stats["eval"]["tokens"]) / max(seconds, 1e-9))
+    meta = {
+        **stats,
+        "sources": names,
+        "prompts": [vars(p) for p in prompts],
+        "dropped": dict(tally.dropped),
+        "truncated": dict(tally.truncated),
+        "split": dict(tally.split),
+        "records": total_records,
+        "prepare": {"seconds": round(seconds, 3), "tokens_per_s": tokens_per_s, "num_proc": num_proc},
+        "identity": identity,
+    }
+    write_meta(folder, meta)
+    return meta
+
+
+def _eval_path_plan(cfg: DataConfig, sources: list[Source]) -> _SourcePlan:
+    """``data.eval_path`` is read as one more source: the one source's own, or ``eval_path`` in a mixture."""
+    own = sources[0] if len(sources) == 1 else None
+    source = Source(len(sources), EVAL_PATH_SOURCE, cfg.eval_path, cfg.format, cfg.split, None, None, 0.0, None)
+    if own is not None:
+        source = Source(own.index, own.name, cfg.eval_path, own.format, own.split, own.train_on, own.chat_template, 0.0, None)
+    return _SourcePlan(source, count_records(cfg.eval_path, cfg.split), held_out=None, eval_only=True)
+
+
+@dataclass
+class _SourcePlan:
+    source: Source
+    records: int
+    held_out: Optional[set]
+    """Record indices split off for eval (None: none)."""
+    eval_only: bool = False
+
+
+def _plan_source(source: Source, cfg: DataConfig, seed: int) -> _SourcePlan:
+    records = count_records(source.path, source.split)
+    if source.max_examples is not None:
+        records = min(records, source.max_examples)
+    if records == 0:
+        raise DataError(f"{source.path}: no records (source {source.name!r})")
+    held = None if cfg.eval_path else _held_out(records, cfg.eval_fraction, seed + 7919 * source.index)
+    return _SourcePlan(source, records, held)
+
+
+def _held_out(num_records: int, fraction: float, seed: int) -> Optional[set]:
+    """The record indices split off for eval: ``fraction`` of them, chosen by a seeded shuffle."""
+    if fraction <= 0:
+        return None
+    order = list(range(num_records))
+    random.Random(seed).shuffle(order)
+    return set(order[: max(1, int(round(num_records * fraction)))])
+
+
+Chunk = tuple[int, list[tuple[str, Payload]]]  # (plan index, [(split, payload)])
+
+
+def _chunks(plans: list[_SourcePlan]) -> Iterator[Chunk]:
+    """Each source's records in order, tagged train or eval, ``CHUNK_RECORDS`` at a time."""
+    for k, plan in enumerate(plans):
+        chunk: list[tuple[str, Payload]] = []
+        for i, payload in enumerate(iter_payloads(plan.source.path, plan.source.split)):
+            if i >= plan.records:
+                break
+            chunk.append(("eval" if plan.eval_only or (plan.held_out and i in plan.held_out) else "train", payload))
+            if len(chunk) == CHUNK_RECORDS:
+                yield k, chunk
+                chunk = []
+        if chunk:
+            yield k, chunk
+
+
+@dataclass
+class _ChunkOut:
+    plan: int
+    records: int
+    examples: dict[str, list[TokenizedExample]] = field(default_factory=lambda: {"train": [], "eval": []})
+    dropped: Counter = field(default_factory=Counter)
+    truncated: Counter = field(default_factory=Counter)
+    split: Counter = field(default_factory=Counter)
+    eval_conversations: list[tuple[str, list[Message]]] = field(default_factory=list)
+    """Held-out conversations the template accepted, in order: the generation prompts are the first of them."""
+
+
+class _ChunkWorker:
+    """Parses, validates, renders and fits one chunk of records (in a worker process, or in place)."""
+
+    def __init__(self, renderers: list[ChatRenderer], formats: list[DataFormat], cfg: DataConfig):
+        self.renderers = renderers
+        self.formats = formats
+        self.cfg = cfg
+
+    def __call__(self, chunk: Chunk) -> _ChunkOut:
+        k, items = chunk
+        out = _ChunkOut(k, len(items))
+        renderer = self.renderers[k]
+        for split, payload in items:
+            record = parse_payload(payload)
+            try:
+                messages = to_messages(record, self.formats[k])
+                examples = renderer.render_examples(messages, record.source)
+            except (InvalidRecord, ChatTemplateError) as e:
+                if self.cfg.on_invalid == OnInvalid.error:
+                    raise DataError(f"{e}; fix that record, or set data.on_invalid=skip to skip and count such records") from None
+                reason = e.reason if isinstance(e, InvalidRecord) else TEMPLATE_REFUSED
+                out.dropped[f"invalid: {reason}"] += 1
+                continue
+            if split == "eval":
+                out.eval_conversations.append((record.source, messages))
+            if len(examples) > 1:
+                out.split[SPLIT_PER_TURN] += 1
+            for example in examples:
+                fitted = _fit(example, renderer, self.cfg, out.dropped, out.truncated)
+                if fitted is not None:
+                    out.examples[split].append(fitted)
+        return out
+
+
+_WORKER: Optional[_ChunkWorker] = None
+
+
+def _init_worker(worker: _ChunkWorker) -> None:
+    global _WORKER
+    _WORKER = worker
+
+
+def _run_chunk(chunk: Chunk) -> _ChunkOut:
+    assert _WORKER is not None
+    return _WORKER(chunk)
+
+
+def _map_in_order(worker: _ChunkWorker, chunks: Iterator[Chunk], num_proc: int) -> Iterator[_ChunkOut]:
+    """``worker`` over ``chunks`` in ``num_proc`` processes, results in order, at most ``2 x num_proc`` chunks in
+    flight (a pool that took the whole input at once would hold the corpus in memory)."""
+    if num_proc <= 1:
+        yield from map(worker, chunks)
+        return
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(num_proc, initializer=_init_worker, initargs=(worker,)) as pool:
+        pending: deque = deque()
+        for chunk in chunks:
+            pending.append(pool.submit(_run_chunk, chunk))
+            if len(pending) >= 2 * num_proc:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 @dataclass
 class _Tally:
-    """What rendering dropped, truncated, split and refused, counted per reason for the start-up log."""
+    """What preparation dropped, truncated and split, counted per reason for the start-up log."""
 
-    dropped: Counter
+    dropped: Counter = field(default_factory=Counter)
     truncated: Counter = field(default_factory=Counter)
     split: Counter = field(default_factory=Counter)
-    refused: set = field(default_factory=set)  # sources of the records the chat template refused
+
+    def add(self, out: _ChunkOut) -> None:
+        self.dropped.update(out.dropped)
+        self.truncated.update(out.truncated)
+        self.split.update(out.split)
+
+
+def _progress_bar(total: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit=" records", desc="preparing", disable=not enabled, mininterval=2.0, smoothing=0.1)
 
 
 def _check_invalid_fraction(dropped: Counter, total: int, cfg: DataConfig) -> None:
@@ -97,69 +332,6 @@ def _check_invalid_fraction(dropped: Counter, total: int, cfg: DataConfig) -> No
             f"{invalid} of {total} records are invalid ({listed}), more than data.max_invalid_fraction="
             f"{cfg.max_invalid_fraction}; fix the data (data.on_invalid=error names the first bad line) or raise the limit"
         )
-
-
-def _validate(records: list[RawRecord], cfg: DataConfig, invalid: Counter) -> list[tuple[str, list[Message]]]:
-    conversations = []
-    for record in records:
-        try:
-            conversations.append((record.source, to_messages(record, cfg.format)))
-        except InvalidRecord as e:
-            if cfg.on_invalid == OnInvalid.error:
-                raise DataError(f"{e}; fix that record, or set data.on_invalid=skip to skip and count such records") from None
-            invalid[f"invalid: {e.reason}"] += 1
-    return conversations
-
-
-def _split(records: list[RawRecord], fraction: float, seed: int) -> tuple[list[RawRecord], list[RawRecord]]:
-    if fraction <= 0:
-        return records, []
-    order = list(range(len(records)))
-    random.Random(seed).shuffle(order)
-    n_eval = max(1, int(round(len(records) * fraction)))
-    held = set(order[:n_eval])
-    return [r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held]
-
-
-Rendered = tuple[str, list[TokenizedExample], Optional[str]]  # source, its examples, or why the template refused it
-
-
-def _render_chunk(renderer: ChatRenderer, chunk: list[tuple[str, list[Message]]]) -> list[Rendered]:
-    out: list[Rendered] = []
-    for source, messages in chunk:
-        try:
-            out.append((source, renderer.render_examples(messages, source), None))
-        except ChatTemplateError as e:  # a bad record, counted or reported by the caller like any invalid record
-            out.append((source, [], str(e)))
-    return out
-
-
-def _render_parallel(conversations, renderer: ChatRenderer, num_proc: int) -> list[Rendered]:
-    """Render in ``num_proc`` processes (order preserved); one process renders in place."""
-    if num_proc <= 1 or len(conversations) < 2 * num_proc:
-        return _render_chunk(renderer, conversations)
-    from concurrent.futures import ProcessPoolExecutor
-    from functools import partial
-
-    size = -(-len(conversations) // (num_proc * 4))
-    chunks = [conversations[i : i + size] for i in range(0, len(conversations), size)]
-    with ProcessPoolExecutor(num_proc) as pool:
-        return [e for part in pool.map(partial(_render_chunk, renderer), chunks) for e in part]
-
-
-def _render_all(conversations, renderer: ChatRenderer, cfg: DataConfig, tally: _Tally) -> list[TokenizedExample]:
-    out = []
-    for source, examples, refused in _render_parallel(conversations, renderer, cfg.num_proc):
-        if refused is not None:
-            if cfg.on_invalid == OnInvalid.error:
-                raise DataError(f"{refused}; fix that record, or set data.on_invalid=skip to skip and count such records")
-            tally.dropped[f"invalid: {TEMPLATE_REFUSED}"] += 1
-            tally.refused.add(source)
-            continue
-        if len(examples) > 1:
-            tally.split[SPLIT_PER_TURN] += 1
-        out += [e for e in (_fit(example, renderer, cfg, tally.dropped, tally.truncated) for example in examples) if e is not None]
-    return out
 
 
 def _fit(example: TokenizedExample, renderer: ChatRenderer, cfg: DataConfig, dropped: Counter, truncated: Counter):

@@ -2,8 +2,11 @@
 
     python launch/preview.py +exp=tiny_cpu data.packing=true preview.format=json   # these batches, printed
 
-A *unit* is what the sampler draws: one example, or one packed row of examples (``data.packing``). Training
-steps, eval, the export probe and ``launch/preview.py`` all get their tensors from here.
+A *unit* is what the sampler draws: one example, or one packed row of examples (``data.packing``), held as
+indices into the token store, never as examples: the store is read when a step's batch is collated. With a
+mixture of several sources, an epoch draws each source's examples by its weight (``dtrain.data.mixture``) and
+the micro-batches carry each token's source for the per-source losses. Training steps, eval, the export probe and
+``launch/preview.py`` all get their tensors from here.
 """
 
 from __future__ import annotations
@@ -12,8 +15,9 @@ import logging
 import math
 import zlib
 from dataclasses import astuple, dataclass
-from typing import Iterator, Sequence
+from typing import Iterator, Optional, Sequence
 
+import numpy as np
 import torch
 
 from dtrain.config.batch import BatchPlan
@@ -21,14 +25,13 @@ from dtrain.config.schema import LengthGrouping
 from dtrain.data.batching import StepSampler, collate
 from dtrain.data.chat import IGNORE_INDEX, TokenizedExample
 from dtrain.data.dataset import PreparedData
+from dtrain.data.mixture import epoch_examples
 from dtrain.data.packing import collate_packed, pack_examples, padding_efficiency
 from dtrain.data.prefetch import Prefetcher
 from dtrain.errors import ConfigError
 from dtrain.loss import count_trained_tokens
 
 log = logging.getLogger("dtrain")
-
-Unit = list[TokenizedExample]
 
 
 @dataclass
@@ -53,6 +56,35 @@ class BatchStats:
         return cls(*(int(v) for v in values))
 
 
+class SourceLosses:
+    """Per-source loss sums and trained-token counts on this rank, reduced in the same all-reduce as the loss.
+
+    Args:
+        names: The sources' names, by source index.
+    """
+
+    def __init__(self, names: list[str]):
+        self.names = names
+        self.loss_sums = torch.zeros(len(names), dtype=torch.float64)
+        self.tokens = torch.zeros(len(names), dtype=torch.float64)
+
+    def add(self, loss_sums: Optional[torch.Tensor], labels: torch.Tensor, groups: torch.Tensor) -> None:
+        """Add one micro-batch: its per-source loss sums (``BatchLoss.source_sums``) and its collated labels and
+        ``source_ids``."""
+        if loss_sums is not None:
+            self.loss_sums += loss_sums.detach().double().cpu()
+        trained = labels[:, 1:] != IGNORE_INDEX
+        self.tokens += torch.bincount(groups[:, 1:][trained].cpu(), minlength=len(self.names))[: len(self.names)].double()
+
+    def as_list(self) -> list[float]:
+        return self.loss_sums.tolist() + self.tokens.tolist()
+
+    def losses(self, reduced: list[float]) -> dict[str, float]:
+        """Token-mean loss per source from the reduced ``as_list`` values; sources without a token are left out."""
+        n = len(self.names)
+        return {name: reduced[s] / reduced[n + s] for s, name in enumerate(self.names) if reduced[n + s] > 0}
+
+
 @dataclass
 class StepBatch:
     """This rank's micro-batches of one optimizer step, collated, with their counts."""
@@ -65,37 +97,66 @@ class StepBatch:
     """How long the training thread waited for it (the step's data phase)."""
 
 
-def make_units(examples: Sequence[TokenizedExample], packing: bool, max_seq_len: int, seed: int) -> list[Unit]:
-    """Single examples, or packed rows of at most ``max_seq_len`` tokens (best-fit decreasing, seeded)."""
-    if not packing:
-        return [[e] for e in examples]
-    rows = pack_examples([len(e.input_ids) for e in examples], max_seq_len, seed)
-    return [[examples[i] for i in row] for row in rows]
+def example_lengths(examples: Sequence[TokenizedExample]) -> np.ndarray:
+    """Tokens per example: the store's lengths array, or counted for a plain list."""
+    lengths = getattr(examples, "lengths", None)
+    return np.asarray(lengths if lengths is not None else [len(e.input_ids) for e in examples], dtype=np.int64)
 
 
-def collate_units(units: Sequence[Unit], packing: bool, pad_token_id: int) -> dict[str, torch.Tensor]:
+class Units:
+    """The units of a run as example indices: one example each, or packed rows of at most ``max_seq_len`` tokens
+    (best-fit decreasing, seeded): a flat index array and row offsets, about 16 bytes per example."""
+
+    def __init__(self, lengths: np.ndarray, drawn: np.ndarray, packing: bool, max_seq_len: int, seed: int):
+        """
+        Args:
+            lengths: Tokens per example of the store.
+            drawn: The examples one epoch draws (``mixture.epoch_examples``), repeats allowed.
+            packing: Pack rows.
+            max_seq_len: Row capacity when packing.
+            seed: Packing seed.
+        """
+        drawn = np.asarray(drawn, dtype=np.int64)
+        self.offsets: Optional[np.ndarray] = None
+        self.members = drawn
+        self.lengths = lengths[drawn]
+        if packing and len(drawn):
+            rows = pack_examples(self.lengths.tolist(), max_seq_len, seed)
+            order = np.fromiter((i for row in rows for i in row), np.int64, len(drawn))
+            self.members = drawn[order]
+            self.offsets = np.cumsum([0] + [len(row) for row in rows], dtype=np.int64)
+            self.lengths = np.add.reduceat(lengths[self.members], self.offsets[:-1])
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __getitem__(self, u: int) -> np.ndarray:
+        """The example indices of unit ``u``."""
+        if self.offsets is None:
+            return self.members[u : u + 1]
+        return self.members[self.offsets[u] : self.offsets[u + 1]]
+
+
+def collate_units(units: Sequence[Sequence[TokenizedExample]], packing: bool, pad_token_id: int) -> dict[str, torch.Tensor]:
     """Tensors of a micro-batch of units: packed rows with restarting ``position_ids``, or right-padded examples."""
     if packing:
-        return collate_packed(list(units), pad_token_id)
+        return collate_packed([list(unit) for unit in units], pad_token_id)
     return collate([unit[0] for unit in units], pad_token_id)
-
-
-def unit_length(unit: Unit) -> int:
-    return sum(len(e.input_ids) for e in unit)
 
 
 class TrainLoader:
     """Units, the sampler over them, collation ahead of the step (a background thread) and per-step counts.
 
     Args:
-        examples: The tokenised training examples.
+        examples: The tokenised training examples (a ``TokenStore``, or a list).
         batch: The batch plan.
         rank: This rank (the sampler's slice of every step).
         packing: Draw packed rows instead of single examples (decided by the resolution step).
         max_seq_len: Row capacity when packing.
-        seed: Shuffle and packing seed.
+        seed: Shuffle, mixture and packing seed.
         grouping: ``data.group_by_length``.
         pad_token_id: Padding id (masked by position, never by id).
+        weights: Each source's mixture weight, by source index (``data.sources``); one source of weight 1 by default.
     """
 
     def __init__(
@@ -109,13 +170,19 @@ class TrainLoader:
         seed: int,
         grouping: LengthGrouping,
         pad_token_id: int,
+        weights: Sequence[float] = (1.0,),
     ):
+        self.examples = examples
         self.packing = packing
         self.pad_token_id = pad_token_id
-        self.num_examples = len(examples)
         self.max_seq_len = max_seq_len
-        self.units = make_units(examples, packing, max_seq_len, seed)
-        self.lengths = [unit_length(u) for u in self.units]
+        self.example_lengths = example_lengths(examples)
+        source_index = getattr(examples, "source_index", None)
+        self.source_index = np.asarray(source_index) if source_index is not None else np.zeros(len(examples), np.int16)
+        self.num_sources = len(weights)
+        self.drawn = epoch_examples(self.source_index, weights, seed)
+        self.units = Units(self.example_lengths, self.drawn, packing, max_seq_len, seed)
+        self.lengths = self.units.lengths
         self.sampler = StepSampler(len(self.units), batch, rank, seed, self.lengths, grouping)
         self.unit_name = "packed rows" if packing else "examples"
         if self.sampler.steps_per_epoch == 0:
@@ -128,8 +195,17 @@ class TrainLoader:
     def steps_per_epoch(self) -> int:
         return self.sampler.steps_per_epoch
 
-    def collate(self, units: Sequence[Unit]) -> dict[str, torch.Tensor]:
-        return collate_units(units, self.packing, self.pad_token_id)
+    def unit_examples(self, u: int) -> list[TokenizedExample]:
+        """The examples of unit ``u``, read from the store."""
+        return [self.examples[int(i)] for i in self.units[u]]
+
+    def collate(self, unit_indices: Sequence[int]) -> dict[str, torch.Tensor]:
+        """The tensors of a micro-batch of units (by unit index); with several sources also ``source_ids``."""
+        batch = collate_units([self.unit_examples(u) for u in unit_indices], self.packing, self.pad_token_id)
+        if self.num_sources > 1:
+            members = [self.units[u] for u in unit_indices]
+            batch["source_ids"] = source_ids(members, self.example_lengths, self.source_index, batch["input_ids"].shape[1])
+        return batch
 
     def step_batches(self, start_step: int, pin_memory: bool = False) -> Iterator[StepBatch]:
         """This rank's batches from global step ``start_step`` on, epoch after epoch, without end.
@@ -141,30 +217,28 @@ class TrainLoader:
         while True:
             epoch, start = divmod(step, self.steps_per_epoch)
             # The next steps' batches are collated (and pinned on a GPU machine) while this step computes.
-            with Prefetcher(
-                self.sampler.steps(epoch, start), lambda idx: self.collate([self.units[i] for i in idx]), pin_memory=pin_memory
-            ) as prefetched:
+            with Prefetcher(self.sampler.steps(epoch, start), self.collate, pin_memory=pin_memory) as prefetched:
                 for micro_indices, batches, wait_s in prefetched:
-                    examples = [e for idx in micro_indices for i in idx for e in self.units[i]]
+                    examples = [e for idx in micro_indices for u in idx for e in self.unit_examples(u)]
                     yield StepBatch(epoch, batches, examples, step_stats(examples, batches), wait_s)
                     step += 1
 
     def planned_padding_efficiency(self) -> float:
-        """Real tokens / token slots over epoch 0's micro-batches on all ranks (lengths only, no tensors)."""
+        """Real tokens / token slots over epoch 0's micro-batches on all ranks (lengths only, no tensors).
+
+        Every micro-batch of every rank is a consecutive ``micro_batch_size`` slice of the epoch's order, so the
+        slices of one order are all of them.
+        """
         s = self.sampler
-        micro_batches = (
-            [self.lengths[i] for i in idx]
-            for rank in range(s.batch.world_size)
-            for step in StepSampler(s.num_examples, s.batch, rank, s.seed, s.lengths, s.grouping).steps(0)
-            for idx in step
-        )
-        return padding_efficiency(micro_batches)
+        micro, used = s.batch.micro_batch_size, s.steps_per_epoch * s.batch.global_batch_size
+        order = s.epoch_order(0)[:used]
+        return padding_efficiency([self.lengths[i] for i in order[k : k + micro]] for k in range(0, used, micro))
 
     def log_plan(self, data: PreparedData, total_steps: int) -> None:
         """The start-up lines that say what will be trained, how it is batched and what was left out."""
         b = self.sampler.batch
-        trained = sum(e.num_trained for e in data.train)
-        total = sum(len(e.input_ids) for e in data.train)
+        train = data.train
+        trained, total = int(np.sum(train.num_trained, dtype=np.int64)), int(np.sum(self.example_lengths))
         log.info(
             "batch: %d micro x %d accumulation x %d ranks = %d %s per optimizer step",
             b.micro_batch_size,
@@ -175,7 +249,7 @@ class TrainLoader:
         )
         log.info(
             "data: %d train / %d eval examples, %d tokens of which %d trained (%.1f%%); %d steps/epoch, %d total steps",
-            len(data.train),
+            len(train),
             len(data.eval),
             total,
             trained,
@@ -183,6 +257,9 @@ class TrainLoader:
             self.steps_per_epoch,
             total_steps,
         )
+        if len(data.source_names) > 1 or self.num_sources > 1:
+            for line in self.mixture_lines(data):
+                log.info("%s", line)
         for reason, count in sorted(data.dropped.items()):
             log.warning("dropped %d example(s): %s", count, reason)
         for reason, count in sorted(data.truncated.items()):
@@ -190,7 +267,7 @@ class TrainLoader:
         for reason, count in sorted(data.split.items()):
             log.warning("%d conversation(s) %s", count, reason)
         if self.packing:
-            log.info("packing: %d examples into %d rows of <= %d tokens", self.num_examples, len(self.units), self.max_seq_len)
+            log.info("packing: %d examples into %d rows of <= %d tokens", len(self.drawn), len(self.units), self.max_seq_len)
         layout = f"{'packed' if self.packing else 'padded'}, group_by_length={self.sampler.grouping.value}"
         log.info(
             "padding efficiency (real tokens / token slots) planned for epoch 0: %.1f%% (%s)",
@@ -203,6 +280,36 @@ class TrainLoader:
                 self.sampler.unused_per_epoch,
                 self.unit_name,
             )
+
+    def mixture_lines(self, data: PreparedData) -> list[str]:
+        """Per source: examples and tokens prepared, and examples and tokens an epoch draws (its share)."""
+        n = len(data.source_names)
+        prepared = np.bincount(self.source_index, minlength=n)
+        prepared_tokens = np.bincount(self.source_index, weights=self.example_lengths, minlength=n)
+        drawn_sources = self.source_index[self.drawn]
+        drawn = np.bincount(drawn_sources, minlength=n)
+        drawn_tokens = np.bincount(drawn_sources, weights=self.example_lengths[self.drawn], minlength=n)
+        eval_counts = np.bincount(np.asarray(data.eval.source_index), minlength=n) if len(data.eval) else np.zeros(n, int)
+        lines = ["mixture (per epoch: examples drawn, share of the epoch's tokens):"]
+        for s, name in enumerate(data.source_names):
+            lines.append(
+                f"  {name}: {prepared[s]} train examples ({int(prepared_tokens[s])} tokens), {eval_counts[s]} eval; "
+                f"drawn {drawn[s]} ({100 * drawn_tokens[s] / max(drawn_tokens.sum(), 1):.1f}% of tokens)"
+            )
+        return lines
+
+
+def source_ids(units: Sequence[Sequence[int]], lengths: np.ndarray, source_index: np.ndarray, width: int) -> torch.Tensor:
+    """``[rows, width]``: the mixture source of each token position (-1 on padding), laid out as collation lays out
+    the units' examples (back to back from position 0)."""
+    out = torch.full((len(units), width), -1, dtype=torch.long)
+    for r, unit in enumerate(units):
+        offset = 0
+        for i in unit:
+            n = int(lengths[i])
+            out[r, offset : offset + n] = int(source_index[i])
+            offset += n
+    return out
 
 
 def step_stats(examples: Sequence[TokenizedExample], batches: Sequence[dict[str, torch.Tensor]]) -> BatchStats:
@@ -217,17 +324,24 @@ def step_stats(examples: Sequence[TokenizedExample], batches: Sequence[dict[str,
 
 
 def eval_batches(
-    examples: Sequence[TokenizedExample], rank: int, world_size: int, micro_batch_size: int, pad_token_id: int
+    examples: Sequence[TokenizedExample], rank: int, world_size: int, micro_batch_size: int, pad_token_id: int, num_sources: int = 1
 ) -> Iterator[tuple[dict[str, torch.Tensor], int]]:
     """This rank's eval micro-batches and their trained-token counts: the same number of batches on every rank
     (each forward is a ZeRO-3 collective); a rank with fewer examples gets a fully masked filler batch that adds
-    nothing to the loss sums.
+    nothing to the loss sums. With several sources (``num_sources``) the batches carry ``source_ids``.
     """
-    shard = list(examples[rank::world_size])
+    shard = list(range(rank, len(examples), world_size))
     num_batches = math.ceil(math.ceil(len(examples) / world_size) / micro_batch_size)
-    filler = TokenizedExample("<filler>", examples[0].input_ids, [IGNORE_INDEX] * len(examples[0].input_ids))
+    lengths, sources = example_lengths(examples), getattr(examples, "source_index", None)
+    first = examples[0]
+    filler = TokenizedExample("<filler>", first.input_ids, [IGNORE_INDEX] * len(first.input_ids))
     for k in range(num_batches):
-        batch = collate(shard[k * micro_batch_size : (k + 1) * micro_batch_size] or [filler], pad_token_id)
+        indices = shard[k * micro_batch_size : (k + 1) * micro_batch_size]
+        batch = collate([examples[i] for i in indices] or [filler], pad_token_id)
+        if num_sources > 1:
+            batch["source_ids"] = source_ids([[i] for i in indices] or [[0]], lengths, sources, batch["input_ids"].shape[1])
+            if not indices:
+                batch["source_ids"].fill_(-1)
         yield batch, count_trained_tokens(batch["labels"])
 
 

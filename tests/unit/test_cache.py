@@ -1,4 +1,4 @@
-"""Tokenise once: a second preparation with the same inputs reads the cache and yields identical data."""
+"""Prepare once: a second run with the same inputs maps the same token store and yields identical data."""
 
 import shutil
 
@@ -11,7 +11,7 @@ from dtrain.data import ChatRenderer, DataError
 
 def load(job, tokenizer, monkeypatch=None, forbid_tokenising=False):
     if forbid_tokenising:
-        monkeypatch.setattr(cache, "prepare_data", lambda *a, **k: pytest.fail("re-tokenised despite a cache entry"))
+        monkeypatch.setattr(cache, "prepare_store", lambda *a, **k: pytest.fail("re-tokenised despite a cache entry"))
     renderer = ChatRenderer(tokenizer, job.data.train_on)
     return cache.load_or_prepare(job.data, renderer, job.train.seed, 4, is_local_main=True, barrier=lambda: None)
 
@@ -21,7 +21,7 @@ def test_second_run_reads_the_cache_and_gets_identical_tensors(tmp_path, tiny_to
     first = load(job, tiny_tokenizer)
     assert len(list(tmp_path.iterdir())) == 1
     second = load(job, tiny_tokenizer, monkeypatch, forbid_tokenising=True)
-    assert second.train == first.train and second.eval == first.eval
+    assert list(second.train) == list(first.train) and list(second.eval) == list(first.eval)
     assert second.prompts == first.prompts and second.dropped == first.dropped
 
 
@@ -48,12 +48,13 @@ def test_bad_data_reaches_every_rank_as_an_error(tmp_path, tiny_tokenizer):
 def test_parallel_tokenisation_gives_the_same_data(tiny_tokenizer):
     from dtrain.data import prepare_data
 
-    single = compose_job(["+exp=tiny_cpu", "data.cache_dir=null"])
+    single = compose_job(["+exp=tiny_cpu", "data.cache_dir=null", "data.num_proc=1"])
     parallel = compose_job(["+exp=tiny_cpu", "data.cache_dir=null", "data.num_proc=2"])
     renderer = ChatRenderer(tiny_tokenizer, single.data.train_on)
     a = prepare_data(single.data, renderer, 0, 4)
     b = prepare_data(parallel.data, renderer, 0, 4)
-    assert a.train == b.train and a.eval == b.eval and a.dropped == b.dropped
+    assert list(a.train) == list(b.train) and list(a.eval) == list(b.eval) and a.dropped == b.dropped
+    assert a.prompts == b.prompts
 
 
 def test_on_a_shared_filesystem_one_node_tokenises_and_a_dead_jobs_lock_is_taken_over(tmp_path, tiny_tokenizer, monkeypatch, caplog):
@@ -65,8 +66,9 @@ def test_on_a_shared_filesystem_one_node_tokenises_and_a_dead_jobs_lock_is_taken
 
     # Node 1's local rank 0 of the same job: no tokenising; it waits at the barrier (which returns once node 0
     # has published) and reads the entry.
-    monkeypatch.setattr(cache, "prepare_data", lambda *a, **k: pytest.fail("a second node tokenised too"))
-    monkeypatch.setattr(cache, "read_cache", lambda f: f"read {f.name}")
+    monkeypatch.setattr(cache, "prepare_store", lambda *a, **k: pytest.fail("a second node tokenised too"))
+    monkeypatch.setattr(cache, "open_store", lambda f: f"read {f.name}")
+    monkeypatch.setattr(cache, "check_identity", lambda f, identity: None)
 
     def barrier_until_node0_publishes():
         folder.mkdir()
