@@ -96,7 +96,8 @@ def _chunk_loss_and_grads(
     row_losses = exp_sum.log() - target_logit
     loss = row_losses.sum()
     if group_sums is not None:
-        group_sums.index_add_(0, groups, row_losses.detach())
+        keep = groups >= 0  # a trained row of no group (none in collated batches) adds to no sum
+        group_sums.index_add_(0, groups[keep], row_losses.detach()[keep])
     if not (need_hidden_grad or need_weight_grad):
         return loss, None, None
     grad_logits = shifted.div_(exp_sum.unsqueeze(1))  # softmax - one_hot(target) is d(loss)/d(logits)

@@ -51,6 +51,7 @@ def shifted_group_loss_sums(
 
 
 def group_sums(values: torch.Tensor, groups: torch.Tensor, keep: torch.Tensor, num_groups: int) -> torch.Tensor:
-    """Float32 sums of ``values`` per group over the positions ``keep`` selects."""
+    """Float32 sums of ``values`` per group over the positions ``keep`` selects (positions of no group, < 0, skipped)."""
+    keep = keep & (groups >= 0)
     out = torch.zeros(num_groups, dtype=torch.float32, device=values.device)
     return out.index_add_(0, groups[keep].long(), values[keep].float())
