@@ -7,6 +7,7 @@ Types and unknown keys are checked by the schema at compose time; what needs two
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 
 from dtrain.config.schema import DataConfig, JobConfig, ModelConfig, ModelInit, OptimName, PeftMethod, Precision
 from dtrain.errors import ConfigError, DataError
@@ -63,7 +64,10 @@ def check_data_sources(cfg: DataConfig) -> None:
     from dtrain.data.mixture import data_sources
     from dtrain.data.sources import data_files
 
-    for source in data_sources(cfg):
+    sources = data_sources(cfg)
+    if cfg.prepared_path and (Path(cfg.prepared_path).expanduser() / "meta.json").is_file():
+        return  # training reads the prepared store; the raw files may stay where it was prepared
+    for source in sources:
         try:
             data_files(source.path)
         except DataError as e:

@@ -31,8 +31,10 @@ log = logging.getLogger("dtrain")
 def _file_identity(path: str) -> list:
     """Path, size and mtime of every data file behind ``path`` (a hub id is keyed by its name)."""
     p = Path(path).expanduser()
+    if not p.exists():
+        return [[str(p.absolute())]]
     files = sorted(f for f in p.iterdir() if f.suffix in DATA_SUFFIXES) if p.is_dir() else [p]
-    return [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] if f.exists() else [str(f)] for f in files]
+    return [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
 
 
 # Their bytes key the store: a change to any of them prepares the data again.
@@ -41,6 +43,10 @@ PIPELINE_SOURCES = ("sources.py", "formats.py", "chat.py", "template_text.py", "
 # The data settings that change what is prepared (weights, packing and batching do not: they reuse the store).
 PREPARATION_FIELDS = ("format", "eval_path", "eval_fraction", "split", "max_seq_len", "train_on", "truncation", "on_invalid")
 PREPARATION_FIELDS += ("max_invalid_fraction", "chat_template", "end_of_turn_token")
+
+
+PROMPTS_KEPT = 64
+"""Held-out generation prompts a store keeps, so that runs asking for up to this many share one store."""
 
 
 def store_identity(cfg: DataConfig, renderer: ChatRenderer, seed: int, num_prompts: int) -> dict[str, Any]:
@@ -65,7 +71,7 @@ def store_identity(cfg: DataConfig, renderer: ChatRenderer, seed: int, num_promp
         "chat_template": tok.chat_template,
         "special_tokens": [tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, renderer.end_of_turn_id],
         "seed": seed,
-        "num_prompts": num_prompts,
+        "prompts_kept": max(num_prompts, PROMPTS_KEPT),
     }
 
 
@@ -90,10 +96,14 @@ def store_folder(cfg: DataConfig, renderer: ChatRenderer, seed: int, num_prompts
 def check_identity(folder: Path, identity: dict) -> None:
     """Refuse a store prepared from other data, settings, tokenizer or code than ``identity``.
 
+    Raw data files that are not on this machine are compared by path only: a store prepared elsewhere (e.g. on a
+    CPU node with the corpus) trains where only the store was copied.
+
     Raises:
         DataError: naming the store and what differs.
     """
     stored = read_meta(folder).get("identity") or {}
+    stored = _forget_absent_files(stored, identity)
     if _hash(stored) == _hash(identity):
         return
     differ = sorted(k for k in set(stored) | set(identity) if _hash({"v": stored.get(k)}) != _hash({"v": identity.get(k)}))
@@ -103,6 +113,22 @@ def check_identity(folder: Path, identity: dict) -> None:
     )
 
 
+def _forget_absent_files(stored: dict, current: dict) -> dict:
+    """``stored`` with the size and mtime of every file that ``current`` found absent (an entry of its path only)."""
+
+    def strip(stored_files, current_files):
+        absent = isinstance(current_files, list) and len(current_files) == 1 and len(current_files[0]) == 1
+        if absent and isinstance(stored_files, list) and all(f[0].startswith(current_files[0][0]) for f in stored_files):
+            return current_files
+        return stored_files
+
+    out = dict(stored)
+    if isinstance(stored.get("sources"), list) and len(stored["sources"]) == len(current.get("sources") or []):
+        out["sources"] = [s | {"files": strip(s.get("files"), c.get("files"))} for s, c in zip(stored["sources"], current["sources"])]
+    out["eval_files"] = strip(stored.get("eval_files"), current.get("eval_files"))
+    return out
+
+
 def write_store(cfg: DataConfig, renderer: ChatRenderer, seed: int, num_prompts: int, folder: Path, progress: bool = False) -> dict:
     """Prepare the store into a temporary sibling of ``folder`` and rename it into place (atomic: a store that is
     there is complete). Returns its ``meta.json`` content."""
@@ -110,7 +136,7 @@ def write_store(cfg: DataConfig, renderer: ChatRenderer, seed: int, num_prompts:
     tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        meta = prepare_store(cfg, renderer, seed, num_prompts, tmp, progress=progress, identity=identity)
+        meta = prepare_store(cfg, renderer, seed, max(num_prompts, PROMPTS_KEPT), tmp, progress=progress, identity=identity)
         folder.parent.mkdir(parents=True, exist_ok=True)
         try:
             os.replace(tmp, folder)
@@ -198,4 +224,6 @@ def load_or_prepare(
     if not (folder / META).is_file():
         raise DataError(failure.read_text() if failure.is_file() else f"prepared data missing from {folder}")
     check_identity(folder, store_identity(cfg, renderer, seed, num_prompts))
-    return open_store(folder)
+    data = open_store(folder)
+    data.prompts = data.prompts[:num_prompts]
+    return data

@@ -6,7 +6,7 @@ import pytest
 
 import dtrain.data.cache as cache
 from dtrain.config import compose_job
-from dtrain.data import ChatRenderer, DataError
+from dtrain.data import ChatRenderer, DataError, PreparedData
 
 
 def load(job, tokenizer, monkeypatch=None, forbid_tokenising=False):
@@ -67,7 +67,7 @@ def test_on_a_shared_filesystem_one_node_tokenises_and_a_dead_jobs_lock_is_taken
     # Node 1's local rank 0 of the same job: no tokenising; it waits at the barrier (which returns once node 0
     # has published) and reads the entry.
     monkeypatch.setattr(cache, "prepare_store", lambda *a, **k: pytest.fail("a second node tokenised too"))
-    monkeypatch.setattr(cache, "open_store", lambda f: f"read {f.name}")
+    monkeypatch.setattr(cache, "open_store", lambda f: PreparedData(f"read {f.name}", None, []))
     monkeypatch.setattr(cache, "check_identity", lambda f, identity: None)
 
     def barrier_until_node0_publishes():
@@ -77,7 +77,7 @@ def test_on_a_shared_filesystem_one_node_tokenises_and_a_dead_jobs_lock_is_taken
     out = cache.load_or_prepare(
         job.data, renderer, job.train.seed, 4, is_local_main=True, job_token="job-A", barrier=barrier_until_node0_publishes
     )
-    assert out == f"read {folder.name}" and lock.read_text() == "job-A"  # node 0's lock left alone
+    assert out.train == f"read {folder.name}" and lock.read_text() == "job-A"  # node 0's lock left alone
 
     # Job A died before publishing (its lock stays): job B takes the lock over, tokenises and releases it.
     shutil.rmtree(folder)
@@ -85,3 +85,24 @@ def test_on_a_shared_filesystem_one_node_tokenises_and_a_dead_jobs_lock_is_taken
     data = cache.load_or_prepare(job.data, renderer, job.train.seed, 4, is_local_main=True, job_token="job-B", barrier=lambda: None)
     assert len(data.train) > 0 and (folder / "meta.json").is_file() and not lock.exists()
     assert "took over" in caplog.text and "holder job-A" in caplog.text
+
+
+def test_a_prepared_store_trains_without_its_raw_files_but_not_from_changed_ones(tmp_path, tiny_tokenizer):
+    from dtrain.config.checks import check_data_sources
+
+    data_file = tmp_path / "train.jsonl"
+    shutil.copy(cache.Path(__file__).resolve().parents[2] / "dtrain" / "assets" / "data" / "train.jsonl", data_file)
+    store = tmp_path / "store"
+    job = compose_job(["+exp=tiny_cpu", f"data.path={data_file}", "data.eval_path=null", f"data.prepared_path={store}"])
+    first = load(job, tiny_tokenizer)
+    assert (store / "train.ids").is_file() and len(first.train) > 0
+
+    with data_file.open("a") as f:  # the corpus changed since: its store is refused, naming what differs
+        f.write('{"messages": [{"role": "user", "content": "new"}, {"role": "assistant", "content": "NEW"}]}\n')
+    with pytest.raises(DataError, match=r"prepared from other settings \(they differ in: sources\)"):
+        load(job, tiny_tokenizer)
+
+    data_file.unlink()  # the raw data stayed where the store was prepared: the store alone trains
+    check_data_sources(job.data)
+    again = load(job, tiny_tokenizer)
+    assert list(again.train[:5]) == list(first.train[:5]) and len(again.train) == len(first.train)

@@ -1,0 +1,207 @@
+"""Real-corpus figures: preparation throughput by process count, and per-rank memory and time to step 1 by corpus size.
+
+    .venv/bin/python bench/corpus.py --json corpus.json                      # 10k / 100k / 1M conversations
+    .venv/bin/python bench/corpus.py --sizes 10000 --procs 1 --json /tmp/c.json   # quick
+
+Synthetic two-turn chats of about 600 tokens (tiny tokenizer), as in issue 16's measurement of the list-based path.
+
+1. ``launch/prepare.py`` on the smallest corpus with 1, 2, ... ``--procs`` processes: seconds and tokens/s.
+2. Each corpus size is prepared (all processes) into a token store; sizes above ``--max-prepared`` are built by
+   replicating the largest prepared store (same examples under new names: the store and the loader see a corpus of
+   that many examples and tokens; preparation speed is what step 1 measures).
+3. For each store, ``deepspeed --num_gpus 2 launch/train.py`` trains one step from ``data.prepared_path``: the time
+   from launch to the first step record, and the peak RSS of each rank (``memory.json``). The RSS growth per corpus
+   token between the smallest and the largest corpus is the figure the issue targets (below 1 byte per token).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from common import QUIET, REPO_ROOT, machine, make_tiny_pretrained, table, write_json
+
+WORDS = [f"{a}{b}" for a in ("ka", "lo", "mi", "ne", "su", "ta", "ri", "po") for b in ("n", "m", "s", "t", "la", "ro", "de", "vi")]
+STORE_FILES = ("ids", "trained", "offsets", "trained_n", "source", "last_turn", "truncated", "names", "name_off")
+
+
+def write_chats(path: Path, n: int, seed: int = 0) -> None:
+    rng = random.Random(seed)
+    with path.open("w") as f:
+        for i in range(n):
+
+            def text(k: int) -> str:
+                return " ".join(rng.choice(WORDS) for _ in range(k))
+
+            messages = [
+                {"role": "user", "content": f"{i}: {text(60)}"},
+                {"role": "assistant", "content": text(90)},
+                {"role": "user", "content": text(40)},
+                {"role": "assistant", "content": text(90)},
+            ]
+            f.write(json.dumps({"messages": messages}) + "\n")
+
+
+def prepare(data: Path, store: Path, procs: int, model: Path) -> dict:
+    cmd = [sys.executable, "launch/prepare.py", "+exp=tiny_cpu", f"model.path={model}", f"data.path={data}", "data.eval_path=null"]
+    cmd += ["data.eval_fraction=0.001", "data.max_seq_len=2048", f"data.num_proc={procs}", f"data.prepared_path={store}"]
+    out = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(f"prepare failed: {out.stderr[-2000:]}")
+    return json.loads(out.stdout[: out.stdout.rindex("}") + 1])
+
+
+def replicate(store: Path, copies: int, out: Path) -> None:
+    """A store of ``copies`` x the train split of ``store`` (names suffixed per copy); eval and prompts kept."""
+    out.mkdir()
+    meta = json.loads((store / "meta.json").read_text())
+    n, tokens = meta["train"]["examples"], meta["train"]["tokens"]
+    offsets = np.fromfile(store / "train.offsets", np.int64)
+    names = np.fromfile(store / "train.names", np.uint8).tobytes()
+    name_off = np.fromfile(store / "train.name_off", np.int64)
+    with (out / "train.offsets").open("wb") as f:
+        f.write(np.zeros(1, np.int64).tobytes())
+        for c in range(copies):
+            f.write((offsets[1:] + c * tokens).tobytes())
+    with (out / "train.names").open("wb") as fn, (out / "train.name_off").open("wb") as fo:
+        fo.write(np.zeros(1, np.int64).tobytes())
+        written = 0
+        for c in range(copies):
+            chunk = b"".join(names[name_off[i] : name_off[i + 1]] + f"#copy{c}".encode() for i in range(n))
+            ends = written + name_off[1:] + np.arange(1, n + 1) * len(f"#copy{c}")
+            fn.write(chunk)
+            fo.write(ends.astype(np.int64).tobytes())
+            written += len(chunk)
+    for name in ("ids", "trained", "trained_n", "source", "last_turn", "truncated"):
+        data = (store / f"train.{name}").read_bytes()
+        with (out / f"train.{name}").open("wb") as f:
+            for _ in range(copies):
+                f.write(data)
+    for name in STORE_FILES:
+        (out / f"eval.{name}").write_bytes((store / f"eval.{name}").read_bytes())
+    meta["train"] = {**meta["train"], "examples": n * copies, "tokens": tokens * copies}
+    (out / "meta.json").write_text(json.dumps(meta))
+
+
+def train_one_step(store: Path, data: Path, model: Path, run_dir: Path) -> dict:
+    from dtrain.dist import free_port
+
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "launch/train.py"]
+    cmd += [f"output_dir={run_dir}", *QUIET, "+exp=tiny_cpu", f"model.path={model}", "model.init=pretrained", "precision=fp32"]
+    cmd += [f"data.path={data}", "data.eval_path=null", "data.eval_fraction=0.001", "data.max_seq_len=2048", "data.packing=false"]
+    cmd += [f"data.prepared_path={store}", "data.cache_dir=null", "train.max_steps=1", "train.micro_batch_size=4", "train.eval_every=0"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled"}
+    started = time.monotonic()
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics, first_step = run_dir / "metrics.jsonl", None
+    while proc.poll() is None:
+        if first_step is None and metrics.is_file() and metrics.stat().st_size > 0:
+            first_step = time.monotonic() - started
+        time.sleep(0.05)
+    output = proc.stdout.read()
+    if proc.returncode:
+        raise SystemExit(f"training failed: {output[-3000:]}")
+    measured = json.loads((run_dir / "memory.json").read_text())["measured_per_rank"]
+    return {"time_to_step1_s": first_step, "peak_rss_per_rank": [r["peak_rss"] for r in measured]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", default="10000,100000,1000000", help="conversations per corpus")
+    parser.add_argument("--procs", default=None, help="process counts to prepare with (default: 1 .. all cores, doubling)")
+    parser.add_argument("--max-prepared", type=int, default=100_000, help="larger corpora replicate the largest prepared store")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    sizes = sorted(int(s) for s in args.sizes.split(","))
+    cores = len(os.sched_getaffinity(0))
+    procs = [int(p) for p in args.procs.split(",")] if args.procs else sorted({1, *[2**k for k in range(1, 8) if 2**k < cores], cores})
+    root = Path(tempfile.mkdtemp(prefix="dtrain-bench-corpus-"))
+    model = make_tiny_pretrained(root / "model")
+
+    prep_rows = []
+    smallest = root / f"chats_{sizes[0]}.jsonl"
+    write_chats(smallest, sizes[0])
+    for p in procs:
+        summary = prepare(smallest, root / f"prep_{p}", p, model)
+        prep_rows.append(
+            {"procs": p, "conversations": sizes[0], "tokens": summary["train"]["tokens"] + summary["eval"]["tokens"]} | summary["prepare"]
+        )
+        print(f"[bench] prepared {sizes[0]} conversations with {p} process(es): {summary['prepare']}", flush=True)
+    base = prep_rows[0]["tokens_per_s"]
+    for r in prep_rows:
+        r["speedup"] = r["tokens_per_s"] / base
+
+    size_rows, prepared = [], {}
+    for n in sizes:
+        store = root / f"store_{n}"
+        data = root / f"chats_{n}.jsonl"
+        if n <= args.max_prepared:
+            if not data.is_file():
+                write_chats(data, n)
+            summary = prepare(data, store, procs[-1], model)
+            prepared[n] = store
+            how = f"prepared ({summary['prepare']['seconds']:.0f} s, {procs[-1]} processes)"
+        else:
+            largest = max(prepared)
+            copies = -(-n // largest)
+            replicate(prepared[largest], copies, store)
+            data = root / f"chats_{largest}.jsonl"  # what the replicated store was prepared from
+            how = f"{copies} x the {largest}-conversation store"
+        meta = json.loads((store / "meta.json").read_text())
+        figures = train_one_step(store, data, model, root / f"run_{n}")
+        size_rows.append({"conversations": n, "train_tokens": meta["train"]["tokens"], "store": how} | figures)
+        print(f"[bench] {n} conversations: {figures}", flush=True)
+    small, large = size_rows[0], size_rows[-1]
+    growth = [
+        (b - a) / (large["train_tokens"] - small["train_tokens"]) for a, b in zip(small["peak_rss_per_rank"], large["peak_rss_per_rank"])
+    ]
+
+    print(f"\nmachine: {machine()}")
+    print(
+        table(
+            prep_rows,
+            [
+                ("procs", "processes", ""),
+                ("tokens", "tokens", ""),
+                ("seconds", "seconds", ".1f"),
+                ("tokens_per_s", "tokens/s", ""),
+                ("speedup", "x 1 process", ".2f"),
+            ],
+        )
+    )
+    for r in size_rows:
+        r["rss"] = " / ".join(f"{b / 2**30:.2f}" for b in r["peak_rss_per_rank"])
+    print()
+    print(
+        table(
+            size_rows,
+            [
+                ("conversations", "conversations", ""),
+                ("train_tokens", "tokens", ""),
+                ("rss", "peak RSS per rank (GiB)", ""),
+                ("time_to_step1_s", "launch to step 1 (s)", ".1f"),
+                ("store", "store", ""),
+            ],
+        )
+    )
+    print(
+        f"\nRSS growth per corpus token, {small['conversations']} -> {large['conversations']} conversations: "
+        + " / ".join(f"{g:.3f}" for g in growth)
+        + " bytes"
+    )
+    write_json(
+        args.json, {"bench": "corpus", "machine": machine(), "prepare": prep_rows, "sizes": size_rows, "rss_bytes_per_token": growth}
+    )
+
+
+if __name__ == "__main__":
+    main()
