@@ -1,7 +1,7 @@
 """Real-corpus figures: preparation throughput by process count, and per-rank memory and time to step 1 by corpus size.
 
     .venv/bin/python bench/corpus.py --json corpus.json                      # 10k / 100k / 1M conversations
-    .venv/bin/python bench/corpus.py --sizes 10000 --procs 1 --json /tmp/c.json   # quick
+    .venv/bin/python bench/corpus.py --smoke --json /tmp/c.json      # 200 and 600 conversations (600: 3 x 200)
 
 Synthetic two-turn chats of about 600 tokens (tiny tokenizer), as in issue 16's measurement of the list-based path.
 
@@ -120,7 +120,10 @@ def main() -> None:
     parser.add_argument("--procs", default=None, help="process counts to prepare with (default: 1 .. all cores, doubling)")
     parser.add_argument("--max-prepared", type=int, default=100_000, help="larger corpora replicate the largest prepared store")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--smoke", action="store_true", help="200 and 600 (replicated) conversations, 1 and 2 processes")
     args = parser.parse_args()
+    if args.smoke:
+        args.sizes, args.procs, args.max_prepared = "200,600", "1,2", 200
     sizes = sorted(int(s) for s in args.sizes.split(","))
     cores = len(os.sched_getaffinity(0))
     procs = [int(p) for p in args.procs.split(",")] if args.procs else sorted({1, *[2**k for k in range(1, 8) if 2**k < cores], cores})

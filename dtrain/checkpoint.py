@@ -94,6 +94,8 @@ def resume_key(job: JobConfig, world_size: int) -> dict[str, str]:
         "model.path": job.model.path,
         "model.init": job.model.init,
         "data.path": d.path,
+        # The mixture (sources, weights, per-source settings) sets which examples each step draws: the data position.
+        "data.sources": json.dumps([asdict(source) for source in d.sources], sort_keys=True, default=lambda v: getattr(v, "value", str(v))),
         "data.format": d.format,
         "data.eval_path": d.eval_path,
         "data.eval_fraction": d.eval_fraction,

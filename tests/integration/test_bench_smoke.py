@@ -65,3 +65,19 @@ def test_memory_bench(tmp_path):
     assert row["exit_code"] == 0 and row["config"] == "zero2 none"
     assert row["states_ratio"] == pytest.approx(1.0, abs=1e-3)  # the engine's tensors are what the plan says
     assert row["peak_kind"] == "peak_rss" and row["peak_mib"] > row["planned_states_mib"]
+
+
+def test_corpus_bench(tmp_path):
+    out_json = tmp_path / "corpus.json"
+    out = subprocess.run(
+        [sys.executable, "bench/corpus.py", "--smoke", "--json", str(out_json)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    result = json.loads(out_json.read_text())
+    one, two = result["prepare"]
+    assert (one["num_proc"], two["num_proc"]) == (1, 2) and one["tokens"] == two["tokens"] > 200 * 400 and one["speedup"] == 1.0
+    small, large = result["sizes"]
+    assert large["train_tokens"] == 3 * small["train_tokens"] and "3 x the 200-conversation store" in large["store"]
+    for size in (small, large):
+        assert size["time_to_step1_s"] > 0 and len(size["peak_rss_per_rank"]) == 2 and min(size["peak_rss_per_rank"]) > 10**8
+    assert len(result["rss_bytes_per_token"]) == 2

@@ -34,9 +34,7 @@ def base(tiny_pretrained) -> list[str]:
 
 
 def prepare(overrides: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "launch/prepare.py", *overrides], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300
-    )
+    return subprocess.run([sys.executable, "launch/prepare.py", *overrides], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
 
 
 def steps_of(run_dir) -> list[dict]:
@@ -66,12 +64,19 @@ def test_prepare_then_train_matches_preparing_in_the_run(tmp_path, tiny_pretrain
     ref, got = steps_of(in_run), steps_of(from_store)
     assert len(ref) == 2
     for a, b in zip(ref, got):
-        assert (a["loss"], a["grad_norm"], a["tokens"], a["batch_fingerprint"]) == (b["loss"], b["grad_norm"], b["tokens"], b["batch_fingerprint"])
+        assert (a["loss"], a["grad_norm"], a["tokens"], a["batch_fingerprint"]) == (
+            b["loss"],
+            b["grad_norm"],
+            b["tokens"],
+            b["batch_fingerprint"],
+        )
 
 
 def mixture_overrides(tiny_pretrained) -> list[str]:
     data = REPO_ROOT / "dtrain" / "assets" / "data"
-    sources = f"[{{path: {data / 'train.jsonl'}, name: chat}}, {{path: {data / 'alpaca_sample.jsonl'}, name: alpaca, format: alpaca, weight: 2}}]"
+    sources = (
+        f"[{{path: {data / 'train.jsonl'}, name: chat}}, {{path: {data / 'alpaca_sample.jsonl'}, name: alpaca, format: alpaca, weight: 2}}]"
+    )
     return base(tiny_pretrained) + [
         "data.path=null",
         "data.eval_path=null",

@@ -116,6 +116,10 @@ def test_resume_key_covers_what_matters_only():
     assert resume_key(compose_job(["+exp=tiny_cpu", "zero=zero3_offload"]), 2) == base
     assert resume_key(compose_job(["+exp=tiny_cpu", "train.grad_accum_steps=2"]), world_size=1) == base
     assert resume_key(compose_job(["+exp=tiny_cpu"]), world_size=4) != base  # another global batch
+    # A mixture's weights set which examples each step draws: another weight is another data position.
+    mixture = ["+exp=tiny_cpu", "data.path=null", "data.sources=[{path: a.jsonl}, {path: b.jsonl, weight: 2}]"]
+    reweighted = mixture[:-1] + ["data.sources=[{path: a.jsonl}, {path: b.jsonl, weight: 3}]"]
+    assert resume_key(compose_job(mixture), 2) != resume_key(compose_job(reweighted), 2)
 
 
 def test_rng_states_round_trip_through_json():

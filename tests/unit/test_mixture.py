@@ -22,7 +22,12 @@ from dtrain.metrics import EvalRecord, StepRecord, record_from_dict, record_to_d
 
 def chats(path, n, answer_words=1, tag="a"):
     rows = [
-        {"messages": [{"role": "user", "content": f"{tag} question {i}"}, {"role": "assistant", "content": " ".join(["word"] * answer_words)}]}
+        {
+            "messages": [
+                {"role": "user", "content": f"{tag} question {i}"},
+                {"role": "assistant", "content": " ".join(["word"] * answer_words)},
+            ]
+        }
         for i in range(n)
     ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -160,10 +165,9 @@ def test_source_losses_count_each_trained_token_once_and_skip_empty_sources():
 def test_eval_batches_carry_the_sources_and_filler_batches_none(tmp_path, tiny_tokenizer):
     _, data = mixture(tmp_path, tiny_tokenizer, [1.0, 1.0])
     shards = [list(eval_batches(data.eval, rank, 2, 4, 0, 2)) for rank in (0, 1)]
-    for rank, shard in enumerate(shards):
-        for batch, _ in shard:
-            valid = batch["source_ids"] >= 0
-            assert torch.equal(valid, batch["input_ids"].ne(0) | valid)  # sources cover the examples' tokens
+    for shard in shards:
+        for batch, _ in shard:  # a source on every real token, none on padding
+            assert torch.equal(batch["source_ids"] >= 0, batch["attention_mask"].bool())
     seen = Counter()
     for shard in shards:
         for batch, _ in shard:
@@ -188,5 +192,7 @@ def test_per_source_losses_round_trip_through_metrics_jsonl():
 
 def test_sources_compose_from_the_command_line(tmp_path):
     a, b = chats(tmp_path / "a.jsonl", 2), chats(tmp_path / "b.jsonl", 2)
-    job = compose_job(["+exp=tiny_cpu", "data.path=null", "data.eval_path=null", f"data.sources=[{{path: {a}, weight: 2}}, {{path: {b}, name: bee}}]"])
+    job = compose_job(
+        ["+exp=tiny_cpu", "data.path=null", "data.eval_path=null", f"data.sources=[{{path: {a}, weight: 2}}, {{path: {b}, name: bee}}]"]
+    )
     assert [(s.name, s.weight) for s in data_sources(job.data)] == [("a", 2.0), ("bee", 1.0)]

@@ -34,7 +34,9 @@ def digest(data) -> tuple[str, int, int]:
     h = hashlib.sha256()
     for split in (data.train, data.eval):
         for e in split:
-            h.update(json.dumps([e.source, list(e.input_ids), list(e.labels), list(e.last_turn) if e.last_turn else None, e.truncated]).encode())
+            h.update(
+                json.dumps([e.source, list(e.input_ids), list(e.labels), list(e.last_turn) if e.last_turn else None, e.truncated]).encode()
+            )
     h.update(json.dumps([[p.source, p.messages, p.reference] for p in data.prompts]).encode())
     h.update(json.dumps([sorted(data.dropped.items()), sorted(data.truncated.items())]).encode())
     return h.hexdigest()[:16], len(data.train), len(data.eval)
@@ -60,7 +62,9 @@ def test_the_store_gives_the_examples_of_the_path_it_replaced(name, num_proc, ti
 
 def test_per_example_arrays_agree_with_the_examples(tiny_tokenizer, monkeypatch):
     monkeypatch.chdir(REPO)
-    data = prepare_data(DataConfig(path=str(ASSETS / "train.jsonl"), eval_fraction=0.1, num_proc=1), ChatRenderer(tiny_tokenizer, "assistant"), 0, 2)
+    data = prepare_data(
+        DataConfig(path=str(ASSETS / "train.jsonl"), eval_fraction=0.1, num_proc=1), ChatRenderer(tiny_tokenizer, "assistant"), 0, 2
+    )
     store = data.train
     for i in (0, 1, len(store) // 2, len(store) - 1):
         e = store[i]
