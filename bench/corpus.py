@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -92,6 +93,42 @@ def replicate(store: Path, copies: int, out: Path) -> None:
     (out / "meta.json").write_text(json.dumps(meta))
 
 
+BASELINE = """
+import resource, sys, time
+from dtrain.config.schema import DataConfig
+from dtrain.data import ChatRenderer, prepare_data, resolve_chat_template
+from transformers import AutoTokenizer
+tok = AutoTokenizer.from_pretrained(sys.argv[2]); resolve_chat_template(tok, None)
+start = time.perf_counter()
+cfg = DataConfig(path=sys.argv[1], eval_fraction=0.001, max_seq_len=2048, num_proc=1, cache_dir="")
+data = prepare_data(cfg, ChatRenderer(tok, "assistant"), 0, 4)
+seconds = time.perf_counter() - start
+tokens = sum(len(e.input_ids) for e in data.train) + sum(len(e.input_ids) for e in data.eval)
+print(seconds, tokens, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+"""
+
+
+def baseline_prepare(commit: str, data: Path, model: Path, root: Path) -> dict:
+    """One process of ``prepare_data`` at ``commit`` (e.g. the list-based path before the store) on the same file."""
+    tree = root / f"baseline_{commit}"
+    subprocess.run(["git", "worktree", "add", "--detach", str(tree), commit], cwd=REPO_ROOT, check=True, capture_output=True)
+    try:
+        env = {**os.environ, "PYTHONPATH": str(tree)}
+        out = subprocess.run([sys.executable, "-c", BASELINE, str(data), str(model)], cwd=tree, env=env, capture_output=True, text=True)
+        if out.returncode:
+            raise SystemExit(f"baseline failed: {out.stderr[-2000:]}")
+        seconds, tokens, rss = out.stdout.split()[-3:]
+        return {
+            "procs": 1,
+            "tokens": int(tokens),
+            "seconds": float(seconds),
+            "tokens_per_s": int(tokens) / float(seconds),
+            "peak_rss": int(rss),
+        }
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=REPO_ROOT, capture_output=True)
+
+
 def train_one_step(store: Path, data: Path, model: Path, run_dir: Path) -> dict:
     from dtrain.dist import free_port
 
@@ -111,7 +148,19 @@ def train_one_step(store: Path, data: Path, model: Path, run_dir: Path) -> dict:
     if proc.returncode:
         raise SystemExit(f"training failed: {output[-3000:]}")
     measured = json.loads((run_dir / "memory.json").read_text())["measured_per_rank"]
-    return {"time_to_step1_s": first_step, "peak_rss_per_rank": [r["peak_rss"] for r in measured]}
+    return {"time_to_step1_s": first_step, "data_setup_s": data_setup_seconds(run_dir / "train.log")} | {
+        "peak_rss_per_rank": [r["peak_rss"] for r in measured]
+    }
+
+
+def data_setup_seconds(log: Path) -> float:
+    """From opening the store to the loader's plan (mask audit, resolution, units, sampler): the data's share."""
+    stamps = {}
+    for line in log.read_text().splitlines():
+        for key, marker in (("open", "token store"), ("ready", "padding efficiency (real tokens")):
+            if marker in line and key not in stamps:
+                stamps[key] = datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")
+    return (stamps["ready"] - stamps["open"]).total_seconds()
 
 
 def main() -> None:
@@ -119,6 +168,7 @@ def main() -> None:
     parser.add_argument("--sizes", default="10000,100000,1000000", help="conversations per corpus")
     parser.add_argument("--procs", default=None, help="process counts to prepare with (default: 1 .. all cores, doubling)")
     parser.add_argument("--max-prepared", type=int, default=100_000, help="larger corpora replicate the largest prepared store")
+    parser.add_argument("--baseline", default=None, help="also time one process of prepare_data at this commit (e.g. 2f50aea)")
     parser.add_argument("--json", default=None)
     parser.add_argument("--smoke", action="store_true", help="200 and 600 (replicated) conversations, 1 and 2 processes")
     args = parser.parse_args()
@@ -139,9 +189,13 @@ def main() -> None:
             {"procs": p, "conversations": sizes[0], "tokens": summary["train"]["tokens"] + summary["eval"]["tokens"]} | summary["prepare"]
         )
         print(f"[bench] prepared {sizes[0]} conversations with {p} process(es): {summary['prepare']}", flush=True)
-    base = prep_rows[0]["tokens_per_s"]
+    if args.baseline:
+        prep_rows.insert(0, {"name": f"list-based path at {args.baseline}"} | baseline_prepare(args.baseline, smallest, model, root))
+        print(f"[bench] baseline: {prep_rows[0]}", flush=True)
+    base = next(r for r in prep_rows if "name" not in r)["tokens_per_s"]
     for r in prep_rows:
         r["speedup"] = r["tokens_per_s"] / base
+        r.setdefault("name", "token store")
 
     size_rows, prepared = [], {}
     for n in sizes:
@@ -192,6 +246,7 @@ def main() -> None:
                 ("train_tokens", "tokens", ""),
                 ("rss", "peak RSS per rank (GiB)", ""),
                 ("time_to_step1_s", "launch to step 1 (s)", ".1f"),
+                ("data_setup_s", "of which data (s)", ".1f"),
                 ("store", "store", ""),
             ],
         )
