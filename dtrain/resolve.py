@@ -113,7 +113,7 @@ def resolve_job(
         job.precision.name, reason = choose_precision(machine or machine_facts())
         decisions.append(f"precision=auto: {job.precision.name.value}, since {reason} (set precision= to choose)")
     if job.data.packing is None:
-        job.data.packing, efficiency = choose_packing(list(train_lengths), job.train.micro_batch_size, job.train.seed)
+        job.data.packing, efficiency = choose_packing(train_lengths, job.train.micro_batch_size, job.train.seed)
         decisions.append(
             f"data.packing=null: padded micro-batches in shuffled order would hold {100 * efficiency:.1f}% real tokens, so "
             + ("packing on: a micro-batch is now rows of packed examples" if job.data.packing else "padding")

@@ -37,7 +37,7 @@ def main(cfg: DictConfig) -> None:
         renderer = ChatRenderer(tokenizer, job.data.train_on, job.data.end_of_turn_token)
         # The store training reads (prepared here when missing, so training then finds it).
         data = load_or_prepare(job.data, renderer, job.train.seed, job.generate.num_prompts, is_local_main=True, barrier=lambda: None)
-        job = resolve_job(job, data.train.lengths.tolist(), world_size=1).job
+        job = resolve_job(job, data.train.lengths, world_size=1).job
         # The training loader over the same units; a step of one unit, since only the units are shown, in data order.
         loader = TrainLoader(
             data.train,

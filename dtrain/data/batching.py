@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from typing import Iterator, Optional
 
+import numpy as np
 import torch
 
 from dtrain.config.batch import BatchPlan
@@ -50,6 +51,7 @@ class StepSampler:
         self.seed = seed
         self.lengths = lengths
         self.grouping = grouping
+        self._cached: Optional[tuple[int, list[int]]] = None
 
     @property
     def steps_per_epoch(self) -> int:
@@ -61,6 +63,8 @@ class StepSampler:
 
     def epoch_order(self, epoch: int) -> list[int]:
         """All ranks' units of the epoch, step after step (each step's slice in micro-batch order)."""
+        if self._cached is not None and self._cached[0] == epoch:
+            return self._cached[1]
         rng = random.Random(self.seed * 1_000_003 + epoch)
         order = list(range(self.num_examples))
         rng.shuffle(order)
@@ -74,11 +78,13 @@ class StepSampler:
             batches = [grouped[i : i + size] for i in range(0, used, size)]
             rng.shuffle(batches)
             order = [i for b in batches for i in b] + grouped[used:]
-        if self.grouping != LengthGrouping.none:
+        if self.grouping != LengthGrouping.none and used:
             # Longest first within each step: a rank's micro-batches, and the ranks at each micro-batch, get
-            # similar lengths. Stable, so equal lengths keep the shuffled order.
-            steps = [sorted(order[start : start + size], key=lambda i: -self.lengths[i]) for start in range(0, used, size)]
-            order = [i for step in steps for i in step] + order[used:]
+            # similar lengths. Stable, so equal lengths keep the shuffled order (numpy: a million units in a second).
+            steps = np.asarray(order[:used], dtype=np.int64).reshape(-1, size)
+            by_length = np.argsort(-np.asarray(self.lengths)[steps], axis=1, kind="stable")
+            order = np.take_along_axis(steps, by_length, axis=1).ravel().tolist() + order[used:]
+        self._cached = (epoch, order)  # the loader's plan and its first epoch's steps share one order
         return order
 
     def steps(self, epoch: int, start_step: int = 0) -> Iterator[list[list[int]]]:

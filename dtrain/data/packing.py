@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import bisect
 import random
-from typing import Iterable
+from typing import Iterable, Sequence
 
+import numpy as np
 import torch
 
 from dtrain.data.chat import IGNORE_INDEX, TokenizedExample
@@ -89,14 +90,19 @@ def padding_efficiency(micro_batches: Iterable[list[int]]) -> float:
     return real / max(slots, 1)
 
 
-def padded_efficiency(lengths: list[int], micro_batch: int, seed: int) -> float:
+def padded_efficiency(lengths: Sequence[int], micro_batch: int, seed: int) -> float:
     """Real tokens / token slots when ``lengths`` are padded in shuffled micro-batches of ``micro_batch``."""
     order = list(range(len(lengths)))
     random.Random(seed).shuffle(order)
-    return padding_efficiency([lengths[i] for i in order[start : start + micro_batch]] for start in range(0, len(order), micro_batch))
+    shuffled = np.asarray(lengths, dtype=np.int64)[order]
+    full = len(shuffled) // micro_batch * micro_batch
+    slots = int(shuffled[:full].reshape(-1, micro_batch).max(axis=1).sum()) * micro_batch
+    if full < len(shuffled):
+        slots += int(shuffled[full:].max()) * (len(shuffled) - full)
+    return int(shuffled.sum()) / max(slots, 1)
 
 
-def choose_packing(lengths: list[int], micro_batch: int, seed: int) -> tuple[bool, float]:
+def choose_packing(lengths: Sequence[int], micro_batch: int, seed: int) -> tuple[bool, float]:
     """``data.packing=null``: pack when the data is mixed-length, i.e. padded micro-batches in shuffled order would
     hold under 90% real tokens (before ``data.group_by_length`` sorts them: a property of the data, not the layout).
     Deterministic: the same data, batch and seed give the same answer on every rank and every restart.

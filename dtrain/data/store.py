@@ -18,13 +18,14 @@ file                   dtype    per
 
 plus ``meta.json`` (counts, sizes, the prompts and the drop/truncation tallies). Labels are stored as a mask
 because a label is always its own input token or ignored (the mask audit checks it). Nothing here is pickled,
-and nothing reads a whole array into Python objects: ``numpy.memmap`` maps the files, so the ranks of a node share
-one copy through the page cache and each example is read when it is accessed.
+and no token array is ever read whole or turned into Python objects: each example is read when it is accessed,
+through the page cache the ranks of a node share (``TokenStore``).
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Iterator, Sequence, Union, overload
 
@@ -90,40 +91,54 @@ class SplitWriter:
 
 
 class TokenStore(Sequence[TokenizedExample]):
-    """One split of a token store, memory-mapped read-only; ``store[i]`` reads example ``i`` from the maps.
+    """One split of a token store; ``store[i]`` reads example ``i`` from the files.
 
-    The per-example arrays (``lengths``, ``num_trained``, ``source_index``) are what the packer, the sampler and
-    the start-up counts work on, so none of them ever touches the token arrays.
+    The per-example arrays (``lengths``, ``num_trained``, ``source_index``, about 40 bytes per example) are read into
+    memory: the packer, the sampler and the start-up counts work on them and never touch the tokens. Tokens, masks
+    and names are read per example with positioned reads (``os.pread``) through the page cache, which the ranks of a
+    node share. Positioned reads rather than ``numpy.memmap``: a fault on a mapped page makes the kernel map its
+    neighbours too (fault-around, read-around), so sampling a few thousand examples of a large mapped store put
+    gigabytes of shared pages into every rank's resident set (measured in ``bench/corpus.py``). Reads are
+    thread-safe (the collation thread and the training thread share a store).
     """
 
     def __init__(self, folder: Union[str, Path], split: str):
         folder = Path(folder)
         meta = json.loads((folder / META).read_text())[split]
-        n, tokens = meta["examples"], meta["tokens"]
+        n, self.num_tokens = meta["examples"], meta["tokens"]
         self.folder, self.split, self.max_token_id = folder, split, meta["max_token_id"]
 
-        def mapped(name: str, dtype, count: int, shape=None) -> np.ndarray:
-            if count == 0:  # numpy cannot map an empty file
-                return np.zeros(shape or (0,), dtype)
-            return np.memmap(folder / f"{split}.{name}", dtype=dtype, mode="r", shape=shape or (count,))
+        def loaded(name: str, dtype, count: int) -> np.ndarray:
+            return np.fromfile(folder / f"{split}.{name}", dtype=dtype, count=count)
 
-        self.ids = mapped("ids", np.int32, tokens)
-        self.trained = mapped("trained", np.uint8, tokens)
-        self.offsets = mapped("offsets", np.int64, n + 1)
-        self.num_trained = mapped("trained_n", np.int32, n)
-        self.source_index = mapped("source", np.int16, n)
-        self.last_turn = mapped("last_turn", np.int32, 2 * n, (n, 2))
-        self.truncated = mapped("truncated", np.uint8, n)
-        self.name_offsets = mapped("name_off", np.int64, n + 1)
-        self.names = mapped("names", np.uint8, int(self.name_offsets[-1]))
-        self.lengths = np.diff(self.offsets) if n else np.zeros(0, np.int64)
-        """Tokens per example (an in-memory array of 8 bytes per example)."""
+        self.offsets = loaded("offsets", np.int64, n + 1)
+        self.num_trained = loaded("trained_n", np.int32, n)
+        self.source_index = loaded("source", np.int16, n)
+        self.last_turn = loaded("last_turn", np.int32, 2 * n).reshape(n, 2)
+        self.truncated = loaded("truncated", np.uint8, n)
+        self.name_offsets = loaded("name_off", np.int64, n + 1)
+        self.lengths = np.diff(self.offsets)
+        """Tokens per example."""
+        # Opened once, closed with the store: a prepared store may be read by a long run while others open it too.
+        self._files = {name: os.open(folder / f"{split}.{name}", os.O_RDONLY) for name in ("ids", "trained", "names")}
+
+    def __del__(self):
+        for fd in getattr(self, "_files", {}).values():
+            os.close(fd)
+
+    def _read(self, name: str, dtype, start: int, count: int) -> np.ndarray:
+        size = np.dtype(dtype).itemsize
+        data = os.pread(self._files[name], count * size, start * size)
+        if len(data) != count * size:
+            raise ValueError(f"{self.folder}/{self.split}.{name} is shorter than its meta.json says: the store is damaged")
+        return np.frombuffer(data, dtype=dtype)
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
 
     def name(self, i: int) -> str:
-        return bytes(self.names[self.name_offsets[i] : self.name_offsets[i + 1]]).decode()
+        start, end = int(self.name_offsets[i]), int(self.name_offsets[i + 1])
+        return self._read("names", np.uint8, start, end - start).tobytes().decode()
 
     @overload
     def __getitem__(self, i: int) -> TokenizedExample: ...
@@ -139,8 +154,8 @@ class TokenStore(Sequence[TokenizedExample]):
         if not 0 <= i < len(self):
             raise IndexError(f"example {i} of {len(self)}")
         start, end = int(self.offsets[i]), int(self.offsets[i + 1])
-        ids = self.ids[start:end]
-        labels = np.where(self.trained[start:end] != 0, ids, IGNORE_INDEX)
+        ids = self._read("ids", np.int32, start, end - start)
+        labels = np.where(self._read("trained", np.uint8, start, end - start) != 0, ids, IGNORE_INDEX)
         turn = self.last_turn[i]
         return TokenizedExample(
             self.name(i), ids.tolist(), labels.tolist(), (int(turn[0]), int(turn[1])) if turn[0] >= 0 else None, bool(self.truncated[i])
@@ -148,10 +163,6 @@ class TokenStore(Sequence[TokenizedExample]):
 
     def __iter__(self) -> Iterator[TokenizedExample]:
         return (self[i] for i in range(len(self)))
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.ids)
 
 
 def write_meta(folder: Path, meta: dict) -> None:
