@@ -208,3 +208,28 @@ def _parameter_files_for_every_stage(folder: Path) -> None:
                 torch.save({"param": value.reshape(-1)[:numel].reshape(shape)}, tensor_file)
         if step is not None and not (param_dir / "step.pt").exists():
             torch.save(step, param_dir / "step.pt")
+
+
+def untie_optimizer_steps(engine: Any) -> int:
+    """Give every optimizer state its own ``step`` tensor after a universal load; returns how many were shared.
+
+    DeepSpeed 0.19.8's ZeRO-3 universal load (``load_hp_checkpoint_state_from_checkpoint_dir_stage3``) stores one
+    ``step`` tensor in the state of every flat FP32 partition (one per parameter group and sub-group). torch's AdamW
+    advances ``state["step"]`` in place, so with N partitions the shared counter runs N steps per optimizer step and
+    Adam's bias correction is wrong from the first resumed update (full fine-tuning has a decay and a no-decay
+    group: the step ran twice as fast and the losses drifted by ~6e-4 within four steps). ZeRO-1/2 load each
+    group's step from its own file, so this only ever copies after a load into ZeRO-3.
+    """
+    import torch
+
+    base = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    seen, untied = set(), 0
+    for state in getattr(base, "state", {}).values():
+        step = state.get("step")
+        if not torch.is_tensor(step):
+            continue
+        if id(step) in seen:
+            state["step"] = step.clone()
+            untied += 1
+        seen.add(id(state["step"]))
+    return untied

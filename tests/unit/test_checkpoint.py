@@ -178,3 +178,32 @@ def test_an_interrupted_conversion_is_never_taken_for_complete(tmp_path):
     with pytest.raises(ConfigError, match="converting .* to a universal checkpoint failed"):
         convert_to_universal(checkpoint)  # not a DeepSpeed checkpoint: the converter fails
     assert not is_converted(checkpoint) and sorted(p.name for p in checkpoint.iterdir()) == []  # nothing left behind
+
+
+def test_a_step_counter_shared_by_the_loaded_optimizer_states_is_untied():
+    """DeepSpeed's ZeRO-3 universal load puts one ``step`` tensor into every partition's state; untied, the next
+    update is the one of an optimizer whose states were restored one by one (each group's bias correction at step 8)."""
+    from types import SimpleNamespace
+
+    from dtrain.reshard import untie_optimizer_steps
+
+    def loaded(shared_step: bool):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(5)), torch.nn.Parameter(torch.randn(3))]
+        opt = torch.optim.AdamW([{"params": [params[0]]}, {"params": [params[1]], "weight_decay": 0.0}], lr=0.1)
+        step = torch.tensor(7.0)
+        for p in params:
+            p.grad = torch.randn_like(p)
+            opt.state[p] = {"step": step if shared_step else step.clone(), "exp_avg": torch.randn_like(p), "exp_avg_sq": torch.rand_like(p)}
+        return params, opt
+
+    reference, ref_opt = loaded(shared_step=False)
+    ref_opt.step()
+    params, opt = loaded(shared_step=True)
+    assert untie_optimizer_steps(SimpleNamespace(optimizer=SimpleNamespace(optimizer=opt))) == 1
+    opt.step()
+    assert [float(s["step"]) for s in opt.state.values()] == [8.0, 8.0]
+    assert all(torch.equal(p, r) for p, r in zip(params, reference))
+    still_shared, shared_opt = loaded(shared_step=True)
+    shared_opt.step()  # what DeepSpeed leaves: the second group updates with step 9's bias correction
+    assert not torch.equal(still_shared[1], reference[1])
