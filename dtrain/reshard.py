@@ -210,26 +210,37 @@ def _parameter_files_for_every_stage(folder: Path) -> None:
             torch.save(step, param_dir / "step.pt")
 
 
-def untie_optimizer_steps(engine: Any) -> int:
-    """Give every optimizer state its own ``step`` tensor after a universal load; returns how many were shared.
+def repair_optimizer_steps(engine: Any) -> tuple[int, int]:
+    """Make the Adam step counters of a universal load what the loading optimizer counts with.
 
-    DeepSpeed 0.19.8's ZeRO-3 universal load (``load_hp_checkpoint_state_from_checkpoint_dir_stage3``) stores one
-    ``step`` tensor in the state of every flat FP32 partition (one per parameter group and sub-group). torch's AdamW
-    advances ``state["step"]`` in place, so with N partitions the shared counter runs N steps per optimizer step and
-    Adam's bias correction is wrong from the first resumed update (full fine-tuning has a decay and a no-decay
-    group: the step ran twice as fast and the losses drifted by ~6e-4 within four steps). ZeRO-1/2 load each
-    group's step from its own file, so this only ever copies after a load into ZeRO-3.
+    Two DeepSpeed 0.19.8 behaviours need it. Its ZeRO-3 universal load
+    (``load_hp_checkpoint_state_from_checkpoint_dir_stage3``) stores one ``step`` tensor in the state of every flat
+    FP32 partition (one per parameter group and sub-group); torch's AdamW advances ``state["step"]`` in place, so with
+    N partitions the shared counter ran N steps per optimizer step and Adam's bias correction was wrong from the first
+    resumed update (full fine-tuning has a decay and a no-decay group: the losses drifted by ~6e-4 within four
+    steps). Each state gets its own copy. And DeepSpeed's CPU Adam (optimizer offload) counts in a Python int, which
+    the converter keeps, while torch's AdamW refuses anything but a tensor: a run saved with offload and resumed
+    without it gets tensors (the same value; CPU Adam takes either, so the other direction needs nothing).
+
+    Returns:
+        (states whose shared step was copied, plain-number steps made tensors).
     """
     import torch
 
     base = getattr(engine.optimizer, "optimizer", engine.optimizer)
-    seen, untied = set(), 0
+    wants_tensor = isinstance(base, torch.optim.Adam)  # torch's Adam and AdamW (DeepSpeed's torch_adam)
+    seen, untied, made_tensor = set(), 0, 0
     for state in getattr(base, "state", {}).values():
         step = state.get("step")
+        if step is None:
+            continue
         if not torch.is_tensor(step):
+            if wants_tensor:
+                state["step"] = torch.tensor(float(step))  # torch's own counters are scalars of the default dtype
+                made_tensor += 1
             continue
         if id(step) in seen:
             state["step"] = step.clone()
             untied += 1
         seen.add(id(state["step"]))
-    return untied
+    return untied, made_tensor

@@ -3,9 +3,10 @@
 Each case: an uninterrupted 12-step run; the same run stopped by a preemption signal after step 7 (checkpoint,
 exit 75); then resumed on another layout (converted to DeepSpeed's universal format on the way). Steps 8-12 of the
 resumed run have the reference's batch fingerprints and token counts, and its losses and gradient norms within
-1e-6 (fp32, no dropout). The global batch stays 32: the accumulation steps follow the world size. A resume into
-ZeRO-3 also checks dtrain's repair of DeepSpeed 0.19.8's ZeRO-3 universal load, which gives all partitions one shared
-Adam step counter (``dtrain.reshard.untie_optimizer_steps``; without it the losses drifted by ~6e-4 within 4 steps).
+1e-6 (fp32, no dropout). The global batch stays 32: the accumulation steps follow the world size. The resumes into
+ZeRO-3 and out of optimizer offload also check ``dtrain.reshard.repair_optimizer_steps``: DeepSpeed 0.19.8's ZeRO-3
+universal load gives all partitions one shared Adam step counter (without the repair the losses drifted by ~6e-4
+within 4 steps), and its CPU Adam's int step counts crash torch's AdamW.
 """
 
 import shutil
@@ -58,11 +59,18 @@ def reference(tmp_path_factory):
     return run_dir
 
 
-def test_full_finetuning_resumes_on_fewer_ranks_and_another_stage(tmp_path, reference):
-    stopped = tmp_path / "two_to_one"
-    launch(stopped, ["zero=zero2"], ranks=2, env=STOP_AFTER_7, expect=EXIT_PREEMPTED)
-    other_stage = tmp_path / "zero2_to_zero3"
-    shutil.copytree(stopped, other_stage)
+@pytest.fixture(scope="module")
+def stopped_zero2(tmp_path_factory):
+    """The reference's run stopped after step 7 (2 ranks, ZeRO-2): each case resumes a copy of it."""
+    run_dir = tmp_path_factory.mktemp("elastic") / "stopped_zero2"
+    launch(run_dir, ["zero=zero2"], ranks=2, env=STOP_AFTER_7, expect=EXIT_PREEMPTED)
+    return run_dir
+
+
+def test_full_finetuning_resumes_on_fewer_ranks_and_another_stage(tmp_path, reference, stopped_zero2):
+    stopped, other_stage = tmp_path / "two_to_one", tmp_path / "zero2_to_zero3"
+    shutil.copytree(stopped_zero2, stopped)
+    shutil.copytree(stopped_zero2, other_stage)
 
     # 2 -> 1 rank: the accumulation doubles, the checkpoint is converted (once), every step is the same.
     out = launch(stopped, ["zero=zero2"], ranks=1)
@@ -88,6 +96,25 @@ def test_one_rank_zero3_resumes_on_two_ranks_zero1(tmp_path, reference):
     launch(stopped, ["zero=zero3", "train.grad_accum_steps=2"], ranks=1, env=STOP_AFTER_7, expect=EXIT_PREEMPTED)
     out = launch(stopped, ["zero=zero1"], ranks=2)
     assert "world_size 1 -> 2" in out.stdout and "zero.stage 3 -> 1" in out.stdout and "train.grad_accum_steps 2 -> 1" in out.stdout
+    assert_same_steps(stopped, reference)
+
+
+def test_an_offloaded_optimizer_resumes_on_the_device(tmp_path, reference):
+    # Offloaded, DeepSpeed's CPU Adam steps the optimizer (its step count a plain int); on the device, torch's AdamW.
+    # The reference runs without offload: the two optimizers agree to ~1e-7 over these 12 steps.
+    stopped = tmp_path / "offload_to_device"
+    launch(stopped, ["zero=zero2_offload"], ranks=2, env=STOP_AFTER_7, expect=EXIT_PREEMPTED)
+    out = launch(stopped, ["zero=zero2"], ranks=2)
+    assert "zero.offload_optimizer True -> False" in out.stdout and "(universal): step 7" in out.stdout
+    assert "made tensors for AdamW" in out.stdout
+    assert_same_steps(stopped, reference)
+
+
+def test_a_run_resumes_with_its_optimizer_offloaded(tmp_path, reference, stopped_zero2):
+    stopped = tmp_path / "device_to_offload"
+    shutil.copytree(stopped_zero2, stopped)
+    out = launch(stopped, ["zero=zero2_offload"], ranks=2)
+    assert "zero.offload_optimizer False -> True" in out.stdout and "(universal): step 7" in out.stdout
     assert_same_steps(stopped, reference)
 
 

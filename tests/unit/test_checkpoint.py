@@ -185,7 +185,7 @@ def test_a_step_counter_shared_by_the_loaded_optimizer_states_is_untied():
     update is the one of an optimizer whose states were restored one by one (each group's bias correction at step 8)."""
     from types import SimpleNamespace
 
-    from dtrain.reshard import untie_optimizer_steps
+    from dtrain.reshard import repair_optimizer_steps
 
     def loaded(shared_step: bool):
         torch.manual_seed(0)
@@ -200,10 +200,35 @@ def test_a_step_counter_shared_by_the_loaded_optimizer_states_is_untied():
     reference, ref_opt = loaded(shared_step=False)
     ref_opt.step()
     params, opt = loaded(shared_step=True)
-    assert untie_optimizer_steps(SimpleNamespace(optimizer=SimpleNamespace(optimizer=opt))) == 1
+    assert repair_optimizer_steps(SimpleNamespace(optimizer=SimpleNamespace(optimizer=opt))) == (1, 0)
     opt.step()
     assert [float(s["step"]) for s in opt.state.values()] == [8.0, 8.0]
     assert all(torch.equal(p, r) for p, r in zip(params, reference))
     still_shared, shared_opt = loaded(shared_step=True)
     shared_opt.step()  # what DeepSpeed leaves: the second group updates with step 9's bias correction
     assert not torch.equal(still_shared[1], reference[1])
+
+
+def test_cpu_adam_step_counts_become_tensors_for_torch_adamw():
+    """A run saved with optimizer offload (DeepSpeed's CPU Adam counts in ints) resumed without it: torch's AdamW
+    refuses an int step; repaired, it updates as if the state had been its own."""
+    from types import SimpleNamespace
+
+    from dtrain.reshard import repair_optimizer_steps
+
+    def loaded(step):
+        torch.manual_seed(0)
+        param = torch.nn.Parameter(torch.randn(4))
+        param.grad = torch.randn(4)
+        opt = torch.optim.AdamW([param], lr=0.1)
+        opt.state[param] = {"step": step, "exp_avg": torch.randn(4), "exp_avg_sq": torch.rand(4)}
+        return param, opt
+
+    reference, ref_opt = loaded(torch.tensor(7.0))
+    ref_opt.step()
+    param, opt = loaded(7)
+    with pytest.raises(RuntimeError, match="singleton tensors"):
+        opt.step()
+    assert repair_optimizer_steps(SimpleNamespace(optimizer=SimpleNamespace(optimizer=opt))) == (0, 1)
+    opt.step()
+    assert torch.equal(param, reference) and float(opt.state[param]["step"]) == 8.0
