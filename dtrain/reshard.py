@@ -35,11 +35,16 @@ PARTITION_KEYS = ("world_size", "zero.stage", "zero.offload_optimizer", "zero.of
 """What decides how the engine files are partitioned: a change here needs the universal conversion."""
 
 
-def layout_of(job: JobConfig, world_size: int) -> dict[str, Any]:
-    """How a run splits its global batch and its model states (free to change between a save and a resume)."""
+def layout_of(job: JobConfig, world_size: int, nodes: int = 1) -> dict[str, Any]:
+    """How a run splits its global batch and its model states (free to change between a save and a resume).
+
+    ``nodes`` is recorded so that the start-up log says when it changed; at the same world size the partitions are
+    the same and the checkpoint loads as it is.
+    """
     t, z = job.train, job.zero
     return {
         "world_size": world_size,
+        "nodes": nodes,
         "zero.stage": z.stage,
         "zero.offload_optimizer": z.offload_optimizer,
         "zero.offload_params": z.offload_params,

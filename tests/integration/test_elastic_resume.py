@@ -1,7 +1,9 @@
-"""Elastic resume: a run continues on another world size or ZeRO stage and trains exactly what it would have trained.
+"""Elastic resume: a run continues on another world size, node count, ZeRO stage or offload setting and trains
+exactly what it would have trained.
 
 Each case: an uninterrupted 12-step run; the same run stopped by a preemption signal after step 7 (checkpoint,
-exit 75); then resumed on another layout (converted to DeepSpeed's universal format on the way). Steps 8-12 of the
+exit 75); then resumed on another layout (converted to DeepSpeed's universal format on the way when the ZeRO
+partitions no longer fit; a two-node run resumed on one node with as many ranks loads as it is). Steps 8-12 of the
 resumed run have the reference's batch fingerprints and token counts, and its losses and gradient norms within
 1e-6 (fp32, no dropout). The global batch stays 32: the accumulation steps follow the world size. The resumes into
 ZeRO-3 and out of optimizer offload also check ``dtrain.reshard.repair_optimizer_steps``: DeepSpeed 0.19.8's ZeRO-3
@@ -16,7 +18,7 @@ import pytest
 from dtrain.errors import EXIT_BAD_INPUT, EXIT_PREEMPTED
 from dtrain.metrics import read_metrics
 
-from tests.conftest import launch_train
+from tests.conftest import launch_train, launch_two_nodes
 
 pytestmark = pytest.mark.integration
 
@@ -116,6 +118,16 @@ def test_a_run_resumes_with_its_optimizer_offloaded(tmp_path, reference, stopped
     out = launch(stopped, ["zero=zero2_offload"], ranks=2)
     assert "zero.offload_optimizer False -> True" in out.stdout and "(universal): step 7" in out.stdout
     assert_same_steps(stopped, reference)
+
+
+def test_a_two_node_run_resumes_as_one_launcher_with_two_ranks(tmp_path, reference):
+    # Two `deepspeed --no_ssh` launchers, one rank each (as in test_scale_out), stopped after step 7; then one launcher.
+    run_dir = tmp_path / "two_nodes"
+    nodes = launch_two_nodes([*RUN, "zero=zero2"], run_dir, tmp_path / "hosts", env=STOP_AFTER_7)
+    assert [code for code, _ in nodes] == [EXIT_PREEMPTED] * 2, nodes[0][1][-2000:] + nodes[1][1][-2000:]
+    out = launch(run_dir, ["zero=zero2"], ranks=2)
+    assert "nodes 2 -> 1" in out.stdout and "an ordinary load, no conversion" in out.stdout and "(universal)" not in out.stdout
+    assert_same_steps(run_dir, reference, from_step=1)  # both halves: the two-node steps and the resumed ones
 
 
 def test_lora_resumes_on_one_rank_under_zero3_after_an_offline_conversion(tmp_path, tiny_pretrained):

@@ -164,6 +164,8 @@ def test_only_partitioning_changes_need_a_conversion():
         saved, layout_of(compose_job(["+exp=tiny_cpu", "zero=zero2", "train.micro_batch_size=8", "train.grad_accum_steps=2"]), 2)
     )
     assert split and not needs_conversion(split)  # same partitions: an ordinary load
+    nodes = layout_changes(saved, layout_of(compose_job(["+exp=tiny_cpu", "zero=zero2"]), 2, nodes=2))
+    assert nodes == {"nodes": (1, 2)} and not needs_conversion(nodes)  # said in the log, loaded as it is
     assert needs_conversion(layout_changes(saved, layout_of(compose_job(["+exp=tiny_cpu", "zero=zero3"]), 2)))
     assert needs_conversion(layout_changes(saved, layout_of(compose_job(["+exp=tiny_cpu", "train.grad_accum_steps=2"]), 1)))
 
