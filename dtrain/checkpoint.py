@@ -36,7 +36,7 @@ from dtrain import faults
 from dtrain.config.schema import CheckpointConfig, JobConfig
 from dtrain.dist import DistInfo, barrier, broadcast_object
 from dtrain.errors import ConfigError
-from dtrain.reshard import UNIVERSAL_DIR, UNIVERSAL_INFO, saved_layout
+from dtrain.reshard import UNIVERSAL_DIR, UNIVERSAL_INFO, repair_optimizer_steps, saved_layout
 
 log = logging.getLogger("dtrain")
 
@@ -365,6 +365,12 @@ class CheckpointManager:
         )
         if load_path is None:
             raise ConfigError(f"DeepSpeed could not load the engine state from {load_dir / tag}")
+        if universal:
+            untied, made_tensor = repair_optimizer_steps(engine)
+            if untied:
+                log.info("the optimizer states loaded into ZeRO-3 shared one Adam step counter: each has its own copy now")
+            if made_tensor:
+                log.info("the checkpoint's Adam step counters were CPU Adam's plain numbers (offload): made tensors for AdamW")
         saved = json.loads((path / STATE_FILE).read_text())
         state = TrainerState(**{k: saved[k] for k in TrainerState.__dataclass_fields__ if k in saved})
         rng_file = path / f"rng_rank{self.dist.rank:05d}.json"

@@ -34,6 +34,11 @@ class DistInfo:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def nodes(self) -> int:
+        """Nodes in the job (every launcher starts the same number of ranks)."""
+        return max(1, self.world_size // max(1, self.local_world_size))
+
 
 def init_distributed(timeout_minutes: int = 30) -> DistInfo:
     """Initialise the default process group through DeepSpeed (NCCL on GPUs, gloo/ccl on CPU).

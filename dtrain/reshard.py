@@ -35,11 +35,16 @@ PARTITION_KEYS = ("world_size", "zero.stage", "zero.offload_optimizer", "zero.of
 """What decides how the engine files are partitioned: a change here needs the universal conversion."""
 
 
-def layout_of(job: JobConfig, world_size: int) -> dict[str, Any]:
-    """How a run splits its global batch and its model states (free to change between a save and a resume)."""
+def layout_of(job: JobConfig, world_size: int, nodes: int = 1) -> dict[str, Any]:
+    """How a run splits its global batch and its model states (free to change between a save and a resume).
+
+    ``nodes`` is recorded so that the start-up log says when it changed; at the same world size the partitions are
+    the same and the checkpoint loads as it is.
+    """
     t, z = job.train, job.zero
     return {
         "world_size": world_size,
+        "nodes": nodes,
         "zero.stage": z.stage,
         "zero.offload_optimizer": z.offload_optimizer,
         "zero.offload_params": z.offload_params,
@@ -208,3 +213,39 @@ def _parameter_files_for_every_stage(folder: Path) -> None:
                 torch.save({"param": value.reshape(-1)[:numel].reshape(shape)}, tensor_file)
         if step is not None and not (param_dir / "step.pt").exists():
             torch.save(step, param_dir / "step.pt")
+
+
+def repair_optimizer_steps(engine: Any) -> tuple[int, int]:
+    """Make the Adam step counters of a universal load what the loading optimizer counts with.
+
+    Two DeepSpeed 0.19.8 behaviours need it. Its ZeRO-3 universal load
+    (``load_hp_checkpoint_state_from_checkpoint_dir_stage3``) stores one ``step`` tensor in the state of every flat
+    FP32 partition (one per parameter group and sub-group); torch's AdamW advances ``state["step"]`` in place, so with
+    N partitions the shared counter ran N steps per optimizer step and Adam's bias correction was wrong from the first
+    resumed update (full fine-tuning has a decay and a no-decay group: the losses drifted by ~6e-4 within four
+    steps). Each state gets its own copy. And DeepSpeed's CPU Adam (optimizer offload) counts in a Python int, which
+    the converter keeps, while torch's AdamW refuses anything but a tensor: a run saved with offload and resumed
+    without it gets tensors (the same value; CPU Adam takes either, so the other direction needs nothing).
+
+    Returns:
+        (states whose shared step was copied, plain-number steps made tensors).
+    """
+    import torch
+
+    base = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    wants_tensor = isinstance(base, torch.optim.Adam)  # torch's Adam and AdamW (DeepSpeed's torch_adam)
+    seen, untied, made_tensor = set(), 0, 0
+    for state in getattr(base, "state", {}).values():
+        step = state.get("step")
+        if step is None:
+            continue
+        if not torch.is_tensor(step):
+            if wants_tensor:
+                state["step"] = torch.tensor(float(step))  # torch's own counters are scalars of the default dtype
+                made_tensor += 1
+            continue
+        if id(step) in seen:
+            state["step"] = step.clone()
+            untied += 1
+        seen.add(id(state["step"]))
+    return untied, made_tensor

@@ -102,7 +102,7 @@ def checkpoint_manager(run_dir: Path, job: JobConfig, dist: DistInfo, found: Opt
     Raises:
         ConfigError: ``found`` was written with another model, data, global batch, seed, precision or LoRA setting.
     """
-    key, layout = resume_key(job, dist.world_size), layout_of(job, dist.world_size)
+    key, layout = resume_key(job, dist.world_size), layout_of(job, dist.world_size, dist.nodes)
     ckpt = CheckpointManager(run_dir, job.ckpt, dist, key, job.peft.uses_adapters, layout)
     if found is not None:
         ckpt.check(found)
@@ -118,12 +118,12 @@ def prepare_resume(found: Optional[FoundCheckpoint], job: JobConfig, dist: DistI
     """
     if found is None:
         return False
-    changes = layout_changes(found.layout, layout_of(job, dist.world_size))
+    changes = layout_changes(found.layout, layout_of(job, dist.world_size, dist.nodes))
     if not changes:
         return False
     described = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in sorted(changes.items()))
     if not needs_conversion(changes):
-        log.info("resuming %s on another micro-batch/accumulation split (%s): the same global batch, no conversion", found.path, described)
+        log.info("resuming %s on another layout with the same ZeRO partitions (%s): an ordinary load, no conversion", found.path, described)
         return False
     if job.ckpt.reshard == ReshardMode.never:
         raise ConfigError(

@@ -59,5 +59,33 @@ def launch_train(
     return subprocess.run(cmd, cwd=REPO_ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 
+def launch_two_nodes(
+    overrides: list[str], run_dir: Path, hostfile: Path, timeout: int = 300, env: dict[str, str] | None = None
+) -> list[tuple[int, str]]:
+    """Run a two-"node" job on this machine: two ``deepspeed --no_ssh`` launchers (``--num_nodes 2 --node_rank 0/1``,
+    one rank each) that train together, as a two-host job would without ssh.
+
+    ``hostfile`` is written (two names for this machine); returns each node's (exit code, stdout and stderr).
+    """
+    hostfile.write_text("localhost slots=1\n127.0.0.1 slots=1\n")
+    port = free_port()
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled", **(env or {})}
+    launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile), "--no_ssh", "--num_nodes", "2"]
+    rendezvous = ["--num_gpus", "1", "--master_addr", "127.0.0.1", "--master_port", str(port)]
+    nodes = [
+        subprocess.Popen(
+            [*launcher, "--node_rank", str(rank), *rendezvous, "launch/train.py", f"output_dir={run_dir}", *overrides],
+            cwd=REPO_ROOT,
+            env=full_env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
+    logs = [node.communicate(timeout=timeout)[0] for node in nodes]
+    return [(node.returncode, log) for node, log in zip(nodes, logs)]
+
+
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

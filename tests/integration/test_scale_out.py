@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO_ROOT, free_port, launch_train, read_jsonl
+from tests.conftest import REPO_ROOT, launch_train, launch_two_nodes, read_jsonl
 
 pytestmark = pytest.mark.integration
 
@@ -34,44 +34,11 @@ def test_two_nodes_train_like_one_node_with_two_ranks(tmp_path, tiny_pretrained)
     single = launch_train(RUN + model, tmp_path / "single", num_ranks=2)
     assert single.returncode == 0, single.stdout[-2000:] + single.stderr[-2000:]
 
-    hostfile = tmp_path / "hosts"
-    hostfile.write_text("localhost slots=1\n127.0.0.1 slots=1\n")  # two names for this machine: two "nodes"
-    port = free_port()
     run_dir, cache = tmp_path / "two_nodes", tmp_path / "cache"
-    overrides = RUN + model + [f"output_dir={run_dir}", f"data.cache_dir={cache}", "wandb.tags=[node,two]", "run_name=two_${train.seed}"]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled"}
-    nodes = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "deepspeed.launcher.runner",
-                "--hostfile",
-                str(hostfile),
-                "--no_ssh",
-                "--num_nodes",
-                "2",
-                "--node_rank",
-                str(rank),
-                "--num_gpus",
-                "1",
-                "--master_addr",
-                "127.0.0.1",
-                "--master_port",
-                str(port),
-                "launch/train.py",
-                *overrides,
-            ],
-            cwd=REPO_ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for rank in (0, 1)
-    ]
-    logs = [node.communicate(timeout=300)[0] for node in nodes]
-    assert [node.returncode for node in nodes] == [0, 0], logs[0][-2000:] + logs[1][-2000:]
+    overrides = RUN + model + [f"data.cache_dir={cache}", "wandb.tags=[node,two]", "run_name=two_${train.seed}"]
+    nodes = launch_two_nodes(overrides, run_dir, tmp_path / "hosts")
+    logs = [log for _, log in nodes]
+    assert [code for code, _ in nodes] == [0, 0], logs[0][-2000:] + logs[1][-2000:]
 
     assert "2 ranks = 8 examples per optimizer step" in logs[0]
     two = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r]

@@ -168,6 +168,8 @@ def test_only_partitioning_changes_need_a_conversion():
         saved, layout_of(compose_job(["+exp=tiny_cpu", "zero=zero2", "train.micro_batch_size=8", "train.grad_accum_steps=2"]), 2)
     )
     assert split and not needs_conversion(split)  # same partitions: an ordinary load
+    nodes = layout_changes(saved, layout_of(compose_job(["+exp=tiny_cpu", "zero=zero2"]), 2, nodes=2))
+    assert nodes == {"nodes": (1, 2)} and not needs_conversion(nodes)  # said in the log, loaded as it is
     assert needs_conversion(layout_changes(saved, layout_of(compose_job(["+exp=tiny_cpu", "zero=zero3"]), 2)))
     assert needs_conversion(layout_changes(saved, layout_of(compose_job(["+exp=tiny_cpu", "train.grad_accum_steps=2"]), 1)))
 
@@ -182,3 +184,57 @@ def test_an_interrupted_conversion_is_never_taken_for_complete(tmp_path):
     with pytest.raises(ConfigError, match="converting .* to a universal checkpoint failed"):
         convert_to_universal(checkpoint)  # not a DeepSpeed checkpoint: the converter fails
     assert not is_converted(checkpoint) and sorted(p.name for p in checkpoint.iterdir()) == []  # nothing left behind
+
+
+def test_a_step_counter_shared_by_the_loaded_optimizer_states_is_untied():
+    """DeepSpeed's ZeRO-3 universal load puts one ``step`` tensor into every partition's state; untied, the next
+    update is the one of an optimizer whose states were restored one by one (each group's bias correction at step 8)."""
+    from types import SimpleNamespace
+
+    from dtrain.reshard import repair_optimizer_steps
+
+    def loaded(shared_step: bool):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(5)), torch.nn.Parameter(torch.randn(3))]
+        opt = torch.optim.AdamW([{"params": [params[0]]}, {"params": [params[1]], "weight_decay": 0.0}], lr=0.1)
+        step = torch.tensor(7.0)
+        for p in params:
+            p.grad = torch.randn_like(p)
+            opt.state[p] = {"step": step if shared_step else step.clone(), "exp_avg": torch.randn_like(p), "exp_avg_sq": torch.rand_like(p)}
+        return params, opt
+
+    reference, ref_opt = loaded(shared_step=False)
+    ref_opt.step()
+    params, opt = loaded(shared_step=True)
+    assert repair_optimizer_steps(SimpleNamespace(optimizer=SimpleNamespace(optimizer=opt))) == (1, 0)
+    opt.step()
+    assert [float(s["step"]) for s in opt.state.values()] == [8.0, 8.0]
+    assert all(torch.equal(p, r) for p, r in zip(params, reference))
+    still_shared, shared_opt = loaded(shared_step=True)
+    shared_opt.step()  # what DeepSpeed leaves: the second group updates with step 9's bias correction
+    assert not torch.equal(still_shared[1], reference[1])
+
+
+def test_cpu_adam_step_counts_become_tensors_for_torch_adamw():
+    """A run saved with optimizer offload (DeepSpeed's CPU Adam counts in ints) resumed without it: torch's AdamW
+    refuses an int step; repaired, it updates as if the state had been its own."""
+    from types import SimpleNamespace
+
+    from dtrain.reshard import repair_optimizer_steps
+
+    def loaded(step):
+        torch.manual_seed(0)
+        param = torch.nn.Parameter(torch.randn(4))
+        param.grad = torch.randn(4)
+        opt = torch.optim.AdamW([param], lr=0.1)
+        opt.state[param] = {"step": step, "exp_avg": torch.randn(4), "exp_avg_sq": torch.rand(4)}
+        return param, opt
+
+    reference, ref_opt = loaded(torch.tensor(7.0))
+    ref_opt.step()
+    param, opt = loaded(7)
+    with pytest.raises(RuntimeError, match="singleton tensors"):
+        opt.step()
+    assert repair_optimizer_steps(SimpleNamespace(optimizer=SimpleNamespace(optimizer=opt))) == (0, 1)
+    opt.step()
+    assert torch.equal(param, reference) and float(opt.state[param]["step"]) == 8.0
