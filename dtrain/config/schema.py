@@ -100,6 +100,12 @@ class ModelConfig:
     attn_implementation: str = "auto"
     """``auto`` picks ``flash_attention_2`` when flash-attn imports and CUDA is present, else ``sdpa``."""
     gradient_checkpointing: bool = False
+    tiled_mlp: bool = False
+    """Run each decoder MLP over the sequence in tiles of about ``hidden`` tokens, recomputed in backward
+    (DeepSpeed's TiledMLP): the MLP's activations of the whole sequence are never held (long sequences)."""
+    activation_offload: bool = False
+    """With ``gradient_checkpointing``: keep the checkpointed layer inputs in host memory between forward and
+    backward (DeepSpeed's checkpoint offload; long sequences)."""
     trust_remote_code: bool = False
     """Only honoured together with a pinned ``revision`` (remote code runs on every rank)."""
     revision: Optional[str] = None
@@ -363,6 +369,10 @@ class PlanConfig:
     gpu_memory_gb: Optional[float] = None
     """Capacity per GPU in GB; wins over ``gpu``."""
     format: PlanFormat = PlanFormat.text
+    max_seq_len: Optional[str] = None
+    """``search``: instead of the plan at ``data.max_seq_len``, the longest sequence that fits (micro-batch 1) as
+    configured and with each long-sequence piece added in turn (checkpointing, chunked loss, tiled MLP, activation
+    offload, sequence parallelism over all GPUs)."""
 
 
 class SweepDirection(str, Enum):

@@ -20,6 +20,7 @@ No torch here: ``launch/plan.py`` prices 70B models on a laptop. What a run meas
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import asdict, dataclass, replace
 from typing import Optional
 
@@ -97,11 +98,17 @@ class PlanSetup:
     peft: str  # none | lora | qlora
     gradient_checkpointing: bool
     optim: str = "adamw"
+    sp_size: int = 1
+    """Ranks that split each sequence (Ulysses sequence parallelism, ``parallel.sp_size``)."""
+    tiled_mlp: bool = False
+    activation_offload: bool = False
 
     @property
     def label(self) -> str:
         offload = "+offload(opt,params)" if self.offload_params else "+offload(opt)" if self.offload_optimizer else ""
         extras = (" ckpt" if self.gradient_checkpointing else "") + (" adamw8bit" if self.optim == "adamw_8bit" else "")
+        extras += (f" sp{self.sp_size}" if self.sp_size > 1 else "") + (" tiled-mlp" if self.tiled_mlp else "")
+        extras += " offload(act)" if self.activation_offload else ""
         return f"zero{self.zero}{offload} {self.peft}{extras}"
 
 
@@ -149,8 +156,11 @@ def activation_bytes(
     include_recompute: bool = True,
     loss_chunk_size: Optional[int] = None,
     head_trainable: bool = True,
+    sp_size: int = 1,
+    tiled_mlp: bool = False,
+    activation_offload: bool = False,
 ) -> int:
-    """Bytes autograd keeps for one micro-batch's backward.
+    """Bytes autograd keeps on the GPU for one micro-batch's backward.
 
     Per token and decoder layer (Llama, SDPA): MLP gate/up/act/product (4 x intermediate), q/k/v/attention output,
     the normed inputs of q/k/v, o, and the MLP (6 x hidden + 2 x kv width) in the training dtype; the two RMSNorms
@@ -162,25 +172,49 @@ def activation_bytes(
     of the hidden states (b x hidden per token) and, when the head is trained and the tokens span several
     chunks, one fp32 vocab x hidden weight gradient.
 
+    Long sequences (DeepSpeed's ALST pieces):
+
+    - ``sp_size``: each rank holds ``seq_len / sp_size`` tokens of every row. Attention's all-to-all gathers the
+      sequence for ``heads / sp_size`` heads, the same number of elements, so the saved tensors per local token
+      are unchanged; the all-to-all adds transient send/receive buffers for q, k, v and the output of one layer.
+    - ``tiled_mlp``: the MLP saves only its input (counted above) and recomputes tiles of about ``hidden`` tokens per
+      row in backward: the ``4 x intermediate`` per token go, one tile's come back, once.
+    - ``activation_offload`` (with checkpointing): the checkpointed layer inputs live in host memory
+      (``offloaded_activation_bytes``); the GPU keeps about three layers' (the last, and two in flight).
+
     Args:
         include_recompute: With checkpointing, add the one layer that is recomputed during backward (the peak);
             without it, the figure is what is saved across the whole forward.
         loss_chunk_size: ``train.loss_chunk_size`` (None: plain logits).
         head_trainable: Whether the output head is trained (full fine-tuning) or frozen (LoRA).
     """
-    tokens = micro_batch * seq_len
-    h = shape.hidden
-    layer = layer_bytes_per_token(shape, dtype_bytes)
+    tokens = micro_batch * math.ceil(seq_len / max(1, sp_size))
+    h, b = shape.hidden, dtype_bytes
+    layer = layer_bytes_per_token(shape, b)
     if lora_r:
         adapted_inputs = sum(a for a, _ in shape.linear_shapes)
-        layer += adapted_inputs * (dtype_bytes + (1 if lora_dropout else 0)) + 7 * lora_r * dtype_bytes
-    head = 4 * h + dtype_bytes * h + (dtype_bytes * h if loss_chunk_size else 4 * shape.vocab)
+        layer += adapted_inputs * (b + (1 if lora_dropout else 0)) + 7 * lora_r * b
+    mlp_intermediates = 4 * shape.intermediate * b
+    if tiled_mlp:
+        layer -= mlp_intermediates
+    head = 4 * h + b * h + (b * h if loss_chunk_size else 4 * shape.vocab)
     if checkpointing:
-        per_token = shape.layers * dtype_bytes * h + head + (layer if include_recompute else 0)
+        kept_inputs = min(shape.layers, 3) if activation_offload else shape.layers
+        per_token = kept_inputs * b * h + head + (layer if include_recompute else 0)
     else:
         per_token = shape.layers * layer + head
     weight_grad = 4 * shape.vocab * h if loss_chunk_size and head_trainable and tokens > loss_chunk_size else 0
-    return tokens * per_token + weight_grad
+    transient = 0
+    if tiled_mlp:
+        transient += micro_batch * min(h, tokens // max(1, micro_batch)) * mlp_intermediates
+    if sp_size > 1:
+        transient += 2 * tokens * (2 * h + 2 * shape.kv_heads * shape.head_dim) * b
+    return tokens * per_token + weight_grad + transient
+
+
+def offloaded_activation_bytes(shape: ModelShape, micro_batch: int, seq_len: int, dtype_bytes: int, sp_size: int = 1) -> int:
+    """Host bytes per rank that activation offload holds: every checkpointed layer input of the micro-batch."""
+    return micro_batch * math.ceil(seq_len / max(1, sp_size)) * shape.layers * shape.hidden * dtype_bytes
 
 
 def plan_memory(
@@ -237,6 +271,9 @@ def plan_memory(
         lora_dropout and adapters,
         loss_chunk_size=loss_chunk_size,
         head_trainable=not adapters,
+        sp_size=setup.sp_size,
+        tiled_mlp=setup.tiled_mlp,
+        activation_offload=setup.activation_offload and setup.gradient_checkpointing,
     )
     other = 2 * bucket_elements * b + (CUDA_CONTEXT_BYTES if on_gpu else 0)
     if setup.zero == 3:
@@ -244,6 +281,8 @@ def plan_memory(
         other += 2 * largest_layer * b  # gathered layer + prefetch of the next
 
     cpu = {"params": 0, "grads": 0, "optimizer": 0}
+    if setup.activation_offload and setup.gradient_checkpointing:
+        cpu["activations"] = offloaded_activation_bytes(shape, micro_batch, seq_len, b, setup.sp_size)
     if setup.offload_optimizer:
         # fp32 master, m and v live in host memory, and the gradient partitions are copied down for the CPU step.
         cpu["optimizer"], cpu["grads"] = int(optimizer), int(grads)
@@ -264,6 +303,8 @@ def setup_from_job(job: JobConfig) -> PlanSetup:
         peft=job.peft.method.value,
         gradient_checkpointing=job.model.gradient_checkpointing,
         optim=job.optim.name.value,
+        tiled_mlp=job.model.tiled_mlp,
+        activation_offload=job.model.activation_offload,
     )
 
 
@@ -329,6 +370,66 @@ def plan_job(job: JobConfig, shape: ModelShape, world_size: int, gpus_per_node: 
     return [
         plan_for_job(job, shape, s, world_size=world_size, gpus_per_node=gpus_per_node, capacity_bytes=capacity_bytes)
         for s in alternatives(setup_from_job(job))
+    ]
+
+
+SEARCH_GRANULE = 1024
+
+
+def longest_fitting_seq_len(
+    job: JobConfig, shape: ModelShape, setup: PlanSetup, *, world_size: int, gpus_per_node: int, capacity_bytes: int, limit: int = 1 << 24
+) -> int:
+    """The longest multiple of 1024 tokens (micro-batch 1) whose plan fits ``capacity_bytes``; 0 if none does.
+
+    Memory grows with the sequence length, so a bisection over multiples of 1024 up to ``limit`` finds it.
+    """
+
+    def fits(seq: int) -> bool:
+        plan = plan_for_job(
+            job, shape, setup, world_size=world_size, gpus_per_node=gpus_per_node, capacity_bytes=capacity_bytes, micro_batch=1, seq_len=seq
+        )
+        return bool(plan.fits)
+
+    low, high = 0, limit // SEARCH_GRANULE
+    while low < high:
+        mid = (low + high + 1) // 2
+        if fits(mid * SEARCH_GRANULE):
+            low = mid
+        else:
+            high = mid - 1
+    return low * SEARCH_GRANULE
+
+
+def long_sequence_ladder(
+    job: JobConfig, shape: ModelShape, *, world_size: int, gpus_per_node: int, capacity_bytes: int
+) -> list[tuple[str, PlanSetup, int]]:
+    """``plan.max_seq_len=search``: the longest sequence as configured, then with each long-sequence piece added in
+    turn (recomputation, chunked loss, tiled MLP, activation offload, sequence parallelism over every GPU).
+
+    Returns:
+        ``(the overrides added so far, setup, longest fitting sequence length)`` per rung.
+    """
+    setup = setup_from_job(job)
+    rungs: list[tuple[str, JobConfig, PlanSetup]] = [("(as configured)", job, setup)]
+
+    def add(override: str, new_job: JobConfig, new_setup: PlanSetup) -> None:
+        previous = rungs[-1][0] if len(rungs) > 1 else ""
+        rungs.append(((previous + " " + override).strip(), new_job, new_setup))
+
+    if not setup.gradient_checkpointing:
+        add("model.gradient_checkpointing=true", rungs[-1][1], replace(rungs[-1][2], gradient_checkpointing=True))
+    if job.train.loss_chunk_size is None:
+        chunked = replace(job, train=replace(job.train, loss_chunk_size=4096))
+        add("train.loss_chunk_size=4096", chunked, rungs[-1][2])
+    if not setup.tiled_mlp:
+        add("model.tiled_mlp=true", rungs[-1][1], replace(rungs[-1][2], tiled_mlp=True))
+    if not setup.activation_offload:
+        add("model.activation_offload=true", rungs[-1][1], replace(rungs[-1][2], activation_offload=True))
+    if setup.sp_size < world_size and shape.heads % world_size == 0:
+        add(f"parallel.sp_size={world_size}", rungs[-1][1], replace(rungs[-1][2], sp_size=world_size))
+    return [
+        (label, s, longest_fitting_seq_len(j, shape, s, world_size=world_size, gpus_per_node=gpus_per_node, capacity_bytes=capacity_bytes))
+        for label, j, s in rungs
     ]
 
 
