@@ -118,6 +118,14 @@ def all_reduce_sum(values: Sequence[float], device: torch.device) -> list[float]
     return t.tolist()
 
 
+def all_reduce_max(value: int, device: torch.device) -> int:
+    """The largest of one integer over all ranks (a collective: every rank calls it)."""
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    if torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
+        torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MAX)
+    return int(t.item())
+
+
 def barrier() -> None:
     if torch_dist.is_initialized():
         torch_dist.barrier()

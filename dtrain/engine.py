@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, ContextManager, Optional
 
 import torch
 
@@ -19,7 +19,9 @@ from dtrain.architectures import model_shape
 from dtrain.chunked_loss import ChunkedLossHead, install_chunked_loss_head, liger_available
 from dtrain.config.schema import JobConfig
 from dtrain.data.dataset import PreparedData
-from dtrain.errors import DataError
+from dtrain.dist import all_reduce_max
+from dtrain.errors import ConfigError, DataError
+from dtrain.long_context import TileCount, activation_offload, install_tiled_mlp, no_offload
 from dtrain.loss import shifted_group_loss_sums, shifted_token_loss_sum
 from dtrain.memory.plan import ModelShape
 from dtrain.model import build_model, parameter_counts
@@ -50,15 +52,26 @@ class BatchLoss:
     """Logits and summed token loss of a collated batch on the engine (each call a collective under ZeRO-3).
 
     A batch that carries ``source_ids`` (a mixture of several sources) also leaves the detached loss sum of each
-    source in ``source_sums``.
+    source in ``source_sums``. ``offload()`` is the context a training micro-batch's forward and backward run in
+    (activation offload; a no-op without it).
     """
 
-    def __init__(self, engine, device: torch.device, loss_head: Optional[ChunkedLossHead], num_sources: int = 1):
+    def __init__(
+        self,
+        engine,
+        device: torch.device,
+        loss_head: Optional[ChunkedLossHead],
+        num_sources: int = 1,
+        tiles: Optional[TileCount] = None,
+        offload: Callable[[], ContextManager[Any]] = no_offload,
+    ):
         self.engine = engine
         self.device = device
         self.loss_head = loss_head
         self.num_sources = num_sources
         self.source_sums: Optional[torch.Tensor] = None
+        self.tiles = tiles
+        self.offload = offload
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Logits of the engine on one collated batch."""
@@ -66,6 +79,9 @@ class BatchLoss:
         # packed examples would attend to each other.
         # non_blocking: a pinned batch is copied while the GPU is still busy; the kernels that read it wait for it.
         inputs = {k: v.to(self.device, non_blocking=True) for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
+        if self.tiles is not None:
+            # Sync point: every rank must cut its MLPs into the same number of tiles (each tile gathers weights).
+            self.tiles.agree(inputs["input_ids"].shape[1])
         return self.engine(**inputs, use_cache=False).logits
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -108,6 +124,7 @@ def build_engine(
     model, hf_ds_config = build_model(job, ds_config, shape.num_parameters)
     # Before deepspeed.initialize: ZeRO-3 hooks the modules present then, and the head must gather its weight.
     loss_head = install_chunked_loss_head(model, job.train.loss_chunk_size) if job.train.loss_chunk_size else None
+    tiles = install_long_context(model, job, shape, device)
     if loss_head is not None:
         log.info(
             "loss: computed from the hidden states %d trained tokens at a time (%s); no [tokens, vocab] logits",
@@ -123,4 +140,20 @@ def build_engine(
         config=ds_config,
         lr_scheduler=lambda optimizer: build_scheduler(optimizer, job.train, total_steps),
     )
-    return EngineParts(engine, scheduler, BatchLoss(engine, device, loss_head, num_sources), trainable_weights, hf_ds_config)
+    offload = (lambda: activation_offload(torch.cuda.is_available())) if job.model.activation_offload else no_offload
+    loss = BatchLoss(engine, device, loss_head, num_sources, tiles, offload)
+    return EngineParts(engine, scheduler, loss, trainable_weights, hf_ds_config)
+
+
+def install_long_context(model, job: JobConfig, shape: ModelShape, device: torch.device) -> Optional[TileCount]:
+    """Tile the MLPs (``model.tiled_mlp``; before ``deepspeed.initialize``) and say what activation offload does."""
+    tiles = None
+    if job.model.tiled_mlp:
+        tiles = TileCount(shape.hidden, lambda n: all_reduce_max(n, device))
+        count = install_tiled_mlp(model, tiles)
+        if count == 0:
+            raise ConfigError(f"model.tiled_mlp=true: {type(model).__name__} has no dense MLP module (*MLP) to tile")
+        log.info("tiled MLP: %d MLPs run in tiles of about %d tokens, recomputed in backward", count, shape.hidden)
+    if job.model.activation_offload:
+        log.info("activation offload: the checkpointed layer inputs wait in host memory between forward and backward")
+    return tiles

@@ -146,15 +146,17 @@ class Trainer:
         sources = SourceLosses(self.run.data.data.source_names) if "source_ids" in batch.micro_batches[0] else None
         last = len(batch.micro_batches) - 1
         for k, micro_batch in enumerate(batch.micro_batches):
-            with timer("forward"):
-                loss_sum = self._micro_batch_loss(micro_batch, first=k == 0)
-                if loss_multiplier != 1.0:
-                    loss_sum = loss_sum * loss_multiplier
-            measure_grads = k == last and not self.gradient_meter.done
-            if measure_grads:
-                self.gradient_meter.watch_backward(loss_sum)
-            with timer("backward"):
-                self.engine.backward(loss_sum * scale)
+            # Activation offload holds the micro-batch's checkpointed layer inputs on the host from forward to backward.
+            with self.loss.offload():
+                with timer("forward"):
+                    loss_sum = self._micro_batch_loss(micro_batch, first=k == 0)
+                    if loss_multiplier != 1.0:
+                        loss_sum = loss_sum * loss_multiplier
+                measure_grads = k == last and not self.gradient_meter.done
+                if measure_grads:
+                    self.gradient_meter.watch_backward(loss_sum)
+                with timer("backward"):
+                    self.engine.backward(loss_sum * scale)
             if measure_grads:
                 self.gradient_meter.before_step()
             with timer("optimizer"):

@@ -47,6 +47,11 @@ def check_job(job: JobConfig, *, cuda_available: bool) -> None:
         raise ConfigError("zero.offload_optimizer=true needs ZeRO stage >= 1")
     if zero.offload_params and zero.stage != 3:
         raise ConfigError("zero.offload_params=true needs ZeRO-3 (zero=zero3_offload); stages 1-2 keep full parameters on every GPU")
+    if job.model.activation_offload and not job.model.gradient_checkpointing:
+        raise ConfigError(
+            "model.activation_offload=true offloads the layer inputs that gradient checkpointing saves: "
+            "add model.gradient_checkpointing=true"
+        )
     if job.peft.method == PeftMethod.qlora:
         check_qlora(job)
     if job.optim.name == OptimName.adamw_8bit:
