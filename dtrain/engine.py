@@ -20,7 +20,7 @@ from dtrain.chunked_loss import ChunkedLossHead, install_chunked_loss_head, lige
 from dtrain.config.schema import JobConfig
 from dtrain.data.dataset import PreparedData
 from dtrain.errors import DataError
-from dtrain.loss import shifted_token_loss_sum
+from dtrain.loss import token_loss_sum
 from dtrain.memory.plan import ModelShape
 from dtrain.model import build_model, parameter_counts
 from dtrain.optim import build_client_optimizer, build_scheduler, parameter_groups
@@ -63,11 +63,14 @@ class BatchLoss:
         return self.engine(**inputs, use_cache=False).logits
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Sum of next-token cross-entropies over the batch's trained tokens (no host sync)."""
-        labels = batch["labels"].to(self.device, non_blocking=True)
+        """Sum of next-token cross-entropies over the batch's trained tokens (no host sync).
+
+        The batch's ``targets`` were shifted by the loader (``dtrain.loss.shift_labels``); nothing shifts them here.
+        """
+        targets = batch["targets"].to(self.device, non_blocking=True)
         if self.loss_head is None:
-            return shifted_token_loss_sum(self.forward(batch), labels)
-        self.loss_head.labels = labels  # consumed by the head in this forward; without labels it returns logits
+            return token_loss_sum(self.forward(batch), targets)
+        self.loss_head.targets = targets  # consumed by the head in this forward; without targets it returns logits
         return self.forward(batch)
 
 

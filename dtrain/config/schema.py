@@ -306,7 +306,7 @@ class WandbConfig:
 
 class PreviewFormat(str, Enum):
     text = "text"  # rendered text, trained tokens highlighted (colour on a terminal, [[brackets]] otherwise)
-    json = "json"  # one object per example/row: input_ids, labels (-100 = no loss), position_ids when packed
+    json = "json"  # one object per example/row: input_ids, targets (next-token labels, -100 = no loss), position_ids when packed
 
 
 @dataclass

@@ -24,7 +24,7 @@ from dtrain.data.dataset import PreparedData
 from dtrain.data.packing import collate_packed, pack_examples, padding_efficiency
 from dtrain.data.prefetch import Prefetcher
 from dtrain.errors import ConfigError
-from dtrain.loss import count_trained_tokens
+from dtrain.loss import count_trained_tokens, shift_labels
 
 log = logging.getLogger("dtrain")
 
@@ -76,8 +76,14 @@ def make_units(examples: Sequence[TokenizedExample], packing: bool, max_seq_len:
 def collate_units(units: Sequence[Unit], packing: bool, pad_token_id: int) -> dict[str, torch.Tensor]:
     """Tensors of a micro-batch of units: packed rows with restarting ``position_ids``, or right-padded examples."""
     if packing:
-        return collate_packed(list(units), pad_token_id)
-    return collate([unit[0] for unit in units], pad_token_id)
+        return with_targets(collate_packed(list(units), pad_token_id))
+    return with_targets(collate([unit[0] for unit in units], pad_token_id))
+
+
+def with_targets(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The collated ``labels`` replaced by next-token ``targets``: the one causal shift, made before any cut."""
+    batch["targets"] = shift_labels(batch.pop("labels"))
+    return batch
 
 
 def unit_length(unit: Unit) -> int:
@@ -208,7 +214,7 @@ class TrainLoader:
 def step_stats(examples: Sequence[TokenizedExample], batches: Sequence[dict[str, torch.Tensor]]) -> BatchStats:
     """The counts of one rank's share of a step."""
     return BatchStats(
-        trained_tokens=sum(count_trained_tokens(b["labels"]) for b in batches),
+        trained_tokens=sum(count_trained_tokens(b["targets"]) for b in batches),
         real_tokens=sum(len(e.input_ids) for e in examples),
         token_slots=sum(b["input_ids"].numel() for b in batches),
         sum_sq_lengths=sum(len(e.input_ids) ** 2 for e in examples),
@@ -227,11 +233,11 @@ def eval_batches(
     num_batches = math.ceil(math.ceil(len(examples) / world_size) / micro_batch_size)
     filler = TokenizedExample("<filler>", examples[0].input_ids, [IGNORE_INDEX] * len(examples[0].input_ids))
     for k in range(num_batches):
-        batch = collate(shard[k * micro_batch_size : (k + 1) * micro_batch_size] or [filler], pad_token_id)
-        yield batch, count_trained_tokens(batch["labels"])
+        batch = with_targets(collate(shard[k * micro_batch_size : (k + 1) * micro_batch_size] or [filler], pad_token_id))
+        yield batch, count_trained_tokens(batch["targets"])
 
 
 def probe_batch(examples: Sequence[TokenizedExample], pad_token_id: int, max_tokens: int = 256) -> dict[str, torch.Tensor]:
     """A short padded batch of the first examples, each cut to ``max_tokens`` (cheap to re-run on CPU)."""
     cut = [TokenizedExample(e.source, e.input_ids[:max_tokens], e.labels[:max_tokens]) for e in examples]
-    return collate(cut, pad_token_id)
+    return with_targets(collate(cut, pad_token_id))
