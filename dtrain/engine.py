@@ -15,24 +15,27 @@ from typing import Any, Optional
 
 import torch
 
-from dtrain.architectures import model_shape
+from dtrain.architectures import causal_lm_class, model_shape
 from dtrain.chunked_loss import ChunkedLossHead, install_chunked_loss_head, liger_available
 from dtrain.config.schema import JobConfig
 from dtrain.data.dataset import PreparedData
 from dtrain.errors import DataError
 from dtrain.loss import token_loss_sum
 from dtrain.memory.plan import ModelShape
-from dtrain.model import build_model, parameter_counts
+from dtrain.model import build_model, choose_attn_implementation, parameter_counts
 from dtrain.optim import build_client_optimizer, build_scheduler, parameter_groups
+from dtrain.sequence_parallel import check_model, gradient_divisor
 
 log = logging.getLogger("dtrain")
 
 
 def read_model_shape(job: JobConfig, data: PreparedData) -> ModelShape:
-    """The model's size and shape from its ``config.json``; the data's token ids are checked against its vocabulary.
+    """The model's size and shape from its ``config.json``; the data's token ids are checked against its vocabulary,
+    and its attention heads and kernel against ``parallel.sp_size``.
 
     Raises:
         DataError: A token id the embedding does not have (the tokenizer belongs to another model).
+        ConfigError: Attention heads or kernel that sequence parallelism cannot split (before any weight is loaded).
     """
     from transformers import AutoConfig
 
@@ -43,6 +46,7 @@ def read_model_shape(job: JobConfig, data: PreparedData) -> ModelShape:
             f"token id {biggest} does not fit the model's {config.vocab_size} embedding rows: the tokenizer at "
             f"{job.model.path} does not belong to this model (or added tokens need resize_token_embeddings)"
         )
+    check_model(config, job.parallel.sp_size, choose_attn_implementation(job.model.attn_implementation, causal_lm_class(config))[0])
     return model_shape(config)
 
 
@@ -83,13 +87,15 @@ class EngineParts:
     """Trained parameters when adapters freeze the rest (MFU counts frozen weights at 4 FLOPs, not 6), else None."""
     hf_ds_config: Any
     """Keep referenced for the life of the model: transformers holds it weakly (ZeRO-3 saving and generation)."""
+    gradient_divisor: int
+    """What DeepSpeed divides the gradients summed over all ranks by (``dtrain.sequence_parallel.gradient_divisor``)."""
 
 
 def build_engine(job: JobConfig, ds_config: dict[str, Any], shape: ModelShape, total_steps: int, device: torch.device) -> EngineParts:
     """Load the model and start the DeepSpeed engine (a collective: every rank calls it)."""
     import deepspeed
 
-    model, hf_ds_config = build_model(job, ds_config, shape.num_parameters)
+    model, hf_ds_config, mpu = build_model(job, ds_config, shape.num_parameters)
     # Before deepspeed.initialize: ZeRO-3 hooks the modules present then, and the head must gather its weight.
     loss_head = install_chunked_loss_head(model, job.train.loss_chunk_size) if job.train.loss_chunk_size else None
     if loss_head is not None:
@@ -106,5 +112,7 @@ def build_engine(job: JobConfig, ds_config: dict[str, Any], shape: ModelShape, t
         optimizer=build_client_optimizer(groups, job.train, job.optim),
         config=ds_config,
         lr_scheduler=lambda optimizer: build_scheduler(optimizer, job.train, total_steps),
+        mpu=mpu,
     )
-    return EngineParts(engine, scheduler, BatchLoss(engine, device, loss_head), trainable_weights, hf_ds_config)
+    divisor = gradient_divisor(job.zero.stage, torch.distributed.get_world_size(), job.parallel.sp_size)
+    return EngineParts(engine, scheduler, BatchLoss(engine, device, loss_head), trainable_weights, hf_ds_config, divisor)

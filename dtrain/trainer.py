@@ -139,9 +139,10 @@ class Trainer:
             self.state.skipped_steps += 1
             log.warning("step %d: no trained token in the global batch; step skipped", self.state.step + 1)
             return None
-        # DeepSpeed divides the loss by the accumulation steps and averages gradients over ranks; scaling by
-        # both makes the final gradient exactly d(global token-mean loss).
-        scale = self.batch.grad_accum_steps * self.batch.world_size / total.trained_tokens
+        # DeepSpeed divides the loss by the accumulation steps and the gradients summed over all ranks by the
+        # data-parallel size (see gradient_divisor); scaling by both makes the final gradient exactly d(global
+        # token-mean loss). Under sequence parallelism each rank's loss sum covers its own piece of the sequences.
+        scale = self.batch.grad_accum_steps * self.run.parts.gradient_divisor / total.trained_tokens
         local_loss_sum = torch.zeros((), dtype=torch.float64, device=self.dist.device)
         last = len(batch.micro_batches) - 1
         for k, micro_batch in enumerate(batch.micro_batches):

@@ -7,17 +7,20 @@ Types and unknown keys are checked by the schema at compose time; what needs two
 from __future__ import annotations
 
 import importlib.util
+from typing import Optional
 
 from dtrain.config.schema import JobConfig, ModelConfig, ModelInit, OptimName, PeftMethod, Precision
 from dtrain.errors import ConfigError
+from dtrain.sequence_parallel import check_attention
 
 
-def check_job(job: JobConfig, *, cuda_available: bool) -> None:
+def check_job(job: JobConfig, *, cuda_available: bool, world_size: Optional[int] = None) -> None:
     """Refuse a job that cannot run.
 
     Args:
         job: The composed job.
         cuda_available: Whether this machine has a CUDA device.
+        world_size: Ranks of the launch, when known (the launcher's ``WORLD_SIZE``).
 
     Raises:
         ConfigError: The first problem found, with the fix.
@@ -50,6 +53,23 @@ def check_job(job: JobConfig, *, cuda_available: bool) -> None:
         check_qlora(job)
     if job.optim.name == OptimName.adamw_8bit:
         check_adamw_8bit(job)
+    check_sequence_parallel(job, world_size)
+
+
+def check_sequence_parallel(job: JobConfig, world_size: Optional[int]) -> None:
+    """``parallel.sp_size``: whole groups of ranks and an attention kernel Ulysses can wrap (the model's heads are
+    checked once its config is read: ``dtrain.sequence_parallel.check_model``)."""
+    sp_size = job.parallel.sp_size
+    if sp_size < 1:
+        raise ConfigError(f"parallel.sp_size={sp_size}: must be >= 1 (1 = no sequence parallelism)")
+    if sp_size == 1:
+        return
+    if world_size is not None and world_size % sp_size:
+        raise ConfigError(
+            f"parallel.sp_size={sp_size} with {world_size} ranks: sequence-parallel groups are whole sets of "
+            f"{sp_size} ranks; launch a multiple of {sp_size} ranks or change parallel.sp_size"
+        )
+    check_attention(job.model.attn_implementation, sp_size, "model.attn_implementation")
 
 
 def check_remote_code(cfg: ModelConfig) -> None:

@@ -3,7 +3,8 @@
     python launch/preview.py +exp=tiny_cpu data.packing=true preview.format=json   # these batches, printed
 
 A *unit* is what the sampler draws: one example, or one packed row of examples (``data.packing``). Training
-steps, eval, the export probe and ``launch/preview.py`` all get their tensors from here.
+steps, eval, the export probe and ``launch/preview.py`` all get their tensors from here. Under sequence parallelism
+(``parallel.sp_size``) a training micro-batch is cut along the sequence here too, one piece per rank of the group.
 """
 
 from __future__ import annotations
@@ -86,6 +87,35 @@ def with_targets(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return batch
 
 
+def sequence_shard(batch: dict[str, torch.Tensor], sp_rank: int, sp_size: int, pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Piece ``sp_rank`` of ``sp_size`` of every row of a collated micro-batch (Ulysses sequence parallelism).
+
+    The rows are padded to a multiple of ``sp_size`` and cut along the sequence. The targets were shifted before the
+    cut (``with_targets``), so the last token of a piece keeps the label of the next piece's first token. Every piece
+    carries ``position_ids`` (a padded row gets ``0..width-1``, a packed row keeps its own): the attention all-to-all
+    gathers them to rebuild the whole sequence's positions and examples. No attention mask: right padding follows
+    every real token, so causal attention keeps it out of them.
+
+    Args:
+        batch: A micro-batch from ``collate_units`` (``input_ids``, ``targets``, ``position_ids`` when packed).
+        sp_rank: This rank's place in its sequence-parallel group.
+        sp_size: Ranks per group.
+        pad_token_id: Id of the added padding (never trained: its targets are ignored).
+    """
+    rows, width = batch["input_ids"].shape
+    extra = -width % sp_size
+    positions = batch.get("position_ids")
+    if positions is None:
+        positions = torch.arange(width).expand(rows, width)
+    # The added padding continues each row's positions: after every real token, it is never attended to by one.
+    positions = torch.cat([positions, positions[:, -1:] + 1 + torch.arange(extra)], dim=1)
+    input_ids = torch.nn.functional.pad(batch["input_ids"], (0, extra), value=pad_token_id)
+    targets = torch.nn.functional.pad(batch["targets"], (0, extra), value=IGNORE_INDEX)
+    piece = (width + extra) // sp_size
+    cut = slice(sp_rank * piece, (sp_rank + 1) * piece)
+    return {k: v[:, cut].contiguous() for k, v in (("input_ids", input_ids), ("position_ids", positions), ("targets", targets))}
+
+
 def unit_length(unit: Unit) -> int:
     return sum(len(e.input_ids) for e in unit)
 
@@ -96,7 +126,8 @@ class TrainLoader:
     Args:
         examples: The tokenised training examples.
         batch: The batch plan.
-        rank: This rank (the sampler's slice of every step).
+        rank: This rank. Its data-parallel rank picks the sampler's slice of every step, its place in its
+            sequence-parallel group (``batch.sp_size`` > 1) the piece of every row it trains.
         packing: Draw packed rows instead of single examples (decided by the resolution step).
         max_seq_len: Row capacity when packing.
         seed: Shuffle and packing seed.
@@ -117,12 +148,14 @@ class TrainLoader:
         pad_token_id: int,
     ):
         self.packing = packing
+        data_parallel_rank, self.sp_rank = batch.place(rank)
+        self.sp_size = batch.sp_size
         self.pad_token_id = pad_token_id
         self.num_examples = len(examples)
         self.max_seq_len = max_seq_len
         self.units = make_units(examples, packing, max_seq_len, seed)
         self.lengths = [unit_length(u) for u in self.units]
-        self.sampler = StepSampler(len(self.units), batch, rank, seed, self.lengths, grouping)
+        self.sampler = StepSampler(len(self.units), batch, data_parallel_rank, seed, self.lengths, grouping)
         self.unit_name = "packed rows" if packing else "examples"
         if self.sampler.steps_per_epoch == 0:
             raise ConfigError(
@@ -135,7 +168,10 @@ class TrainLoader:
         return self.sampler.steps_per_epoch
 
     def collate(self, units: Sequence[Unit]) -> dict[str, torch.Tensor]:
-        return collate_units(units, self.packing, self.pad_token_id)
+        batch = collate_units(units, self.packing, self.pad_token_id)
+        if self.sp_size == 1:
+            return batch
+        return sequence_shard(batch, self.sp_rank, self.sp_size, self.pad_token_id)
 
     def step_batches(self, start_step: int, pin_memory: bool = False) -> Iterator[StepBatch]:
         """This rank's batches from global step ``start_step`` on, epoch after epoch, without end.
@@ -152,7 +188,9 @@ class TrainLoader:
             ) as prefetched:
                 for micro_indices, batches, wait_s in prefetched:
                     examples = [e for idx in micro_indices for i in idx for e in self.units[i]]
-                    yield StepBatch(epoch, batches, examples, step_stats(examples, batches), wait_s)
+                    # The ranks of a sequence-parallel group share these examples: one of them counts them.
+                    counted = examples if self.sp_rank == 0 else []
+                    yield StepBatch(epoch, batches, examples, step_stats(counted, batches), wait_s)
                     step += 1
 
     def planned_padding_efficiency(self) -> float:
@@ -160,7 +198,7 @@ class TrainLoader:
         s = self.sampler
         micro_batches = (
             [self.lengths[i] for i in idx]
-            for rank in range(s.batch.world_size)
+            for rank in range(s.batch.data_parallel_size)
             for step in StepSampler(s.num_examples, s.batch, rank, s.seed, s.lengths, s.grouping).steps(0)
             for idx in step
         )
@@ -172,12 +210,13 @@ class TrainLoader:
         trained = sum(e.num_trained for e in data.train)
         total = sum(len(e.input_ids) for e in data.train)
         log.info(
-            "batch: %d micro x %d accumulation x %d ranks = %d %s per optimizer step",
+            "batch: %d micro x %d accumulation x %d data-parallel ranks = %d %s per optimizer step%s",
             b.micro_batch_size,
             b.grad_accum_steps,
-            b.world_size,
+            b.data_parallel_size,
             b.global_batch_size,
             self.unit_name,
+            f" (each row cut into {self.sp_size} pieces, one per rank of a sequence-parallel group)" if self.sp_size > 1 else "",
         )
         log.info(
             "data: %d train / %d eval examples, %d tokens of which %d trained (%.1f%%); %d steps/epoch, %d total steps",
