@@ -304,4 +304,8 @@ def build_model(job: JobConfig, ds_config: dict[str, Any], num_parameters: int) 
         local = sum(p.ds_tensor.numel() for p in model.parameters() if hasattr(p, "ds_tensor"))
         log.info("ZeRO-3: weights partitioned while loading; this rank holds %s of %s parameters", f"{local:,}", f"{total:,}")
     log.info("parameters: %s trainable of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100.0 * trainable / max(total, 1))
+    # from_pretrained returns the model in eval mode, and nothing else sets train mode before the first eval: LoRA
+    # dropout, gradient checkpointing (transformers checkpoints only in training) and the sequence-parallel attention
+    # (eval mode runs whole sequences) were all off for a pretrained model until then.
+    model.train()
     return model, hf_ds_config, mpu
