@@ -12,9 +12,10 @@ What is DeepSpeed's here: ``UlyssesSPAttentionHF.register_with_transformers`` (t
 transformers' attention table before the model loads) and the ``mpu`` it returns (the groups, handed to
 ``deepspeed.initialize``). What dtrain adds around it:
 
-* sdpa on packed rows: DeepSpeed drops the model's mask and relies on ``is_causal``, under which packed examples
-  would attend to each other; the sdpa it wraps here builds the block-diagonal causal mask from the gathered
-  ``position_ids`` instead (flash-attn finds the examples from them by itself).
+* sdpa on packed rows and sliding windows: DeepSpeed drops the model's mask and relies on ``is_causal``, under which
+  packed examples would attend to each other and a sliding window would be lost; the sdpa it wraps here builds the
+  block-diagonal (windowed) causal mask from the gathered ``position_ids`` instead (flash-attn finds the examples
+  from them and takes the window itself).
 * eval, the export probe and generation (the module in eval mode) run whole sequences on every rank through the plain
   attention, with the model's own mask: DeepSpeed's ``disable_in_eval`` would still drop the padding mask.
 """
@@ -157,30 +158,36 @@ class _Loaded:
         self.config = config
 
 
-def document_causal_mask(position_ids: torch.Tensor) -> Optional[torch.Tensor]:
+def document_causal_mask(position_ids: torch.Tensor, sliding_window: Optional[int] = None) -> Optional[torch.Tensor]:
     """``[batch, 1, seq, seq]`` boolean mask (True = attend) that keeps each packed example to itself, or None.
 
-    An example starts wherever ``position_ids`` do not continue by one (they restart at 0 for every packed example).
+    An example starts wherever ``position_ids`` do not continue by one (they restart at 0 for every packed example),
+    as transformers finds packed examples. With ``sliding_window`` a query also sees only the last ``sliding_window``
+    keys (itself included), as transformers' ``sliding_window_overlay`` does.
 
     Returns:
-        None when every row is one run of positions: plain causal attention is then exact.
+        None when every row is one run of positions and no window applies: plain causal attention is then exact.
     """
+    seq = position_ids.size(1)
     starts = torch.ones_like(position_ids, dtype=torch.bool)
     starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
-    if not starts[:, 1:].any():
+    windowed = sliding_window is not None and sliding_window < seq
+    if not windowed and not starts[:, 1:].any():
         return None
     document = starts.cumsum(dim=1)
-    seq = position_ids.size(1)
-    causal = torch.ones(seq, seq, dtype=torch.bool, device=position_ids.device).tril()
-    return ((document[:, :, None] == document[:, None, :]) & causal).unsqueeze(1)
+    allowed = torch.ones(seq, seq, dtype=torch.bool, device=position_ids.device).tril()
+    if windowed:
+        allowed = allowed.triu(diagonal=1 - sliding_window)
+    return ((document[:, :, None] == document[:, None, :]) & allowed).unsqueeze(1)
 
 
 def _sdpa_by_documents(sdpa: Callable) -> Callable:
-    """transformers' sdpa kernel, given the block-diagonal causal mask of packed rows when no mask is passed."""
+    """transformers' sdpa kernel, given the block-diagonal causal mask of packed rows (and the layer's sliding window)
+    when no mask is passed: DeepSpeed's Ulysses wrapper drops the model's mask, which was built for one piece."""
 
     def attention(module, query, key, value, attention_mask, *args, position_ids=None, **kwargs):
         if attention_mask is None and position_ids is not None:
-            attention_mask = document_causal_mask(position_ids)
+            attention_mask = document_causal_mask(position_ids, kwargs.get("sliding_window"))
         return sdpa(module, query, key, value, attention_mask, *args, position_ids=position_ids, **kwargs)
 
     return attention

@@ -14,8 +14,9 @@ from dtrain.data.dataset import PreparedData
 from dtrain.ds_config import build_ds_config
 from dtrain.engine import read_model_shape
 from dtrain.errors import ConfigError
-from dtrain.sequence_parallel import check_model, document_causal_mask, gradient_divisor
+from dtrain.sequence_parallel import _sdpa_by_documents, check_model, document_causal_mask, gradient_divisor
 
+from tests.architectures import FAMILIES, tiny_config
 from tests.conftest import TINY_DIR
 
 
@@ -145,3 +146,34 @@ def test_packed_rows_get_a_block_diagonal_causal_mask_per_row():
         for i in range(6):
             for j in range(6):
                 assert bool(mask[b, 0, i, j]) == (j <= i and document[b][i] == document[b][j]), (b, i, j)
+
+
+def test_a_sliding_window_keeps_the_last_keys_of_the_same_example():
+    positions = torch.tensor([[0, 1, 2, 3, 4, 0, 1]])
+    mask = document_causal_mask(positions, sliding_window=3)[0, 0]
+    assert mask[4].tolist() == [False, False, True, True, True, False, False]  # keys 2..4: itself and the 2 before
+    assert mask[6].tolist() == [False] * 5 + [True, True]
+    assert document_causal_mask(torch.arange(6).expand(1, 6), sliding_window=6) is None  # wider than the row
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "gemma2"])  # gemma2 has no sdpa: refused above
+def test_ulysses_sdpa_without_the_model_mask_gives_the_model_s_own_logits_on_packed_rows(family):
+    """What DeepSpeed's wrapper hands the kernel after the all-to-all (the whole sequence, no mask, the gathered
+    positions) gives the logits of the model's own masked sdpa: packed examples apart, sliding windows (8) kept."""
+    from transformers import AutoModelForCausalLM
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config(family), attn_implementation="sdpa").eval()
+    ids = torch.randint(0, 250, (2, 30))
+    positions = torch.stack([torch.cat([torch.arange(12), torch.arange(13), torch.arange(5)]), torch.arange(30)])
+    with torch.no_grad():
+        want = model(input_ids=ids, position_ids=positions, use_cache=False).logits
+        plain = ALL_ATTENTION_FUNCTIONS["sdpa"]
+        core = _sdpa_by_documents(plain)
+        ALL_ATTENTION_FUNCTIONS["sdpa"] = lambda module, q, k, v, mask, *args, **kwargs: core(module, q, k, v, None, *args, **kwargs)
+        try:
+            got = model(input_ids=ids, position_ids=positions, use_cache=False).logits
+        finally:
+            ALL_ATTENTION_FUNCTIONS["sdpa"] = plain
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
