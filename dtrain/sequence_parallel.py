@@ -33,7 +33,8 @@ from dtrain.errors import ConfigError
 log = logging.getLogger("dtrain")
 
 ULYSSES_ATTENTION = ("sdpa", "flash_attention_2", "flash_attention_3")
-"""Attention kernels whose sequence-parallel result dtrain keeps exact, packed rows included."""
+"""Attention kernels Ulysses wraps with packed rows kept apart: sdpa through ``_sdpa_by_documents`` (tested on CPU),
+flash-attn through transformers' own varlen path from the gathered ``position_ids`` (needs a GPU to test)."""
 
 
 def check_attention(implementation: str, sp_size: int, what: str) -> None:
