@@ -5,7 +5,7 @@
     .venv/bin/python bench/chunked_loss_memory.py --smoke --json /tmp/smoke.json   # tiny sizes, seconds
 
 "plain" is what the trainer does without chunking: ``logits = hidden @ weight.T`` (the lm_head) then
-``shifted_token_loss_sum``. "chunked" is ``dtrain.chunked_loss.chunked_token_loss_sum`` on the torch path; "liger"
+``token_loss_sum``. "chunked" is ``dtrain.chunked_loss.chunked_token_loss_sum`` on the torch path; "liger"
 is added on CUDA when liger-kernel is installed. Each variant runs in a fresh subprocess on identical seeded
 inputs, so one variant's allocations cannot hide inside another's high-water mark. The memory reported is the
 peak above what was live once the inputs existed: on CUDA ``torch.cuda.max_memory_allocated`` (tensor bytes,
@@ -44,7 +44,7 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict:
     import torch
 
     from dtrain.chunked_loss import chunked_token_loss_sum, liger_available
-    from dtrain.loss import shifted_token_loss_sum
+    from dtrain.loss import shift_labels, token_loss_sum
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     repeats = args.repeats or (3 if device.type == "cuda" else 1)
@@ -54,17 +54,17 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict:
     weight = (0.02 * torch.randn(args.vocab, args.hidden, generator=g)).to(device, dtype).requires_grad_()
     labels = torch.randint(0, args.vocab, (1, args.tokens), generator=g)
     labels[torch.rand(1, args.tokens, generator=g) < args.ignored_fraction] = -100
-    labels = labels.to(device)
+    targets = shift_labels(labels).to(device)
 
-    def loss_fn(h=hidden, w=weight, y=labels):
+    def loss_fn(h=hidden, w=weight, y=targets):
         if variant == "plain":
-            return shifted_token_loss_sum(h @ w.T, y)
+            return token_loss_sum(h @ w.T, y)
         return chunked_token_loss_sum(h, w, y, args.chunk_size, use_liger=variant == "liger")
 
     # Lazy initialisation (kernels, autograd, allocator) on tiny slices, so neither the time nor the memory of
     # the measured run pays for it and the high-water mark stays below the measured run's.
     tiny_hidden, tiny_weight = hidden[:, :8].detach().requires_grad_(), weight[:64].detach().requires_grad_()
-    loss_fn(tiny_hidden, tiny_weight, labels[:, :8] % 64).backward()
+    loss_fn(tiny_hidden, tiny_weight, targets[:, :8] % 64).backward()
 
     def sync():
         if device.type == "cuda":

@@ -106,7 +106,7 @@ def resume_key(job: JobConfig, world_size: int) -> dict[str, str]:
         "data.group_by_length": d.group_by_length,
         "data.chat_template": d.chat_template,
         "data.end_of_turn_token": d.end_of_turn_token,
-        "global_batch_size": t.micro_batch_size * t.grad_accum_steps * world_size,
+        "global_batch_size": t.micro_batch_size * t.grad_accum_steps * (world_size // job.parallel.sp_size),
         "train.seed": t.seed,
         "precision": job.precision.name,
         **{f"peft.{k}": v for k, v in asdict(job.peft).items()},

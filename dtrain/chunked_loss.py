@@ -4,7 +4,7 @@ With a 128k vocabulary the logits of a 4k-token micro-batch are 2 GiB in float32
 several such tensors at once (the bf16 logits, their float32 copy, the softmax gradient). Here the loss head
 takes the hidden states instead and walks the trained rows ``chunk_size`` at a time, so the peak is a few
 ``chunk_size x vocab`` buffers plus one float32 ``vocab x hidden`` gradient. The result equals
-``shifted_token_loss_sum(hidden @ weight.T, labels)``; ``tests/unit/test_chunked_loss.py`` checks loss and
+``token_loss_sum(hidden @ weight.T, targets)``; ``tests/unit/test_chunked_loss.py`` checks loss and
 gradients, and ``python bench/chunked_loss_memory.py`` measures the memory saved.
 
 On CUDA with the optional ``liger-kernel`` package installed, the same sum is taken by Liger's fused
@@ -43,25 +43,13 @@ def liger_available() -> bool:
     return torch.cuda.is_available() and _liger_fused_linear_cross_entropy() is not None
 
 
-def _liger_token_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def _liger_token_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     fused = _liger_fused_linear_cross_entropy()
-    targets = _shifted_targets(labels)
     loss = fused(hidden.reshape(-1, hidden.size(-1)), weight, targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
     return loss.float()
 
 
 # ------------------------------------------------------------------ chunked cross-entropy
-
-
-def _shifted_targets(labels: torch.Tensor) -> torch.Tensor:
-    """``targets[b, t] = labels[b, t + 1]``, with the last position of each row ignored.
-
-    Shifting the labels rather than slicing the hidden states keeps ``hidden.reshape(-1, H)`` a view: no copy
-    of the activations, and the gradient comes back in the hidden states' own shape.
-    """
-    targets = torch.full_like(labels, IGNORE_INDEX)
-    targets[:, :-1] = labels[:, 1:]
-    return targets
 
 
 _WEIGHT_GRAD_SLICE = 8192  # vocabulary rows per half-precision weight-gradient product
@@ -179,7 +167,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
 def chunked_token_loss_sum(
     hidden: torch.Tensor,
     weight: torch.Tensor,
-    labels: torch.Tensor,
+    targets: torch.Tensor,
     chunk_size: int,
     use_liger: Optional[bool] = None,
     groups: Optional[torch.Tensor] = None,
@@ -187,14 +175,17 @@ def chunked_token_loss_sum(
 ) -> torch.Tensor:
     """Sum of next-token cross-entropies computed from the last hidden states, ``chunk_size`` rows at a time.
 
-    Equals ``dtrain.loss.shifted_token_loss_sum(hidden @ weight.T, labels)`` in value and gradient, but holds at
+    Equals ``dtrain.loss.token_loss_sum(hidden @ weight.T, targets)`` in value and gradient, but holds at
     most ``chunk_size x vocab`` float32 logits at a time, in forward and backward. Position ``t`` predicts
-    ``labels[:, t + 1]``; positions whose target is ``IGNORE_INDEX`` cost nothing.
+    ``targets[:, t]`` (already shifted: ``dtrain.loss.shift_labels``); positions whose target is ``IGNORE_INDEX``
+    cost nothing.
 
     Args:
         hidden: ``[batch, seq, hidden]`` final hidden states (after the final norm), float32 or bf16/fp16.
         weight: ``[vocab, hidden]`` output projection (``lm_head.weight``, possibly tied to the embeddings).
-        labels: ``[batch, seq]`` unshifted labels with ``IGNORE_INDEX`` where no loss is taken.
+        targets: ``[batch, seq]`` next-token targets with ``IGNORE_INDEX`` where no loss is taken. Taking them
+            shifted, rather than slicing the hidden states, keeps ``hidden.reshape(-1, H)`` a view: no copy of the
+            activations, and the gradient comes back in the hidden states' own shape.
         chunk_size: trained rows per chunk; the float32 logits buffer is ``chunk_size x vocab``.
         use_liger: None takes Liger's fused kernel when it is installed and the inputs are on CUDA, False never
             does, True requires it. Liger picks its own chunking (``chunk_size`` is then unused) and accumulates
@@ -211,10 +202,10 @@ def chunked_token_loss_sum(
         ValueError: on mismatched shapes, a non-positive ``chunk_size``, or ``use_liger=True`` where Liger
             cannot run.
     """
-    if hidden.dim() != 3 or labels.shape != hidden.shape[:2] or weight.dim() != 2 or weight.size(1) != hidden.size(2):
+    if hidden.dim() != 3 or targets.shape != hidden.shape[:2] or weight.dim() != 2 or weight.size(1) != hidden.size(2):
         raise ValueError(
-            f"expected hidden [B, S, H], weight [V, H], labels [B, S]; got {tuple(hidden.shape)}, "
-            f"{tuple(weight.shape)}, {tuple(labels.shape)}"
+            f"expected hidden [B, S, H], weight [V, H], targets [B, S]; got {tuple(hidden.shape)}, "
+            f"{tuple(weight.shape)}, {tuple(targets.shape)}"
         )
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
@@ -222,13 +213,13 @@ def chunked_token_loss_sum(
         use_liger = hidden.is_cuda and _liger_fused_linear_cross_entropy() is not None and group_sums is None
     elif use_liger and not (hidden.is_cuda and _liger_fused_linear_cross_entropy() is not None):
         raise ValueError("use_liger=True needs the liger-kernel package and CUDA inputs")
-    labels = labels.to(hidden.device)
+    targets = targets.to(hidden.device)
     if use_liger:
-        return _liger_token_loss_sum(hidden, weight, labels)
-    targets = _shifted_targets(labels).reshape(-1)
+        return _liger_token_loss_sum(hidden, weight, targets)
+    targets = targets.reshape(-1)
     grad_on = torch.is_grad_enabled()
     if groups is not None:
-        groups = _shifted_targets(groups.to(hidden.device).long()).reshape(-1)  # a loss belongs to its label's group
+        groups = groups.to(hidden.device).long().reshape(-1)  # aligned with the targets (shifted with them)
     return _ChunkedCrossEntropy.apply(
         hidden.reshape(-1, hidden.size(-1)),
         weight,
@@ -245,12 +236,13 @@ def chunked_token_loss_sum(
 
 
 class ChunkedLossHead(nn.Module):
-    """Drop-in ``lm_head`` that returns the summed token loss instead of logits when labels are set.
+    """Drop-in ``lm_head`` that returns the summed token loss instead of logits when targets are set.
 
     It holds the very Parameter of the ``nn.Linear`` it replaces, so the state-dict key stays
     ``lm_head.weight``, a tie with the input embeddings is kept, and DeepSpeed ZeRO-3's module hooks gather the
-    weight around this module's forward as they did for the Linear. Set ``labels`` before each forward of the
-    model; the forward consumes them. With ``labels`` unset it returns plain logits (generation, probes).
+    weight around this module's forward as they did for the Linear. Set ``targets`` (next-token targets,
+    ``dtrain.loss.shift_labels``) before each forward of the model; the forward consumes them. With ``targets`` unset
+    it returns plain logits (generation, probes).
     """
 
     def __init__(self, lm_head: nn.Linear, chunk_size: int):
@@ -259,18 +251,18 @@ class ChunkedLossHead(nn.Module):
         self.in_features = lm_head.in_features
         self.out_features = lm_head.out_features
         self.chunk_size = chunk_size
-        self.labels: Optional[torch.Tensor] = None
+        self.targets: Optional[torch.Tensor] = None
         self.groups: Optional[torch.Tensor] = None
         self.group_sums: Optional[torch.Tensor] = None
         # Kept outside the module tree: registered, it would add a second copy of the weight to the state dict.
         self.__dict__["original"] = lm_head
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        labels, self.labels = self.labels, None
+        targets, self.targets = self.targets, None
         groups, self.groups = self.groups, None
-        if labels is None:
+        if targets is None:
             return F.linear(hidden_states, self.weight)
-        return chunked_token_loss_sum(hidden_states, self.weight, labels, self.chunk_size, groups=groups, group_sums=self.group_sums)
+        return chunked_token_loss_sum(hidden_states, self.weight, targets, self.chunk_size, groups=groups, group_sums=self.group_sums)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, chunk_size={self.chunk_size}"
@@ -303,7 +295,7 @@ def install_chunked_loss_head(model: nn.Module, chunk_size: int) -> ChunkedLossH
         chunk_size: trained rows per chunk (``train.loss_chunk_size``).
 
     Returns:
-        The installed head; set ``head.labels`` before each forward that should return the loss.
+        The installed head; set ``head.targets`` before each forward that should return the loss.
 
     Raises:
         ValueError: if the output embedding is missing, not an ``nn.Linear``, or has a bias.

@@ -69,6 +69,9 @@ def build_ds_config(
     ds["gradient_accumulation_steps"] = batch.grad_accum_steps
     ds["train_batch_size"] = batch.global_batch_size
     ds["gradient_clipping"] = train.grad_clip
+    if job.parallel.sp_size > 1:
+        # DeepSpeed then counts data-parallel ranks as world / sp_size (the batch keys above use that size).
+        ds["sequence_parallel_size"] = job.parallel.sp_size
 
     if job.optim.name == OptimName.adamw_8bit:
         # A client optimizer (bitsandbytes AdamW8bit, built by the trainer): ZeRO accepts it only when told to.
@@ -95,6 +98,9 @@ def build_ds_config(
         zero_opt["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     if zero.offload_params:
         zero_opt["offload_param"] = {"device": "cpu", "pin_memory": True}
+    if zero.stage == 3 and job.parallel.sp_size > 1:
+        # dtrain.sequence_parallel.gradient_divisor corrects the averaging of this path; the other must not be taken.
+        zero_opt["reduce_scatter"] = True
     if zero.stage == 3 and hidden_size:
         zero_opt.setdefault("reduce_bucket_size", hidden_size * hidden_size)
         zero_opt.setdefault("stage3_prefetch_bucket_size", int(0.9 * hidden_size * hidden_size))

@@ -15,26 +15,29 @@ from typing import Any, Callable, ContextManager, Optional
 
 import torch
 
-from dtrain.architectures import model_shape
+from dtrain.architectures import causal_lm_class, model_shape
 from dtrain.chunked_loss import ChunkedLossHead, install_chunked_loss_head, liger_available
 from dtrain.config.schema import JobConfig
 from dtrain.data.dataset import PreparedData
 from dtrain.dist import all_reduce_max
 from dtrain.errors import ConfigError, DataError
 from dtrain.long_context import TileCount, activation_offload, install_tiled_mlp, no_offload
-from dtrain.loss import shifted_group_loss_sums, shifted_token_loss_sum
+from dtrain.loss import group_loss_sums, token_loss_sum
 from dtrain.memory.plan import ModelShape
-from dtrain.model import build_model, parameter_counts
+from dtrain.model import build_model, choose_attn_implementation, parameter_counts
 from dtrain.optim import build_client_optimizer, build_scheduler, parameter_groups
+from dtrain.sequence_parallel import check_model, gradient_divisor
 
 log = logging.getLogger("dtrain")
 
 
 def read_model_shape(job: JobConfig, data: PreparedData) -> ModelShape:
-    """The model's size and shape from its ``config.json``; the data's token ids are checked against its vocabulary.
+    """The model's size and shape from its ``config.json``; the data's token ids are checked against its vocabulary,
+    and its attention heads and kernel against ``parallel.sp_size``.
 
     Raises:
         DataError: A token id the embedding does not have (the tokenizer belongs to another model).
+        ConfigError: Attention heads or kernel that sequence parallelism cannot split (before any weight is loaded).
     """
     from transformers import AutoConfig
 
@@ -45,6 +48,7 @@ def read_model_shape(job: JobConfig, data: PreparedData) -> ModelShape:
             f"token id {biggest} does not fit the model's {config.vocab_size} embedding rows: the tokenizer at "
             f"{job.model.path} does not belong to this model (or added tokens need resize_token_embeddings)"
         )
+    check_model(config, job.parallel.sp_size, choose_attn_implementation(job.model.attn_implementation, causal_lm_class(config))[0])
     return model_shape(config)
 
 
@@ -85,19 +89,23 @@ class BatchLoss:
         return self.engine(**inputs, use_cache=False).logits
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Sum of next-token cross-entropies over the batch's trained tokens (no host sync)."""
-        labels = batch["labels"].to(self.device, non_blocking=True)
-        groups = batch.get("source_ids")
+        """Sum of next-token cross-entropies over the batch's trained tokens (no host sync).
+
+        The batch's ``targets`` were shifted by the loader (``dtrain.loss.shift_labels``); nothing shifts them here.
+        ``target_sources`` (a mixture) is shifted with them.
+        """
+        targets = batch["targets"].to(self.device, non_blocking=True)
+        groups = batch.get("target_sources")
         self.source_sums = None
         if groups is not None:
             groups = groups.to(self.device, non_blocking=True)
         if self.loss_head is None and groups is None:
-            return shifted_token_loss_sum(self.forward(batch), labels)
+            return token_loss_sum(self.forward(batch), targets)
         if self.loss_head is None:
-            loss_sum, self.source_sums = shifted_group_loss_sums(self.forward(batch), labels, groups, self.num_sources)
+            loss_sum, self.source_sums = group_loss_sums(self.forward(batch), targets, groups, self.num_sources)
             return loss_sum
-        # Consumed by the head in this forward; without labels it returns logits.
-        self.loss_head.labels, self.loss_head.groups = labels, groups
+        # Consumed by the head in this forward; without targets it returns logits.
+        self.loss_head.targets, self.loss_head.groups = targets, groups
         self.loss_head.group_sums = None if groups is None else torch.zeros(self.num_sources, dtype=torch.float32, device=self.device)
         loss_sum = self.forward(batch)
         self.source_sums = self.loss_head.group_sums
@@ -113,6 +121,8 @@ class EngineParts:
     """Trained parameters when adapters freeze the rest (MFU counts frozen weights at 4 FLOPs, not 6), else None."""
     hf_ds_config: Any
     """Keep referenced for the life of the model: transformers holds it weakly (ZeRO-3 saving and generation)."""
+    gradient_divisor: int
+    """What DeepSpeed divides the gradients summed over all ranks by (``dtrain.sequence_parallel.gradient_divisor``)."""
 
 
 def build_engine(
@@ -121,7 +131,7 @@ def build_engine(
     """Load the model and start the DeepSpeed engine (a collective: every rank calls it)."""
     import deepspeed
 
-    model, hf_ds_config = build_model(job, ds_config, shape.num_parameters)
+    model, hf_ds_config, mpu = build_model(job, ds_config, shape.num_parameters)
     # Before deepspeed.initialize: ZeRO-3 hooks the modules present then, and the head must gather its weight.
     loss_head = install_chunked_loss_head(model, job.train.loss_chunk_size) if job.train.loss_chunk_size else None
     tiles = install_long_context(model, job, shape, device)
@@ -139,10 +149,12 @@ def build_engine(
         optimizer=build_client_optimizer(groups, job.train, job.optim),
         config=ds_config,
         lr_scheduler=lambda optimizer: build_scheduler(optimizer, job.train, total_steps),
+        mpu=mpu,
     )
     offload = (lambda: activation_offload(torch.cuda.is_available())) if job.model.activation_offload else no_offload
     loss = BatchLoss(engine, device, loss_head, num_sources, tiles, offload)
-    return EngineParts(engine, scheduler, loss, trainable_weights, hf_ds_config)
+    divisor = gradient_divisor(job.zero.stage, torch.distributed.get_world_size(), job.parallel.sp_size)
+    return EngineParts(engine, scheduler, loss, trainable_weights, hf_ds_config, divisor)
 
 
 def install_long_context(model, job: JobConfig, shape: ModelShape, device: torch.device) -> Optional[TileCount]:

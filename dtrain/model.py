@@ -19,6 +19,7 @@ from dtrain.architectures import (
 from dtrain.config.checks import check_remote_code
 from dtrain.config.schema import JobConfig, ModelConfig, ModelInit, PeftConfig, PeftMethod, Precision
 from dtrain.init_weights import init_weights_by_name
+from dtrain.sequence_parallel import register_ulysses
 
 log = logging.getLogger("dtrain")
 
@@ -82,9 +83,13 @@ def load_model(job: JobConfig, ds_config: dict[str, Any]):
     Under ZeRO-3 an ``HfDeepSpeedConfig`` is alive while the model is created, so transformers constructs it
     inside ``deepspeed.zero.Init`` and each rank only ever holds its own partition of the weights.
 
+    With ``parallel.sp_size`` > 1, Ulysses attention is registered with transformers first (the model looks its
+    attention kernel up by name when it is built).
+
     Returns:
-        ``(model, hf_ds_config)``: keep ``hf_ds_config`` referenced for the life of the model (transformers
-        holds it weakly and ZeRO-3 saving/generation consult it).
+        ``(model, hf_ds_config, mpu)``: keep ``hf_ds_config`` referenced for the life of the model (transformers
+        holds it weakly and ZeRO-3 saving/generation consult it); ``mpu`` is DeepSpeed's sequence-parallel groups
+        for ``deepspeed.initialize`` (None without sequence parallelism).
     """
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
@@ -94,6 +99,7 @@ def load_model(job: JobConfig, ds_config: dict[str, Any]):
     config = AutoConfig.from_pretrained(cfg.path, **_remote_code_kwargs(cfg))
     attn, reason = choose_attn_implementation(cfg.attn_implementation, causal_lm_class(config))
     log.info("attention: %s (%s)", attn, reason)
+    mpu = register_ulysses(job, config, attn)
     dtype = TORCH_DTYPES[job.precision.name]
     kwargs = {"dtype": dtype, "attn_implementation": attn, **_remote_code_kwargs(cfg)}
     if job.peft.method == PeftMethod.qlora:
@@ -116,7 +122,7 @@ def load_model(job: JobConfig, ds_config: dict[str, Any]):
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         log.info("gradient checkpointing: on")
-    return model, hf_ds_config
+    return model, hf_ds_config, mpu
 
 
 def load_exported(folder, base_path: Optional[str], is_peft: bool, dtype: torch.dtype, quantization=None):
@@ -274,13 +280,13 @@ def parameter_counts(model) -> tuple[int, int]:
     return trainable, total
 
 
-def build_model(job: JobConfig, ds_config: dict[str, Any], num_parameters: int) -> tuple[Any, Optional[Any]]:
-    """Load the model, attach LoRA when configured, and log trainable vs total parameters.
+def build_model(job: JobConfig, ds_config: dict[str, Any], num_parameters: int) -> tuple[Any, Optional[Any], Optional[Any]]:
+    """Load the model, attach LoRA when configured, and log trainable vs total parameters (``load_model``'s triple).
 
     Args:
         num_parameters: The unquantised parameter count (from the config), for the QLoRA footprint report.
     """
-    model, hf_ds_config = load_model(job, ds_config)
+    model, hf_ds_config, mpu = load_model(job, ds_config)
     if job.peft.method == PeftMethod.qlora:
         _log_quantisation(model, job, num_parameters)
         prepare_for_kbit_training(model, job.model.gradient_checkpointing)
@@ -298,4 +304,8 @@ def build_model(job: JobConfig, ds_config: dict[str, Any], num_parameters: int) 
         local = sum(p.ds_tensor.numel() for p in model.parameters() if hasattr(p, "ds_tensor"))
         log.info("ZeRO-3: weights partitioned while loading; this rank holds %s of %s parameters", f"{local:,}", f"{total:,}")
     log.info("parameters: %s trainable of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100.0 * trainable / max(total, 1))
-    return model, hf_ds_config
+    # from_pretrained returns the model in eval mode, and nothing else sets train mode before the first eval: LoRA
+    # dropout, gradient checkpointing (transformers checkpoints only in training) and the sequence-parallel attention
+    # (eval mode runs whole sequences) were all off for a pretrained model until then.
+    model.train()
+    return model, hf_ds_config, mpu

@@ -50,7 +50,7 @@ def layout_of(job: JobConfig, world_size: int, nodes: int = 1) -> dict[str, Any]
         "zero.offload_params": z.offload_params,
         "train.micro_batch_size": t.micro_batch_size,
         "train.grad_accum_steps": t.grad_accum_steps,
-        "global_batch_size": t.micro_batch_size * t.grad_accum_steps * world_size,
+        "global_batch_size": t.micro_batch_size * t.grad_accum_steps * (world_size // job.parallel.sp_size),
     }
 
 

@@ -121,7 +121,8 @@ def resolve_job(
         )
     saved_world = (resume_layout or {}).get("world_size")
     if saved_world and saved_world != world_size:
-        accum = accumulation_for(resume_layout["global_batch_size"], job.train.micro_batch_size, world_size)
+        data_parallel = world_size // job.parallel.sp_size
+        accum = accumulation_for(resume_layout["global_batch_size"], job.train.micro_batch_size, data_parallel)
         if accum != job.train.grad_accum_steps:
             decisions.append(
                 f"train.grad_accum_steps={accum} (was {job.train.grad_accum_steps}): the checkpoint was written on {saved_world} "
@@ -132,4 +133,4 @@ def resolve_job(
     job.wandb.mode = wandb_mode(configured)
     if configured is None and job.wandb.mode != WandbMode.disabled:
         decisions.append(f"wandb.mode=null: WANDB_MODE in the environment says {job.wandb.mode.value}")
-    return ResolvedJob(job, BatchPlan.from_config(job.train, world_size), tuple(decisions))
+    return ResolvedJob(job, BatchPlan.from_config(job.train, world_size, job.parallel.sp_size), tuple(decisions))

@@ -9,6 +9,7 @@ template) before minutes of model loading, and a checkpoint from other settings 
 from __future__ import annotations
 
 import logging
+import os
 import random
 import uuid
 from dataclasses import dataclass
@@ -46,7 +47,8 @@ def start_run(job: JobConfig) -> tuple[DistInfo, Path]:
     Raises:
         ConfigError: The job cannot run; nothing was started.
     """
-    check_job(job, cuda_available=torch.cuda.is_available())
+    # WORLD_SIZE is the launcher's: the process group does not exist yet, and nothing should start for a job that fails.
+    check_job(job, cuda_available=torch.cuda.is_available(), world_size=int(os.environ.get("WORLD_SIZE", "1")))
     dist = init_distributed(job.train.dist_timeout_minutes)
     run_dir = Path(job.output_dir).resolve()
     if dist.is_main:

@@ -139,11 +139,12 @@ class Trainer:
             self.state.skipped_steps += 1
             log.warning("step %d: no trained token in the global batch; step skipped", self.state.step + 1)
             return None
-        # DeepSpeed divides the loss by the accumulation steps and averages gradients over ranks; scaling by
-        # both makes the final gradient exactly d(global token-mean loss).
-        scale = self.batch.grad_accum_steps * self.batch.world_size / total.trained_tokens
+        # DeepSpeed divides the loss by the accumulation steps and the gradients summed over all ranks by the
+        # data-parallel size (see gradient_divisor); scaling by both makes the final gradient exactly d(global
+        # token-mean loss). Under sequence parallelism each rank's loss sum covers its own piece of the sequences.
+        scale = self.batch.grad_accum_steps * self.run.parts.gradient_divisor / total.trained_tokens
         local_loss_sum = torch.zeros((), dtype=torch.float64, device=self.dist.device)
-        sources = SourceLosses(self.run.data.data.source_names) if "source_ids" in batch.micro_batches[0] else None
+        sources = SourceLosses(self.run.data.data.source_names) if "target_sources" in batch.micro_batches[0] else None
         last = len(batch.micro_batches) - 1
         for k, micro_batch in enumerate(batch.micro_batches):
             # Activation offload holds the micro-batch's checkpointed layer inputs on the host from forward to backward.
@@ -167,7 +168,7 @@ class Trainer:
                 self.gradient_meter.after_step()
             local_loss_sum += loss_sum.detach().double()
             if sources is not None:
-                sources.add(self.loss.source_sums, micro_batch["labels"], micro_batch["source_ids"])
+                sources.add(self.loss.source_sums, micro_batch["targets"], micro_batch["target_sources"])
         # One reduction for the step's loss and, in a mixture, each source's loss sum and token count.
         reduced = all_reduce_sum([local_loss_sum.item(), *(sources.as_list() if sources else [])], self.dist.device)
         record = self._step_record(reduced[0] / total.trained_tokens, total, batch, timer, time.perf_counter() - t0)
@@ -234,7 +235,7 @@ class Trainer:
             loss_sum += float(self.loss(batch))
             tokens += trained
             if sources is not None:
-                sources.add(self.loss.source_sums, batch["labels"], batch["source_ids"])
+                sources.add(self.loss.source_sums, batch["targets"], batch["target_sources"])
         self.engine.train()
         reduced = all_reduce_sum([loss_sum, tokens, *(sources.as_list() if sources else [])], self.dist.device)
         total_loss, total_tokens, per_source = reduced[0], reduced[1], reduced[2:]

@@ -8,17 +8,20 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
+from typing import Optional
 
 from dtrain.config.schema import DataConfig, JobConfig, ModelConfig, ModelInit, OptimName, PeftMethod, Precision
 from dtrain.errors import ConfigError, DataError
+from dtrain.sequence_parallel import check_attention
 
 
-def check_job(job: JobConfig, *, cuda_available: bool) -> None:
+def check_job(job: JobConfig, *, cuda_available: bool, world_size: Optional[int] = None) -> None:
     """Refuse a job that cannot run.
 
     Args:
         job: The composed job.
         cuda_available: Whether this machine has a CUDA device.
+        world_size: Ranks of the launch, when known (the launcher's ``WORLD_SIZE``).
 
     Raises:
         ConfigError: The first problem found, with the fix.
@@ -57,6 +60,7 @@ def check_job(job: JobConfig, *, cuda_available: bool) -> None:
     if job.optim.name == OptimName.adamw_8bit:
         check_adamw_8bit(job)
     check_data_sources(job.data)
+    check_sequence_parallel(job, world_size)
 
 
 def check_data_sources(cfg: DataConfig) -> None:
@@ -83,6 +87,22 @@ def check_data_sources(cfg: DataConfig) -> None:
             data_files(cfg.eval_path)
         except DataError as e:
             raise DataError(f"data.eval_path: {e}") from None
+
+
+def check_sequence_parallel(job: JobConfig, world_size: Optional[int]) -> None:
+    """``parallel.sp_size``: whole groups of ranks and an attention kernel Ulysses can wrap (the model's heads are
+    checked once its config is read: ``dtrain.sequence_parallel.check_model``)."""
+    sp_size = job.parallel.sp_size
+    if sp_size < 1:
+        raise ConfigError(f"parallel.sp_size={sp_size}: must be >= 1 (1 = no sequence parallelism)")
+    if sp_size == 1:
+        return
+    if world_size is not None and world_size % sp_size:
+        raise ConfigError(
+            f"parallel.sp_size={sp_size} with {world_size} ranks: sequence-parallel groups are whole sets of "
+            f"{sp_size} ranks; launch a multiple of {sp_size} ranks or change parallel.sp_size"
+        )
+    check_attention(job.model.attn_implementation, sp_size, "model.attn_implementation")
 
 
 def check_remote_code(cfg: ModelConfig) -> None:

@@ -239,7 +239,8 @@ class PrecisionConfig:
 
 @dataclass
 class TrainConfig:
-    """The optimisation loop. Global batch = micro_batch_size x grad_accum_steps x world size."""
+    """The optimisation loop. Global batch = micro_batch_size x grad_accum_steps x data-parallel size (the world size,
+    divided by ``parallel.sp_size``)."""
 
     epochs: int = 1
     max_steps: Optional[int] = None
@@ -277,6 +278,17 @@ class TrainConfig:
     """Peak TFLOP/s of one GPU for MFU; default: looked up from the GPU's name (A100, H100, H200, ...)."""
     spike_factor: float = 10.0
     """Warn (with the sample ids) when a step's loss exceeds this multiple of the running median."""
+
+
+@dataclass
+class ParallelConfig:
+    """How the ranks split the work beyond data parallelism."""
+
+    sp_size: int = 1
+    """Ulysses sequence parallelism: groups of this many consecutive ranks split each sequence between them (the
+    attention heads are split instead for attention itself), so a sequence needs 1/sp_size of the activation memory
+    per rank. The groups train the same examples; data parallelism is world size / sp_size, and the global batch is
+    micro_batch_size x grad_accum_steps x (world size / sp_size). 1: off."""
 
 
 class ReshardMode(str, Enum):
@@ -341,7 +353,7 @@ class WandbConfig:
 
 class PreviewFormat(str, Enum):
     text = "text"  # rendered text, trained tokens highlighted (colour on a terminal, [[brackets]] otherwise)
-    json = "json"  # one object per example/row: input_ids, labels (-100 = no loss), position_ids when packed
+    json = "json"  # one object per example/row: input_ids, targets (next-token labels, -100 = no loss), position_ids when packed
 
 
 @dataclass
@@ -407,6 +419,7 @@ class JobConfig:
     peft: PeftConfig = field(default_factory=PeftConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     zero: ZeroConfig = field(default_factory=ZeroConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     ckpt: CheckpointConfig = field(default_factory=CheckpointConfig)

@@ -94,7 +94,7 @@ class StepSampler:
         epoch, so a resumed run passes ``start_step`` and sees exactly the batches it would have seen.
         """
         order = self.epoch_order(epoch)
-        micro, accum, world = self.batch.micro_batch_size, self.batch.grad_accum_steps, self.batch.world_size
+        micro, accum, world = self.batch.micro_batch_size, self.batch.grad_accum_steps, self.batch.data_parallel_size
         for step in range(start_step, self.steps_per_epoch):
             chunk = order[step * self.batch.global_batch_size : (step + 1) * self.batch.global_batch_size]
             # Micro-batch k of rank r: consecutive slices interleaved by rank, disjoint across ranks.

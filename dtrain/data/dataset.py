@@ -16,7 +16,7 @@ import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
 from dtrain.config.schema import DataConfig, DataFormat, OnInvalid, Truncation
 from dtrain.data.chat import ChatRenderer, ChatTemplateError, TokenizedExample
@@ -45,8 +45,9 @@ class GenerationPrompt:
 class PreparedData:
     """A prepared corpus: memory-mapped examples, prompts, and what preparation dropped, truncated and split."""
 
-    train: TokenStore
-    eval: TokenStore
+    train: Sequence[TokenizedExample]
+    """A ``TokenStore`` (tests may hand in a list)."""
+    eval: Sequence[TokenizedExample]
     prompts: list[GenerationPrompt]
     dropped: Counter = field(default_factory=Counter)  # reason -> count, reported at start
     truncated: Counter = field(default_factory=Counter)
@@ -56,7 +57,13 @@ class PreparedData:
 
     @property
     def max_token_id(self) -> int:
-        return max(self.train.max_token_id, self.eval.max_token_id)
+        """The largest token id of both splits (a store's from its ``meta.json``; a list of examples is scanned)."""
+        return max(_max_token_id(self.train), _max_token_id(self.eval))
+
+
+def _max_token_id(split: Sequence[TokenizedExample]) -> int:
+    stored = getattr(split, "max_token_id", None)
+    return stored if stored is not None else max((max(e.input_ids) for e in split), default=-1)
 
 
 # The keys the counters above report under (the start-up log prints "<count> <unit>(s) <reason>").

@@ -5,8 +5,9 @@
 A *unit* is what the sampler draws: one example, or one packed row of examples (``data.packing``), held as
 indices into the token store, never as examples: the store is read when a step's batch is collated. With a
 mixture of several sources, an epoch draws each source's examples by its weight (``dtrain.data.mixture``) and
-the micro-batches carry each token's source for the per-source losses. Training steps, eval, the export probe and
-``launch/preview.py`` all get their tensors from here.
+the micro-batches carry each target's source for the per-source losses. Training steps, eval, the export probe and
+``launch/preview.py`` all get their tensors from here. Under sequence parallelism (``parallel.sp_size``) a training
+micro-batch is cut along the sequence here too, one piece per rank of the group.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from dtrain.data.mixture import epoch_examples
 from dtrain.data.packing import collate_packed, pack_examples, padding_efficiency
 from dtrain.data.prefetch import Prefetcher
 from dtrain.errors import ConfigError
-from dtrain.loss import count_trained_tokens
+from dtrain.loss import count_trained_tokens, shift_labels
 
 log = logging.getLogger("dtrain")
 
@@ -68,13 +69,13 @@ class SourceLosses:
         self.loss_sums = torch.zeros(len(names), dtype=torch.float64)
         self.tokens = torch.zeros(len(names), dtype=torch.float64)
 
-    def add(self, loss_sums: Optional[torch.Tensor], labels: torch.Tensor, groups: torch.Tensor) -> None:
-        """Add one micro-batch: its per-source loss sums (``BatchLoss.source_sums``) and its collated labels and
-        ``source_ids``."""
+    def add(self, loss_sums: Optional[torch.Tensor], targets: torch.Tensor, groups: torch.Tensor) -> None:
+        """Add one micro-batch: its per-source loss sums (``BatchLoss.source_sums``) and its ``targets`` and
+        ``target_sources``."""
         if loss_sums is not None:
             self.loss_sums += loss_sums.detach().double().cpu()
-        trained = labels[:, 1:] != IGNORE_INDEX
-        self.tokens += torch.bincount(groups[:, 1:][trained].cpu(), minlength=len(self.names))[: len(self.names)].double()
+        trained = (targets != IGNORE_INDEX) & (groups >= 0)
+        self.tokens += torch.bincount(groups[trained].cpu(), minlength=len(self.names))[: len(self.names)].double()
 
     def as_list(self) -> list[float]:
         return self.loss_sums.tolist() + self.tokens.tolist()
@@ -140,8 +141,56 @@ class Units:
 def collate_units(units: Sequence[Sequence[TokenizedExample]], packing: bool, pad_token_id: int) -> dict[str, torch.Tensor]:
     """Tensors of a micro-batch of units: packed rows with restarting ``position_ids``, or right-padded examples."""
     if packing:
-        return collate_packed([list(unit) for unit in units], pad_token_id)
-    return collate([unit[0] for unit in units], pad_token_id)
+        return with_targets(collate_packed([list(unit) for unit in units], pad_token_id))
+    return with_targets(collate([unit[0] for unit in units], pad_token_id))
+
+
+def with_targets(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The collated ``labels`` replaced by next-token ``targets``: the one causal shift, made before any cut."""
+    batch["targets"] = shift_labels(batch.pop("labels"))
+    return batch
+
+
+def with_target_sources(batch: dict[str, torch.Tensor], sources: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``target_sources``: the source of each target, shifted like the targets (-1: none)."""
+    shifted = torch.full_like(sources, -1)
+    shifted[:, :-1] = sources[:, 1:]
+    batch["target_sources"] = shifted
+    return batch
+
+
+def sequence_shard(batch: dict[str, torch.Tensor], sp_rank: int, sp_size: int, pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Piece ``sp_rank`` of ``sp_size`` of every row of a collated micro-batch (Ulysses sequence parallelism).
+
+    The rows are padded to a multiple of ``sp_size`` and cut along the sequence. The targets were shifted before the
+    cut (``with_targets``), so the last token of a piece keeps the label of the next piece's first token. Every piece
+    carries ``position_ids`` (a padded row gets ``0..width-1``, a packed row keeps its own): the attention all-to-all
+    gathers them to rebuild the whole sequence's positions and examples. No attention mask: right padding follows
+    every real token, so causal attention keeps it out of them.
+
+    Args:
+        batch: A micro-batch from ``collate_units`` (``input_ids``, ``targets``, ``position_ids`` when packed,
+            ``target_sources`` in a mixture).
+        sp_rank: This rank's place in its sequence-parallel group.
+        sp_size: Ranks per group.
+        pad_token_id: Id of the added padding (never trained: its targets are ignored).
+    """
+    rows, width = batch["input_ids"].shape
+    extra = -width % sp_size
+    positions = batch.get("position_ids")
+    if positions is None:
+        positions = torch.arange(width).expand(rows, width)
+    # The added padding continues each row's positions: after every real token, it is never attended to by one.
+    padded = {
+        "position_ids": torch.cat([positions, positions[:, -1:] + 1 + torch.arange(extra)], dim=1),
+        "input_ids": torch.nn.functional.pad(batch["input_ids"], (0, extra), value=pad_token_id),
+        "targets": torch.nn.functional.pad(batch["targets"], (0, extra), value=IGNORE_INDEX),
+    }
+    if "target_sources" in batch:
+        padded["target_sources"] = torch.nn.functional.pad(batch["target_sources"], (0, extra), value=-1)
+    piece = (width + extra) // sp_size
+    cut = slice(sp_rank * piece, (sp_rank + 1) * piece)
+    return {k: v[:, cut].contiguous() for k, v in padded.items()}
 
 
 class TrainLoader:
@@ -150,7 +199,8 @@ class TrainLoader:
     Args:
         examples: The tokenised training examples (a ``TokenStore``, or a list).
         batch: The batch plan.
-        rank: This rank (the sampler's slice of every step).
+        rank: This rank. Its data-parallel rank picks the sampler's slice of every step, its place in its
+            sequence-parallel group (``batch.sp_size`` > 1) the piece of every row it trains.
         packing: Draw packed rows instead of single examples (decided by the resolution step).
         max_seq_len: Row capacity when packing.
         seed: Shuffle, mixture and packing seed.
@@ -174,6 +224,8 @@ class TrainLoader:
     ):
         self.examples = examples
         self.packing = packing
+        data_parallel_rank, self.sp_rank = batch.place(rank)
+        self.sp_size = batch.sp_size
         self.pad_token_id = pad_token_id
         self.max_seq_len = max_seq_len
         self.example_lengths = example_lengths(examples)
@@ -183,7 +235,7 @@ class TrainLoader:
         self.drawn = epoch_examples(self.source_index, weights, seed)
         self.units = Units(self.example_lengths, self.drawn, packing, max_seq_len, seed)
         self.lengths = self.units.lengths
-        self.sampler = StepSampler(len(self.units), batch, rank, seed, self.lengths, grouping)
+        self.sampler = StepSampler(len(self.units), batch, data_parallel_rank, seed, self.lengths, grouping)
         self.unit_name = "packed rows" if packing else "examples"
         if self.sampler.steps_per_epoch == 0:
             raise ConfigError(
@@ -200,12 +252,16 @@ class TrainLoader:
         return [self.examples[int(i)] for i in self.units[u]]
 
     def collate(self, unit_indices: Sequence[int]) -> dict[str, torch.Tensor]:
-        """The tensors of a micro-batch of units (by unit index); with several sources also ``source_ids``."""
+        """The tensors of a micro-batch of units (by unit index); with several sources also ``target_sources``; this
+        rank's piece of every row under sequence parallelism."""
         batch = collate_units([self.unit_examples(u) for u in unit_indices], self.packing, self.pad_token_id)
         if self.num_sources > 1:
             members = [self.units[u] for u in unit_indices]
-            batch["source_ids"] = source_ids(members, self.example_lengths, self.source_index, batch["input_ids"].shape[1])
-        return batch
+            sources = source_ids(members, self.example_lengths, self.source_index, batch["input_ids"].shape[1])
+            batch = with_target_sources(batch, sources)
+        if self.sp_size == 1:
+            return batch
+        return sequence_shard(batch, self.sp_rank, self.sp_size, self.pad_token_id)
 
     def step_batches(self, start_step: int, pin_memory: bool = False) -> Iterator[StepBatch]:
         """This rank's batches from global step ``start_step`` on, epoch after epoch, without end.
@@ -220,7 +276,9 @@ class TrainLoader:
             with Prefetcher(self.sampler.steps(epoch, start), self.collate, pin_memory=pin_memory) as prefetched:
                 for micro_indices, batches, wait_s in prefetched:
                     examples = [e for idx in micro_indices for u in idx for e in self.unit_examples(u)]
-                    yield StepBatch(epoch, batches, examples, step_stats(examples, batches), wait_s)
+                    # The ranks of a sequence-parallel group share these examples: one of them counts them.
+                    counted = examples if self.sp_rank == 0 else []
+                    yield StepBatch(epoch, batches, examples, step_stats(counted, batches), wait_s)
                     step += 1
 
     def planned_padding_efficiency(self) -> float:
@@ -240,12 +298,13 @@ class TrainLoader:
         train = data.train
         trained, total = int(np.sum(train.num_trained, dtype=np.int64)), int(np.sum(self.example_lengths))
         log.info(
-            "batch: %d micro x %d accumulation x %d ranks = %d %s per optimizer step",
+            "batch: %d micro x %d accumulation x %d data-parallel ranks = %d %s per optimizer step%s",
             b.micro_batch_size,
             b.grad_accum_steps,
-            b.world_size,
+            b.data_parallel_size,
             b.global_batch_size,
             self.unit_name,
+            f" (each row cut into {self.sp_size} pieces, one per rank of a sequence-parallel group)" if self.sp_size > 1 else "",
         )
         log.info(
             "data: %d train / %d eval examples, %d tokens of which %d trained (%.1f%%); %d steps/epoch, %d total steps",
@@ -315,7 +374,7 @@ def source_ids(units: Sequence[Sequence[int]], lengths: np.ndarray, source_index
 def step_stats(examples: Sequence[TokenizedExample], batches: Sequence[dict[str, torch.Tensor]]) -> BatchStats:
     """The counts of one rank's share of a step."""
     return BatchStats(
-        trained_tokens=sum(count_trained_tokens(b["labels"]) for b in batches),
+        trained_tokens=sum(count_trained_tokens(b["targets"]) for b in batches),
         real_tokens=sum(len(e.input_ids) for e in examples),
         token_slots=sum(b["input_ids"].numel() for b in batches),
         sum_sq_lengths=sum(len(e.input_ids) ** 2 for e in examples),
@@ -328,7 +387,7 @@ def eval_batches(
 ) -> Iterator[tuple[dict[str, torch.Tensor], int]]:
     """This rank's eval micro-batches and their trained-token counts: the same number of batches on every rank
     (each forward is a ZeRO-3 collective); a rank with fewer examples gets a fully masked filler batch that adds
-    nothing to the loss sums. With several sources (``num_sources``) the batches carry ``source_ids``.
+    nothing to the loss sums. With several sources (``num_sources``) the batches carry ``target_sources``.
     """
     shard = list(range(rank, len(examples), world_size))
     num_batches = math.ceil(math.ceil(len(examples) / world_size) / micro_batch_size)
@@ -337,15 +396,14 @@ def eval_batches(
     filler = TokenizedExample("<filler>", first.input_ids, [IGNORE_INDEX] * len(first.input_ids))
     for k in range(num_batches):
         indices = shard[k * micro_batch_size : (k + 1) * micro_batch_size]
-        batch = collate([examples[i] for i in indices] or [filler], pad_token_id)
+        batch = with_targets(collate([examples[i] for i in indices] or [filler], pad_token_id))
         if num_sources > 1:
-            batch["source_ids"] = source_ids([[i] for i in indices] or [[0]], lengths, sources, batch["input_ids"].shape[1])
-            if not indices:
-                batch["source_ids"].fill_(-1)
-        yield batch, count_trained_tokens(batch["labels"])
+            ids = source_ids([[i] for i in indices] or [[0]], lengths, sources, batch["input_ids"].shape[1])
+            batch = with_target_sources(batch, ids if indices else ids.fill_(-1))
+        yield batch, count_trained_tokens(batch["targets"])
 
 
 def probe_batch(examples: Sequence[TokenizedExample], pad_token_id: int, max_tokens: int = 256) -> dict[str, torch.Tensor]:
     """A short padded batch of the first examples, each cut to ``max_tokens`` (cheap to re-run on CPU)."""
     cut = [TokenizedExample(e.source, e.input_ids[:max_tokens], e.labels[:max_tokens]) for e in examples]
-    return collate(cut, pad_token_id)
+    return with_targets(collate(cut, pad_token_id))

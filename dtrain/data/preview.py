@@ -46,18 +46,16 @@ def preview_text(units: list[list[TokenizedExample]], tokenizer, color: bool) ->
 
 
 def preview_json(units: list[list[TokenizedExample]], collate_unit: Callable[[list[TokenizedExample]], dict], packed: bool) -> list[str]:
-    """One JSON line per unit with the exact tensors the loop will see (labels unshifted, -100 = no loss).
+    """One JSON line per unit with the exact tensors the loop will see: ``targets[t]`` is the token position ``t`` is
+    trained to predict (the labels shifted by one, -100 = no loss).
 
     Args:
         collate_unit: The loader's collation of one unit into a batch of one row.
     """
     lines = []
     for unit in units:
-        if packed:
-            batch = collate_unit(unit)
-            record = {"sources": [e.source for e in unit], **{k: v[0].tolist() for k, v in batch.items()}}
-        else:
-            e = unit[0]
-            record = {"source": e.source, "input_ids": e.input_ids, "labels": e.labels}
-        lines.append(json.dumps(record))
+        # A row of one example has no padding: its attention mask is all ones and says nothing.
+        tensors = {k: v[0].tolist() for k, v in collate_unit(unit).items() if k != "attention_mask"}
+        sources = {"sources": [e.source for e in unit]} if packed else {"source": unit[0].source}
+        lines.append(json.dumps({**sources, **tensors}))
     return lines

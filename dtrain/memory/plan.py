@@ -303,6 +303,7 @@ def setup_from_job(job: JobConfig) -> PlanSetup:
         peft=job.peft.method.value,
         gradient_checkpointing=job.model.gradient_checkpointing,
         optim=job.optim.name.value,
+        sp_size=job.parallel.sp_size,
         tiled_mlp=job.model.tiled_mlp,
         activation_offload=job.model.activation_offload,
     )

@@ -29,7 +29,7 @@ from dtrain.chunked_loss import (
     uninstall_chunked_loss_head,
 )
 from dtrain.data import IGNORE_INDEX
-from dtrain.loss import shifted_token_loss_sum
+from dtrain.loss import shift_labels, shifted_token_loss_sum
 
 from tests.conftest import REPO_ROOT, TINY_DIR
 
@@ -85,7 +85,7 @@ def test_equals_plain_loss_and_gradients(chunk_size, masked):
     if masked:
         labels = _scattered(labels)
     plain = _loss_and_grads(lambda h, w: shifted_token_loss_sum(h @ w.T, labels), hidden, weight)
-    chunked = _loss_and_grads(lambda h, w: chunked_token_loss_sum(h, w, labels, chunk_size), hidden, weight)
+    chunked = _loss_and_grads(lambda h, w: chunked_token_loss_sum(h, w, shift_labels(labels), chunk_size), hidden, weight)
     reference = _float64_reference(hidden, weight, labels)
     assert chunked[0].dtype == torch.float32 and chunked[1].dtype == chunked[2].dtype == torch.float32
     _assert_matches(chunked, plain)
@@ -105,7 +105,7 @@ def test_chunk_over_fully_ignored_positions_is_skipped(monkeypatch):
 
     trained = int((labels[:, 1:] != IGNORE_INDEX).sum())
     monkeypatch.setattr(chunked_loss.F, "linear", counting_linear)
-    chunked = _loss_and_grads(lambda h, w: chunked_token_loss_sum(h, w, labels, 4), hidden, weight)
+    chunked = _loss_and_grads(lambda h, w: chunked_token_loss_sum(h, w, shift_labels(labels), 4), hidden, weight)
     monkeypatch.undo()
     # Only trained rows are multiplied: the 12 ignored targets of row 0 (three chunks of 4) cost nothing.
     assert sum(calls) == trained and len(calls) == -(-trained // 4)
@@ -115,7 +115,7 @@ def test_chunk_over_fully_ignored_positions_is_skipped(monkeypatch):
 def test_fully_ignored_batch_gives_exact_zero_and_zero_gradients():
     hidden, weight, _ = _inputs(2)
     labels = torch.full((B, S), IGNORE_INDEX)
-    loss, grad_h, grad_w = _loss_and_grads(lambda h, w: chunked_token_loss_sum(h, w, labels, 8), hidden, weight)
+    loss, grad_h, grad_w = _loss_and_grads(lambda h, w: chunked_token_loss_sum(h, w, shift_labels(labels), 8), hidden, weight)
     # Backward ran (the grads exist, so the parameters' hooks fired) and produced exact zeros.
     assert loss.item() == 0.0 and loss.dtype == torch.float32
     assert grad_h is not None and grad_w is not None
@@ -128,7 +128,7 @@ def test_bf16_inputs_match_the_plain_bf16_path(monkeypatch, chunk_size):
     hidden, weight, labels = _inputs(3, torch.bfloat16)
     labels = _scattered(labels)
     plain = _loss_and_grads(lambda h, w: shifted_token_loss_sum(h @ w.T, labels), hidden, weight)
-    chunked = _loss_and_grads(lambda h, w: chunked_token_loss_sum(h, w, labels, chunk_size), hidden, weight)
+    chunked = _loss_and_grads(lambda h, w: chunked_token_loss_sum(h, w, shift_labels(labels), chunk_size), hidden, weight)
     reference = _float64_reference(hidden, weight, labels)
     loss, grad_h, grad_w = chunked
     assert loss.dtype == torch.float32 and grad_h.dtype == grad_w.dtype == torch.bfloat16
@@ -155,7 +155,7 @@ def test_tied_weight_gradients_add_through_autograd():
         return loss.detach(), embed.grad
 
     plain_loss, plain_grad = run(lambda h, w: shifted_token_loss_sum(h @ w.T, labels))
-    chunked_loss_, chunked_grad = run(lambda h, w: chunked_token_loss_sum(h, w, labels, 6))
+    chunked_loss_, chunked_grad = run(lambda h, w: chunked_token_loss_sum(h, w, shift_labels(labels), 6))
     torch.testing.assert_close(chunked_loss_, plain_loss, rtol=LOSS_RTOL, atol=0.0)
     torch.testing.assert_close(chunked_grad, plain_grad, rtol=0.0, atol=GRAD_ATOL)
 
@@ -164,21 +164,21 @@ def test_no_grad_and_frozen_weight():
     hidden, weight, labels = _inputs(6)
     want = shifted_token_loss_sum(hidden @ weight.T, labels)
     with torch.no_grad():
-        got = chunked_token_loss_sum(hidden.requires_grad_(), weight, labels, 5)
+        got = chunked_token_loss_sum(hidden.requires_grad_(), weight, shift_labels(labels), 5)
     assert not got.requires_grad
     torch.testing.assert_close(got, want, rtol=LOSS_RTOL, atol=0.0)
     # A frozen head (LoRA leaves lm_head alone): only the hidden states get a gradient.
     hidden = hidden.detach().requires_grad_()
-    chunked_token_loss_sum(hidden, weight, labels, 5).backward()
+    chunked_token_loss_sum(hidden, weight, shift_labels(labels), 5).backward()
     assert hidden.grad is not None and weight.grad is None
 
 
 def test_bad_arguments_are_rejected():
     hidden, weight, labels = _inputs()
     with pytest.raises(ValueError, match="chunk_size"):
-        chunked_token_loss_sum(hidden, weight, labels, 0)
+        chunked_token_loss_sum(hidden, weight, shift_labels(labels), 0)
     with pytest.raises(ValueError, match="expected hidden"):
-        chunked_token_loss_sum(hidden, weight, labels[:, :-1], 4)
+        chunked_token_loss_sum(hidden, weight, shift_labels(labels[:, :-1]), 4)
 
 
 def test_liger_is_not_dispatched_on_cpu(monkeypatch):
@@ -199,10 +199,10 @@ def test_liger_is_not_dispatched_on_cpu(monkeypatch):
         assert chunked_loss._liger_fused_linear_cross_entropy() is must_not_run
         assert liger_available() == torch.cuda.is_available()
         hidden, weight, labels = _inputs()
-        got = chunked_token_loss_sum(hidden, weight, labels, 7)
+        got = chunked_token_loss_sum(hidden, weight, shift_labels(labels), 7)
         torch.testing.assert_close(got, shifted_token_loss_sum(hidden @ weight.T, labels), rtol=LOSS_RTOL, atol=0.0)
         with pytest.raises(ValueError, match="use_liger=True"):
-            chunked_token_loss_sum(hidden, weight, labels, 7, use_liger=True)
+            chunked_token_loss_sum(hidden, weight, shift_labels(labels), 7, use_liger=True)
     finally:
         chunked_loss._liger_fused_linear_cross_entropy.cache_clear()
 
@@ -251,16 +251,16 @@ def test_head_on_tiny_llama_matches_the_logits_path(tied):
     assert list(model.state_dict()) == keys  # still "lm_head.weight": the export loads with plain transformers
     assert install_chunked_loss_head(model, chunk_size=5) is head
 
-    head.labels = labels
+    head.targets = shift_labels(labels)
     loss = model(input_ids=input_ids, use_cache=False).logits
-    assert loss.dim() == 0 and head.labels is None  # consumed by the forward
+    assert loss.dim() == 0 and head.targets is None  # consumed by the forward
     loss.backward()
     torch.testing.assert_close(loss, plain_loss, rtol=LOSS_RTOL, atol=0.0)
     for name, grad in _grads(model).items():
         scale = plain_grads[name].abs().max().item()
         torch.testing.assert_close(grad, plain_grads[name], rtol=0.0, atol=2e-6 * scale, msg=name)
 
-    with torch.no_grad():  # labels unset: plain logits, as generation and the export probe need
+    with torch.no_grad():  # targets unset: plain logits, as generation and the export probe need
         torch.testing.assert_close(model(input_ids=input_ids, use_cache=False).logits, plain_logits.detach())
 
     with plain_lm_head(model) as original:
@@ -318,7 +318,7 @@ def test_memory_bench_smoke(tmp_path):
 def test_a_second_backward_through_the_same_graph_is_refused():
     hidden, weight, labels = _inputs()
     hidden.requires_grad_()
-    loss = chunked_token_loss_sum(hidden, weight, labels, 8)
+    loss = chunked_token_loss_sum(hidden, weight, shift_labels(labels), 8)
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="backward runs only once"):
         loss.backward()

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from dtrain.config.batch import BatchPlan
 from dtrain.config.schema import LengthGrouping
 from dtrain.data import IGNORE_INDEX, TokenizedExample
-from dtrain.data.loader import TrainLoader, eval_batches, probe_batch
+from dtrain.data.loader import TrainLoader, collate_units, eval_batches, probe_batch, sequence_shard
 from dtrain.errors import ConfigError
 
 PAD = 0
@@ -42,7 +42,7 @@ def test_step_counts_describe_the_collated_tensors(packing):
     with closing(loader(examples, packing=packing).step_batches(0)) as steps:
         for batch in islice(steps, 5):
             stats = batch.stats
-            assert stats.trained_tokens == sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batch.micro_batches)
+            assert stats.trained_tokens == sum(int((b["targets"] != IGNORE_INDEX).sum()) for b in batch.micro_batches)
             # Packed or not, an example's first label is never a target: the same count as one at a time.
             assert stats.trained_tokens == sum(e.num_trained for e in batch.examples)
             assert stats.real_tokens == sum(len(e.input_ids) for e in batch.examples)
@@ -106,3 +106,60 @@ def test_probe_batch_of_long_examples_is_cut_and_can_be_saved(tmp_path):
     assert batch["input_ids"].shape == (2, 256) and all(t.is_contiguous() for t in batch.values())
     assert torch.equal(batch["input_ids"][0], torch.tensor(long[0].input_ids[:256]))
     save_file({k: v for k, v in batch.items()}, str(tmp_path / "probe.safetensors"))  # refused before the fix
+
+
+# ------------------------------------------------------------------ sequence parallelism (parallel.sp_size)
+
+
+@pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("sp_size", [2, 3])
+def test_sequence_pieces_put_back_together_are_the_padded_row_with_its_targets(packing, sp_size):
+    units = [[e] for e in synthetic(4, seed=3)] if not packing else [synthetic(3, seed=3), synthetic(2, seed=4)]
+    whole = collate_units(units, packing, PAD)
+    pieces = [sequence_shard(whole, r, sp_size, PAD) for r in range(sp_size)]
+    rows, width = whole["input_ids"].shape
+    padded = -(-width // sp_size) * sp_size
+    assert {p["input_ids"].shape for p in pieces} == {(rows, padded // sp_size)}
+    assert all(set(p) == {"input_ids", "position_ids", "targets"} and all(t.is_contiguous() for t in p.values()) for p in pieces)
+    joined = {k: torch.cat([p[k] for p in pieces], dim=1) for k in pieces[0]}
+    assert torch.equal(joined["input_ids"][:, :width], whole["input_ids"]) and (joined["input_ids"][:, width:] == PAD).all()
+    # Shifted before the cut: every target survives, the added padding trains nothing.
+    assert torch.equal(joined["targets"][:, :width], whole["targets"]) and (joined["targets"][:, width:] == IGNORE_INDEX).all()
+    positions = whole["position_ids"] if packing else torch.arange(width).expand(rows, width)
+    assert torch.equal(joined["position_ids"][:, :width], positions)
+    assert torch.equal(joined["position_ids"][:, width:], positions[:, -1:] + 1 + torch.arange(padded - width))
+
+
+def test_a_label_at_a_cut_stays_with_the_token_that_predicts_it():
+    example = TokenizedExample("x", [11, 12, 13, 14], [IGNORE_INDEX, IGNORE_INDEX, 13, 14])
+    first, second = (sequence_shard(collate_units([[example]], False, PAD), r, 2, PAD) for r in (0, 1))
+    assert first["targets"].tolist() == [[IGNORE_INDEX, 13]]  # token 12 predicts 13, across the cut
+    assert second["targets"].tolist() == [[14, IGNORE_INDEX]]
+
+
+@pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
+def test_a_sequence_parallel_group_trains_one_data_parallel_rank_s_examples_and_counts_them_once(packing):
+    examples = synthetic(64, seed=5)
+    sp_plan = BatchPlan(2, 2, 2, sp_size=2)  # 4 ranks: groups (0, 1) and (2, 3)
+    plain = [loader(examples, packing=packing, rank=r) for r in (0, 1)]
+    groups = [loader(examples, batch=sp_plan, packing=packing, rank=r) for r in range(4)]
+    with closing(plain[0].step_batches(0)) as a, closing(plain[1].step_batches(0)) as b:
+        reference = [list(islice(a, 3)), list(islice(b, 3))]
+    iterators = [g.step_batches(0) for g in groups]
+    try:
+        steps = [list(islice(it, 3)) for it in iterators]
+    finally:
+        for it in iterators:
+            it.close()
+    for step in range(3):
+        for dp_rank in (0, 1):
+            ref = reference[dp_rank][step]
+            group = [steps[2 * dp_rank + sp_rank][step] for sp_rank in (0, 1)]
+            assert [e.source for e in group[0].examples] == [e.source for e in group[1].examples] == [e.source for e in ref.examples]
+            # Trained tokens summed over the pieces, example counts from the group's first rank only.
+            assert group[0].stats.trained_tokens + group[1].stats.trained_tokens == ref.stats.trained_tokens
+            assert (group[0].stats.real_tokens, group[0].stats.fingerprint) == (ref.stats.real_tokens, ref.stats.fingerprint)
+            assert (group[1].stats.real_tokens, group[1].stats.fingerprint, group[1].stats.sum_sq_lengths) == (0, 0, 0)
+            for k, micro in enumerate(ref.micro_batches):
+                joined = torch.cat([group[0].micro_batches[k]["targets"], group[1].micro_batches[k]["targets"]], dim=1)
+                assert torch.equal(joined[:, : micro["targets"].size(1)], micro["targets"])

@@ -16,7 +16,7 @@ from dtrain.data import IGNORE_INDEX, ChatRenderer, DataError, data_sources, mix
 from dtrain.data.loader import SourceLosses, TrainLoader, eval_batches
 from dtrain.data.mixture import epoch_examples
 from dtrain.errors import ConfigError
-from dtrain.loss import shifted_group_loss_sums, shifted_token_loss_sum
+from dtrain.loss import group_loss_sums, shift_labels, token_loss_sum
 from dtrain.metrics import EvalRecord, StepRecord, record_from_dict, record_to_dict
 
 
@@ -136,28 +136,27 @@ def test_per_source_masking_and_the_eval_split_follow_each_source(tmp_path, tiny
 def test_group_loss_sums_add_up_to_the_loss_and_equal_each_source_alone():
     torch.manual_seed(0)
     logits = torch.randn(2, 7, 11)
-    labels = torch.randint(0, 11, (2, 7))
-    labels[0, :2] = IGNORE_INDEX
-    groups = torch.tensor([[0, 0, 0, 1, 1, 1, -1], [2, 2, 2, 2, 0, 0, 0]])
-    labels[1, 6] = IGNORE_INDEX
-    total, per_group = shifted_group_loss_sums(logits, labels, groups, 3)
-    assert torch.allclose(total, shifted_token_loss_sum(logits, labels))
+    targets = shift_labels(torch.randint(0, 11, (2, 7)))
+    targets[0, :2] = IGNORE_INDEX
+    groups = torch.tensor([[0, 0, 0, 1, 1, 1, -1], [2, 2, 2, 2, 0, 0, -1]])
+    total, per_group = group_loss_sums(logits, targets, groups, 3)
+    assert torch.allclose(total, token_loss_sum(logits, targets))
     for g in range(3):
-        alone = torch.where(groups == g, labels, IGNORE_INDEX)
-        assert torch.allclose(per_group[g], shifted_token_loss_sum(logits, alone), atol=1e-6)
+        alone = torch.where(groups == g, targets, IGNORE_INDEX)
+        assert torch.allclose(per_group[g], token_loss_sum(logits, alone), atol=1e-6)
     # The chunked head gives the same per-group sums (chunk of 3 rows: several chunks).
     hidden, weight = torch.randn(2, 7, 5), torch.randn(11, 5)
     sums = torch.zeros(3)
-    chunked = chunked_token_loss_sum(hidden, weight, labels, 3, use_liger=False, groups=groups, group_sums=sums)
-    plain_total, plain_groups = shifted_group_loss_sums(hidden @ weight.T, labels, groups, 3)
+    chunked = chunked_token_loss_sum(hidden, weight, targets, 3, use_liger=False, groups=groups, group_sums=sums)
+    plain_total, plain_groups = group_loss_sums(hidden @ weight.T, targets, groups, 3)
     assert torch.allclose(chunked, plain_total, atol=1e-5) and torch.allclose(sums, plain_groups, atol=1e-5)
 
 
 def test_source_losses_count_each_trained_token_once_and_skip_empty_sources():
-    labels = torch.tensor([[IGNORE_INDEX, 5, 6, IGNORE_INDEX], [IGNORE_INDEX, IGNORE_INDEX, 7, 8]])
-    groups = torch.tensor([[0, 0, 0, -1], [1, 1, 1, 1]])
+    targets = torch.tensor([[5, 6, IGNORE_INDEX, IGNORE_INDEX], [IGNORE_INDEX, 7, 8, IGNORE_INDEX]])
+    groups = torch.tensor([[0, 0, -1, -1], [1, 1, 1, -1]])
     acc = SourceLosses(["a", "b", "c"])
-    acc.add(torch.tensor([3.0, 4.0, 0.0]), labels, groups)
+    acc.add(torch.tensor([3.0, 4.0, 0.0]), targets, groups)
     assert acc.tokens.tolist() == [2.0, 2.0, 0.0]
     assert acc.losses(acc.as_list()) == {"a": 1.5, "b": 2.0}
 
@@ -166,12 +165,13 @@ def test_eval_batches_carry_the_sources_and_filler_batches_none(tmp_path, tiny_t
     _, data = mixture(tmp_path, tiny_tokenizer, [1.0, 1.0])
     shards = [list(eval_batches(data.eval, rank, 2, 4, 0, 2)) for rank in (0, 1)]
     for shard in shards:
-        for batch, _ in shard:  # a source on every real token, none on padding
-            assert torch.equal(batch["source_ids"] >= 0, batch["attention_mask"].bool())
+        for batch, _ in shard:  # a source on every target of a real token, none after the last one
+            real = batch["attention_mask"].bool()
+            assert torch.equal(batch["target_sources"][:, :-1] >= 0, real[:, 1:]) and (batch["target_sources"][:, -1] == -1).all()
     seen = Counter()
     for shard in shards:
         for batch, _ in shard:
-            seen.update(batch["source_ids"][:, 0].tolist())
+            seen.update(batch["target_sources"][:, 0].tolist())
     assert seen[0] == 12 and seen[1] == 6
 
 

@@ -70,3 +70,18 @@ def test_tokenizer_does_not_warn_about_its_own_maximum_length(monkeypatch):
     fresh.model_max_length = 16
     fresh("a long conversation " * 20)
     assert [w for w in warnings if "longer than the specified maximum" in w]
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_a_loaded_pretrained_model_is_in_training_mode(tiny_pretrained, lora):
+    """from_pretrained returns eval mode; dropout, gradient checkpointing and sequence-parallel attention need train mode."""
+    from dtrain.config.schema import JobConfig, PeftMethod, Precision
+    from dtrain.model import build_model
+
+    job = JobConfig(output_dir="unused")
+    job.model.path, job.precision.name, job.zero.stage = str(tiny_pretrained), Precision.fp32, 2
+    if lora:
+        job.peft.method = PeftMethod.lora
+    model, _, mpu = build_model(job, {}, num_parameters=0)
+    assert mpu is None  # no sequence parallelism
+    assert model.training and all(m.training for m in model.modules())

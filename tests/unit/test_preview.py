@@ -31,7 +31,7 @@ def test_json_preview_of_packed_rows(tmp_path):
     rows = [json.loads(line) for line in run_preview(tmp_path, "preview.n=2", "preview.format=json", "data.packing=true").splitlines()]
     assert len(rows) == 2
     for row in rows:
-        assert len(row["input_ids"]) == len(row["labels"]) == len(row["position_ids"]) <= 256
+        assert len(row["input_ids"]) == len(row["targets"]) == len(row["position_ids"]) <= 256
         starts = [i for i, p in enumerate(row["position_ids"]) if p == 0]
         assert len(starts) >= len(row["sources"]) >= 2  # every example restarts at 0 (padding may add one block)
-        assert all(row["labels"][s] == -100 for s in starts)  # no label crosses a boundary
+        assert all(row["targets"][s - 1] == -100 for s in starts if s > 0)  # no example is trained to predict the next

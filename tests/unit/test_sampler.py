@@ -48,7 +48,7 @@ def _lengths(n, seed=0):
 
 
 def _per_rank(n, batch, lengths, grouping, epoch=0):
-    return [list(StepSampler(n, batch, r, 0, lengths, grouping).steps(epoch)) for r in range(batch.world_size)]
+    return [list(StepSampler(n, batch, r, 0, lengths, grouping).steps(epoch)) for r in range(batch.data_parallel_size)]
 
 
 def _efficiency(per_rank, lengths):
