@@ -161,11 +161,12 @@ def install_long_context(model, job: JobConfig, shape: ModelShape, device: torch
     """Tile the MLPs (``model.tiled_mlp``; before ``deepspeed.initialize``) and say what activation offload does."""
     tiles = None
     if job.model.tiled_mlp:
-        tiles = TileCount(shape.hidden, lambda n: all_reduce_max(n, device))
+        tile = job.model.tiled_mlp_tokens or shape.hidden
+        tiles = TileCount(tile, lambda n: all_reduce_max(n, device))
         count = install_tiled_mlp(model, tiles)
         if count == 0:
             raise ConfigError(f"model.tiled_mlp=true: {type(model).__name__} has no dense MLP module (*MLP) to tile")
-        log.info("tiled MLP: %d MLPs run in tiles of about %d tokens, recomputed in backward", count, shape.hidden)
+        log.info("tiled MLP: %d MLPs run in tiles of about %d tokens per row, recomputed in backward", count, tile)
     if job.model.activation_offload:
         log.info("activation offload: the checkpointed layer inputs wait in host memory between forward and backward")
     return tiles

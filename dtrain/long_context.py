@@ -30,20 +30,20 @@ log = logging.getLogger("dtrain")
 class TileCount:
     """The number of tiles every MLP cuts in the current micro-batch: agreed by all ranks before its forward."""
 
-    def __init__(self, hidden_size: int, reduce_max: Callable[[int], int]):
+    def __init__(self, tile_tokens: int, reduce_max: Callable[[int], int]):
         """
         Args:
-            hidden_size: The model's hidden size: a tile holds about that many tokens (DeepSpeed's choice: the
-                tile's ``intermediate``-wide activations are then about the size of one weight matrix).
+            tile_tokens: Tokens per row in a tile (DeepSpeed's choice, the default: the hidden size, so that a tile's
+                ``intermediate``-wide activations are about the size of one weight matrix).
             reduce_max: The maximum of an int over all ranks (a collective; every rank calls it).
         """
-        self.hidden_size = hidden_size
+        self.tile_tokens = tile_tokens
         self.reduce_max = reduce_max
         self.tiles = 1
 
     def agree(self, local_tokens: int) -> int:
         """Set the tile count from this rank's tokens per row (a collective: every rank calls it)."""
-        self.tiles = max(1, math.ceil(self.reduce_max(local_tokens) / self.hidden_size))
+        self.tiles = max(1, math.ceil(self.reduce_max(local_tokens) / self.tile_tokens))
         return self.tiles
 
 

@@ -101,8 +101,11 @@ class ModelConfig:
     """``auto`` picks ``flash_attention_2`` when flash-attn imports and CUDA is present, else ``sdpa``."""
     gradient_checkpointing: bool = False
     tiled_mlp: bool = False
-    """Run each decoder MLP over the sequence in tiles of about ``hidden`` tokens, recomputed in backward
-    (DeepSpeed's TiledMLP): the MLP's activations of the whole sequence are never held (long sequences)."""
+    """Run each decoder MLP over the sequence in tiles, recomputed in backward (DeepSpeed's TiledMLP): the MLP's
+    activations of the whole sequence are never held (long sequences)."""
+    tiled_mlp_tokens: Optional[int] = None
+    """Tokens per row in one MLP tile; null: the model's hidden size (a tile's activations are then about the size
+    of one MLP weight)."""
     activation_offload: bool = False
     """With ``gradient_checkpointing``: keep the checkpointed layer inputs in host memory between forward and
     backward (DeepSpeed's checkpoint offload; long sequences)."""

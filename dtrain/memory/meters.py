@@ -182,10 +182,13 @@ def measure_activations(loss_fn, batch: dict, engine, job, shape) -> tuple[objec
 
     loss_sum, saved = measure_saved_bytes(lambda: loss_fn(batch), exclude=list(engine.module.parameters()))
     rows, width = batch["input_ids"].shape
+    sp = job.parallel.sp_size
+    # What autograd saves, wherever it is kept: offloaded layer inputs are saved too (hooks see them first), and
+    # the all-to-all and tile buffers are transient, never saved. ``width`` is this rank's piece of the rows.
     planned = activation_bytes(
         shape,
         rows,
-        width,
+        width * sp,
         DTYPE_BYTES[job.precision.name],
         job.model.gradient_checkpointing,
         job.peft.r if job.peft.uses_adapters else 0,
@@ -193,6 +196,9 @@ def measure_activations(loss_fn, batch: dict, engine, job, shape) -> tuple[objec
         include_recompute=False,
         loss_chunk_size=job.train.loss_chunk_size,
         head_trainable=not job.peft.uses_adapters,
+        sp_size=sp,
+        tiled_mlp=job.model.tiled_mlp,
+        include_transient=False,
     )
     figures = {"micro_batch": rows, "seq_len": width, "measured_bytes": saved, "planned_bytes": planned}
     log.info(

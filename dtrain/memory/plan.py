@@ -159,6 +159,7 @@ def activation_bytes(
     sp_size: int = 1,
     tiled_mlp: bool = False,
     activation_offload: bool = False,
+    include_transient: bool = True,
 ) -> int:
     """Bytes autograd keeps on the GPU for one micro-batch's backward.
 
@@ -187,6 +188,7 @@ def activation_bytes(
             without it, the figure is what is saved across the whole forward.
         loss_chunk_size: ``train.loss_chunk_size`` (None: plain logits).
         head_trainable: Whether the output head is trained (full fine-tuning) or frozen (LoRA).
+        include_transient: Add the all-to-all and tile buffers (the peak); without them, what autograd saves.
     """
     tokens = micro_batch * math.ceil(seq_len / max(1, sp_size))
     h, b = shape.hidden, dtype_bytes
@@ -205,9 +207,9 @@ def activation_bytes(
         per_token = shape.layers * layer + head
     weight_grad = 4 * shape.vocab * h if loss_chunk_size and head_trainable and tokens > loss_chunk_size else 0
     transient = 0
-    if tiled_mlp:
+    if tiled_mlp and include_transient:
         transient += micro_batch * min(h, tokens // max(1, micro_batch)) * mlp_intermediates
-    if sp_size > 1:
+    if sp_size > 1 and include_transient:
         transient += 2 * tokens * (2 * h + 2 * shape.kv_heads * shape.head_dim) * b
     return tokens * per_token + weight_grad + transient
 
