@@ -22,6 +22,7 @@ import types
 from typing import Any, Callable, ContextManager
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 log = logging.getLogger("dtrain")
@@ -68,10 +69,18 @@ def install_tiled_mlp(model: nn.Module, count: TileCount) -> int:
         module._dtrain_untiled_forward = module.forward
 
         def tiled_forward(self, x: torch.Tensor) -> torch.Tensor:
-            if count.tiles <= 1 or x.shape[-2] < 2:
+            # Only training saves activations worth tiling; eval and generation (different prompt lengths per rank
+            # under ZeRO-3) run whole, the same on every rank.
+            if not self.training or count.tiles <= 1:
                 return self._dtrain_untiled_forward(x)
-            params = [p for p in self.parameters()]
-            return TiledMLP.apply(lambda mlp, shard: mlp._dtrain_untiled_forward(shard), self, x, min(count.tiles, x.shape[-2]), params)
+            # Exactly `tiles` tiles on every rank, whatever its rows' length: padded to a multiple of the count
+            # (torch.chunk makes fewer pieces otherwise). Zero rows add nothing to the weights' gradients.
+            tokens = x.shape[-2]
+            extra = -tokens % count.tiles
+            padded = F.pad(x, (0, 0, 0, extra)) if extra else x
+            params = list(self.parameters())
+            out = TiledMLP.apply(lambda mlp, tile: mlp._dtrain_untiled_forward(tile), self, padded, count.tiles, params)
+            return out[..., :tokens, :] if extra else out
 
         module.forward = types.MethodType(tiled_forward, module)
         tiled += 1
