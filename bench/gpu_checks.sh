@@ -48,5 +48,29 @@ run bench/chunked_loss_memory.py --vocab "$VOCAB" --hidden "$HIDDEN" --tokens "$
 # Peak CUDA memory against the planner, full fine-tuning and LoRA.
 run bench/memory.py +exp=tiny_cpu --shape "$MEMORY_SHAPE" --num-gpus 1 --configs zero2:none,zero3:none,zero2:lora \
     --json "$OUT/memory_${MEMORY_SHAPE}.json"
+# Issue 17, long sequences on one GPU: an 8B shape (random weights) with the whole stack (ZeRO-3 offload,
+# recomputation, chunked loss, tiled MLP, activation offload) on single long conversations: tokens/s and MFU at
+# each length, and the planner's longest sequence beside ALST's published 500K on one H100 80GB.
+LONG_SHAPE=${LONG_SHAPE:-llama3_8b}
+LONG_SEQS=${LONG_SEQS:-32768 131072}
+"$PY" -c "
+import json, random, sys
+rng, words = random.Random(0), ['ka%s' % c for c in 'nmstlrdv']
+with open('$OUT/long_chats.jsonl', 'w') as f:
+    for i in range(64):  # about 5 tokens per word with the tiny tokenizer: one conversation fills the longest row
+        text = lambda k: ' '.join(rng.choice(words) for _ in range(k))
+        f.write(json.dumps({'messages': [{'role': 'user', 'content': text(${LONG_SEQS##* } // 8)},
+                                         {'role': 'assistant', 'content': text(${LONG_SEQS##* } // 8)}]}) + '\n')
+"
+STACK=(+exp=tiny_cpu data.path="$OUT/long_chats.jsonl" data.eval_path=null data.eval_fraction=0 data.truncation=truncate
+       data.packing=false data.cache_dir= train.micro_batch_size=1 train.grad_accum_steps=1 precision=bf16
+       zero=zero3_offload model.gradient_checkpointing=true model.tiled_mlp=true model.activation_offload=true
+       train.loss_chunk_size=4096 train.log_every=1)
+for seq in $LONG_SEQS; do
+    run bench/throughput.py "${STACK[@]}" data.max_seq_len=$seq --shape "$LONG_SHAPE" --num-gpus 1 --steps 4 --warmup 1 \
+        --json "$OUT/long_${LONG_SHAPE}_${seq}.json"
+done
+run launch/plan.py +exp=8b_zero3_offload plan.gpus=1 plan.gpu=H100 plan.max_seq_len=search plan.format=json
+run launch/plan.py +exp=8b_zero3_offload plan.gpus=8 plan.gpu=H100 plan.max_seq_len=search plan.format=json
 echo "gpu_checks: $failed command(s) failed; JSON in $OUT"
 exit $((failed > 0))

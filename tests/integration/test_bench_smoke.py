@@ -85,3 +85,20 @@ def test_corpus_bench(tmp_path):
             and min(size["peak_rss_per_rank"]) > 10**8
         )
     assert len(result["rss_bytes_per_token"]) == 2
+
+
+def test_long_sequence_bench(tmp_path):
+    out_json = tmp_path / "long.json"
+    out = subprocess.run(
+        [sys.executable, "bench/long_sequence.py", "--smoke", "--json", str(out_json)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    runs = {r["config"]: r for r in json.loads(out_json.read_text())["runs"]}
+    lengths = [runs[c]["longest_seq"] for c in ("plain", "+ chunked loss", "+ tiled MLP", "+ recomputation")]
+    assert lengths == sorted(lengths) and lengths[-1] > 4 * lengths[0]  # each piece keeps or lengthens the sequence
+    for r in runs.values():
+        assert r["measured_bytes"] <= 4 * 2**20 and r["plan_vs_measured"] == pytest.approx(1.0, abs=0.25)
