@@ -42,6 +42,31 @@ def oom_suggestions(
             job, shape, s, world_size=world_size, gpus_per_node=gpus_per_node, capacity_bytes=capacity, micro_batch=m, seq_len=q
         )
         out.append((overrides, plan.per_gpu_bytes["total"], plan.fits))
+    return out + long_sequence_suggestions(job, shape, world_size, gpus_per_node, capacity)
+
+
+def long_sequence_suggestions(
+    job: JobConfig, shape: ModelShape, world_size: int, gpus_per_node: int, capacity: Optional[int]
+) -> list[tuple[str, int, Optional[bool]]]:
+    """The long-sequence switches not yet on, each alone, at the run's sequence length: what makes a long row fit
+    without shortening it (tiled MLP and chunked loss recompute little; sequence parallelism adds all-to-alls;
+    activation offload adds host copies)."""
+    setup = setup_from_job(job)
+    candidates = []
+    if not setup.tiled_mlp:
+        candidates.append(("model.tiled_mlp=true", job, replace(setup, tiled_mlp=True)))
+    if job.train.loss_chunk_size is None:
+        candidates.append(("train.loss_chunk_size=4096", replace(job, train=replace(job.train, loss_chunk_size=4096)), setup))
+    if setup.sp_size < world_size and shape.heads % world_size == 0:
+        candidates.append((f"parallel.sp_size={world_size}", job, replace(setup, sp_size=world_size)))
+    if not setup.activation_offload:
+        offload = replace(setup, activation_offload=True, gradient_checkpointing=True)
+        extra = "" if setup.gradient_checkpointing else "model.gradient_checkpointing=true "
+        candidates.append((f"{extra}model.activation_offload=true", job, offload))
+    out = []
+    for overrides, j, s in candidates:
+        plan = plan_for_job(j, shape, s, world_size=world_size, gpus_per_node=gpus_per_node, capacity_bytes=capacity)
+        out.append((overrides, plan.per_gpu_bytes["total"], plan.fits))
     return out
 
 

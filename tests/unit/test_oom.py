@@ -27,6 +27,9 @@ def test_suggestions_for_a_7b_full_finetune_on_one_gpu():
         "zero=zero2_offload",
         "peft=lora",
         "peft=qlora",
+        "model.tiled_mlp=true",
+        "train.loss_chunk_size=4096",
+        "model.gradient_checkpointing=true model.activation_offload=true",
     ]
     fits = dict((n, f) for n, _, f in suggestions)
     assert not any(fits.values())  # at micro-batch 4 x 4096 tokens without recomputation no single change is enough
@@ -37,3 +40,13 @@ def test_suggestions_for_a_7b_full_finetune_on_one_gpu():
         "Together (keeping data.max_seq_len): train.micro_batch_size=1 train.grad_accum_steps=32 "
         "model.gradient_checkpointing=true zero=zero3_offload"
     ) in report
+
+
+def test_a_long_row_is_told_which_long_sequence_switch_makes_it_fit():
+    """An 8B LoRA run at 256k tokens on 8 x 80 GB: only sequence parallelism over the 8 GPUs fits it alone."""
+    config = AutoConfig.from_pretrained(asset_path("configs/llama3_8b"))
+    shape = ModelShape.from_hf_config(config, count_parameters_from_config(config))
+    job = compose_job(["+exp=7b_lora", "data.path=/d.jsonl", "data.max_seq_len=262144", "train.micro_batch_size=1"])
+    fits = {name: fit for name, _, fit in oom_suggestions(job, shape, world_size=8, gpus_per_node=8, capacity=80 * 10**9)}
+    assert fits["parallel.sp_size=8"] and not fits["model.tiled_mlp=true"] and not fits["train.loss_chunk_size=4096"]
+    assert not fits["data.max_seq_len=131072"]  # halving the row is not enough either
