@@ -68,11 +68,17 @@ class RunData:
     """Each source's mixture weight, by source index."""
 
 
-def load_data(job: JobConfig, dist: DistInfo) -> RunData:
-    """Tokenizer, chat template and the tokenised data (from the cache, or prepared once per node), mask-audited."""
+def load_renderer(job: JobConfig) -> ChatRenderer:
+    """The tokenizer with the run's chat template, and the renderer that masks with it (no model weights)."""
     tokenizer = load_tokenizer(job.model)
     resolve_chat_template(tokenizer, job.data.chat_template)
-    renderer = ChatRenderer(tokenizer, job.data.train_on, job.data.end_of_turn_token)
+    return ChatRenderer(tokenizer, job.data.train_on, job.data.end_of_turn_token)
+
+
+def load_data(job: JobConfig, dist: DistInfo) -> RunData:
+    """Tokenizer, chat template and the tokenised data (from the cache, or prepared once per node), mask-audited."""
+    renderer = load_renderer(job)
+    tokenizer = renderer.tokenizer
     # One token per job, agreed by all ranks: on a shared filesystem one node tokenises, the others wait.
     job_token = broadcast_object(uuid.uuid4().hex if dist.is_main else None)
     data = load_or_prepare(

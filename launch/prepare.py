@@ -17,11 +17,11 @@ from omegaconf import DictConfig
 
 from dtrain.config import register_configs, to_job_config
 from dtrain.config.checks import check_data_sources
-from dtrain.data import ChatRenderer, open_store, resolve_chat_template
+from dtrain.data import open_store
 from dtrain.data.cache import check_identity, store_folder, store_identity, write_store
 from dtrain.data.store import META, read_meta
 from dtrain.errors import ConfigError, exit_on_error
-from dtrain.model import load_tokenizer
+from dtrain.setup import load_renderer
 
 
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
@@ -29,9 +29,7 @@ def main(cfg: DictConfig) -> None:
     job = to_job_config(cfg)
     with exit_on_error():
         check_data_sources(job.data)
-        tokenizer = load_tokenizer(job.model)
-        resolve_chat_template(tokenizer, job.data.chat_template)
-        renderer = ChatRenderer(tokenizer, job.data.train_on, job.data.end_of_turn_token)
+        renderer = load_renderer(job)
         args = (job.data, renderer, job.train.seed, job.generate.num_prompts)
         folder = store_folder(*args)
         if folder is None:

@@ -18,13 +18,13 @@ from dtrain.config import register_configs, to_job_config
 from dtrain.config.batch import BatchPlan
 from dtrain.config.checks import check_data_sources
 from dtrain.config.schema import PreviewFormat
-from dtrain.data import ChatRenderer, mixture_weights, resolve_chat_template
+from dtrain.data import mixture_weights
 from dtrain.data.cache import load_or_prepare
 from dtrain.data.loader import TrainLoader, collate_units
 from dtrain.data.preview import preview_json, preview_text
 from dtrain.errors import exit_on_error
-from dtrain.model import load_tokenizer
 from dtrain.resolve import resolve_job
+from dtrain.setup import load_renderer
 
 
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
@@ -32,9 +32,8 @@ def main(cfg: DictConfig) -> None:
     job = to_job_config(cfg)
     with exit_on_error():
         check_data_sources(job.data)
-        tokenizer = load_tokenizer(job.model)
-        resolve_chat_template(tokenizer, job.data.chat_template)
-        renderer = ChatRenderer(tokenizer, job.data.train_on, job.data.end_of_turn_token)
+        renderer = load_renderer(job)
+        tokenizer = renderer.tokenizer
         # The store training reads (prepared here when missing, so training then finds it).
         data = load_or_prepare(job.data, renderer, job.train.seed, job.generate.num_prompts, is_local_main=True, barrier=lambda: None)
         job = resolve_job(job, data.train.lengths, world_size=1).job
