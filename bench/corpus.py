@@ -227,6 +227,7 @@ def main() -> None:
         table(
             prep_rows,
             [
+                ("name", "path", ""),
                 ("procs", "processes", ""),
                 ("tokens", "tokens", ""),
                 ("seconds", "seconds", ".1f"),

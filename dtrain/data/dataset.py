@@ -23,7 +23,7 @@ from dtrain.data.chat import ChatRenderer, ChatTemplateError, TokenizedExample
 from dtrain.data.formats import Message, to_messages
 from dtrain.data.mixture import EVAL_PATH_SOURCE, Source, data_sources
 from dtrain.data.sources import InvalidRecord, Payload, count_records, iter_payloads, parse_payload
-from dtrain.data.store import SplitWriter, TokenStore, read_meta, write_meta
+from dtrain.data.store import PackedExamples, SplitWriter, TokenStore, pack_examples, read_meta, write_meta
 from dtrain.errors import DataError
 
 log = logging.getLogger("dtrain")
@@ -146,8 +146,8 @@ def prepare_store(
     try:
         for out in _map_in_order(worker, _chunks(plans), num_proc):
             tally.add(out)
-            for split, examples in out.examples.items():
-                writers[split].add(examples, plans[out.plan].source.index)
+            for split, packed in out.packed.items():
+                writers[split].add_packed(packed, plans[out.plan].source.index)
             prompts += [_to_prompt(src, msgs) for src, msgs in out.eval_conversations[: max(0, num_prompts - len(prompts))]]
             invalid = sum(n for reason, n in tally.dropped.items() if reason.startswith("invalid: "))
             if invalid > cfg.max_invalid_fraction * total_records:  # no need to read on: the run cannot start
@@ -238,6 +238,8 @@ class _ChunkOut:
     plan: int
     records: int
     examples: dict[str, list[TokenizedExample]] = field(default_factory=lambda: {"train": [], "eval": []})
+    packed: dict[str, PackedExamples] = field(default_factory=dict)
+    """``examples`` as the store's arrays, made by the worker (the examples are not sent back)."""
     dropped: Counter = field(default_factory=Counter)
     truncated: Counter = field(default_factory=Counter)
     split: Counter = field(default_factory=Counter)
@@ -276,6 +278,8 @@ class _ChunkWorker:
                 fitted = _fit(example, renderer, self.cfg, out.dropped, out.truncated)
                 if fitted is not None:
                     out.examples[split].append(fitted)
+        out.packed = {split: pack_examples(examples) for split, examples in out.examples.items()}
+        out.examples = {}
         return out
 
 

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 from typing import Iterator, Sequence, Union, overload
 
@@ -38,6 +40,49 @@ TOKEN_ARRAYS = {"ids": np.int32, "trained": np.uint8}
 EXAMPLE_ARRAYS = {"trained_n": np.int32, "source": np.int16, "last_turn": np.int32, "truncated": np.uint8}
 NAME_ARRAYS = {"names": np.uint8}
 OFFSET_ARRAYS = ("offsets", "name_off")
+
+
+@dataclass
+class PackedExamples:
+    """Examples laid out as the store's arrays: cheap to send between processes and to append."""
+
+    ids: np.ndarray
+    trained: np.ndarray
+    lengths: np.ndarray
+    num_trained: np.ndarray
+    last_turn: np.ndarray
+    truncated: np.ndarray
+    names: bytes
+    name_ends: np.ndarray
+
+
+def pack_examples(examples: Sequence[TokenizedExample]) -> PackedExamples:
+    """The store's arrays of ``examples``.
+
+    Raises:
+        ValueError: A label that is neither ignored nor its own input token (the store keeps labels as a mask).
+    """
+    lengths = np.fromiter((len(e.input_ids) for e in examples), np.int64, len(examples))
+    total = int(lengths.sum())
+    ids = np.fromiter(chain.from_iterable(e.input_ids for e in examples), np.int64, total)
+    labels = np.fromiter(chain.from_iterable(e.labels for e in examples), np.int64, total)
+    trained = labels != IGNORE_INDEX
+    if np.any(trained & (labels != ids)):
+        raise ValueError("a label differs from its input token: the store keeps labels as a mask")
+    starts = np.cumsum(lengths) - lengths
+    # Trained after the causal shift: an example's first label has no predictor.
+    counts = np.add.reduceat(trained, starts) - trained[starts] if len(examples) and total else np.zeros(len(examples), np.int64)
+    encoded = [e.source.encode() for e in examples]
+    return PackedExamples(
+        ids=ids.astype(np.int32),
+        trained=trained.astype(np.uint8),
+        lengths=lengths,
+        num_trained=np.asarray(counts, np.int32),
+        last_turn=np.array([e.last_turn or (-1, -1) for e in examples], np.int32).reshape(-1, 2),
+        truncated=np.array([e.truncated for e in examples], np.uint8),
+        names=b"".join(encoded),
+        name_ends=np.cumsum([len(b) for b in encoded], dtype=np.int64),
+    )
 
 
 class SplitWriter:
@@ -58,30 +103,28 @@ class SplitWriter:
 
     def add(self, examples: Sequence[TokenizedExample], source_index: int) -> None:
         """Append ``examples`` (all from the source at ``source_index``)."""
-        if not examples:
+        self.add_packed(pack_examples(examples), source_index)
+
+    def add_packed(self, packed: PackedExamples, source_index: int) -> None:
+        """Append examples already laid out as arrays (``pack_examples``: done by the worker that prepared them)."""
+        n = len(packed.lengths)
+        if n == 0:
             return
-        lengths = np.fromiter((len(e.input_ids) for e in examples), np.int64, len(examples))
-        ids = np.fromiter((t for e in examples for t in e.input_ids), np.int64, int(lengths.sum()))
-        labels = np.fromiter((t for e in examples for t in e.labels), np.int64, len(ids))
-        trained = labels != IGNORE_INDEX
-        if np.any(trained & (labels != ids)):
-            raise ValueError("a label differs from its input token: the store keeps labels as a mask")
-        self._write("ids", ids.astype(np.int32))
-        self._write("trained", trained.astype(np.uint8))
-        self._write("offsets", self.num_tokens + np.cumsum(lengths))
-        self._write("trained_n", np.array([e.num_trained for e in examples], np.int32))
-        self._write("source", np.full(len(examples), source_index, np.int16))
-        self._write("last_turn", np.array([e.last_turn or (-1, -1) for e in examples], np.int32).reshape(-1, 2))
-        self._write("truncated", np.array([e.truncated for e in examples], np.uint8))
-        encoded = [e.source.encode() for e in examples]
-        self._write("names", np.frombuffer(b"".join(encoded), np.uint8))
-        self._write("name_off", self.name_bytes + np.cumsum([len(b) for b in encoded], dtype=np.int64))
-        self.num_examples += len(examples)
-        self.num_tokens += len(ids)
-        self.name_bytes += sum(len(b) for b in encoded)
-        self.num_trained += int(trained.sum())
-        if len(ids):
-            self.max_token_id = max(self.max_token_id, int(ids.max()))
+        self._write("ids", packed.ids)
+        self._write("trained", packed.trained)
+        self._write("offsets", self.num_tokens + np.cumsum(packed.lengths))
+        self._write("trained_n", packed.num_trained)
+        self._write("source", np.full(n, source_index, np.int16))
+        self._write("last_turn", packed.last_turn)
+        self._write("truncated", packed.truncated)
+        self._write("names", np.frombuffer(packed.names, np.uint8))
+        self._write("name_off", self.name_bytes + packed.name_ends)
+        self.num_examples += n
+        self.num_tokens += len(packed.ids)
+        self.name_bytes += len(packed.names)
+        self.num_trained += int(packed.num_trained.sum())
+        if len(packed.ids):
+            self.max_token_id = max(self.max_token_id, int(packed.ids.max()))
 
     def close(self) -> dict:
         """Flush the files; returns this split's entry of ``meta.json``."""
