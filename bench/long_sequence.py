@@ -86,9 +86,9 @@ def main() -> None:
     parser.add_argument("--budget-mib", type=float, default=64.0)
     parser.add_argument("--tile-tokens", type=int, default=128, help="model.tiled_mlp_tokens (the tiny model's hidden size)")
     parser.add_argument("--json", default=None)
-    parser.add_argument("--smoke", action="store_true", help="a 4 MiB budget")
+    parser.add_argument("--smoke", action="store_true", help="a 16 MiB budget")
     args = parser.parse_args()
-    budget = int((4 if args.smoke else args.budget_mib) * 2**20)
+    budget = int((16 if args.smoke else args.budget_mib) * 2**20)
     shape = None
     rows = []
     for name, (checkpointing, chunked, tiled) in CONFIGS.items():

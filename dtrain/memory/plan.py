@@ -197,6 +197,7 @@ def activation_bytes(
         adapted_inputs = sum(a for a, _ in shape.linear_shapes)
         layer += adapted_inputs * (b + (1 if lora_dropout else 0)) + 7 * lora_r * b
     mlp_intermediates = 4 * shape.intermediate * b
+    tiled_mlp = tiled_mlp and tokens // max(1, micro_batch) > h  # a row of one tile (``hidden`` tokens) runs whole
     if tiled_mlp:
         layer -= mlp_intermediates
     head = 4 * h + b * h + (b * h if loss_chunk_size else 4 * shape.vocab)

@@ -101,4 +101,4 @@ def test_long_sequence_bench(tmp_path):
     lengths = [runs[c]["longest_seq"] for c in ("plain", "+ chunked loss", "+ tiled MLP", "+ recomputation")]
     assert lengths == sorted(lengths) and lengths[-1] > 4 * lengths[0]  # each piece keeps or lengthens the sequence
     for r in runs.values():
-        assert r["measured_bytes"] <= 4 * 2**20 and r["plan_vs_measured"] == pytest.approx(1.0, abs=0.25)
+        assert r["measured_bytes"] <= 16 * 2**20 and r["plan_vs_measured"] == pytest.approx(1.0, abs=0.25)

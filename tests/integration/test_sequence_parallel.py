@@ -80,6 +80,9 @@ def test_sequence_parallel_run_follows_the_run_without_it(tmp_path, tiny_pretrai
         assert (mine.tokens, mine.input_tokens, mine.batch_fingerprint) == (ref.tokens, ref.input_tokens, ref.batch_fingerprint)
         assert mine.loss == pytest.approx(ref.loss, rel=1e-5), mine.step
         assert mine.grad_norm == pytest.approx(ref.grad_norm, rel=1e-4), mine.step
+        # Throughput and MFU count the step's FLOPs once, attention over whole sequences: the same as without SP.
+        flops, ref_flops = mine.tflops_per_gpu * mine.step_time_s * 2, ref.tflops_per_gpu * ref.step_time_s
+        assert flops == pytest.approx(ref_flops, rel=1e-6), mine.step
     assert max(r.grad_norm for r in want.steps) > 1.0  # clipping is on: a mis-scaled gradient shows in the norm
     assert got.evals[-1].eval_loss == pytest.approx(want.evals[-1].eval_loss, rel=1e-5)
 
