@@ -12,7 +12,7 @@ DEEPSPEED_SPEC ?= deepspeed==0.19.8
 INSTALLED := $(VENV)/.dtrain-installed
 DEV_INSTALLED := $(VENV)/.dtrain-dev-installed
 
-.PHONY: install install-dev demo test test-unit test-integration lint format clean
+.PHONY: install install-dev demo test test-unit test-integration test-extended lint format clean
 
 $(INSTALLED): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -52,6 +52,9 @@ test-unit: $(DEV_INSTALLED)
 
 test-integration: $(DEV_INSTALLED)
 	$(PY) -m pytest -q -m integration --durations=0
+
+test-extended: lint  # the default suite plus the extended cases and every architecture combination
+	DTRAIN_EXTENDED=1 DTRAIN_ARCH_MATRIX=full $(PY) -m pytest -q --durations=15
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

@@ -89,3 +89,14 @@ def launch_two_nodes(
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def pytest_collection_modifyitems(config, items):
+    """``extended`` tests (another direction or layout of a feature the default suite covers) run with
+    ``DTRAIN_EXTENDED=1`` only, to hold the default suite's time (``make test-extended`` runs everything)."""
+    if os.environ.get("DTRAIN_EXTENDED") == "1":
+        return
+    skip = pytest.mark.skip(reason="extended: set DTRAIN_EXTENDED=1 (make test-extended)")
+    for item in items:
+        if "extended" in item.keywords:
+            item.add_marker(skip)

@@ -112,6 +112,7 @@ def test_an_offloaded_optimizer_resumes_on_the_device(tmp_path, reference):
     assert_same_steps(stopped, reference)
 
 
+@pytest.mark.extended  # the other direction (offload -> none) runs in the default suite
 def test_a_run_resumes_with_its_optimizer_offloaded(tmp_path, reference, stopped_zero2):
     stopped = tmp_path / "device_to_offload"
     shutil.copytree(stopped_zero2, stopped)

@@ -40,7 +40,7 @@ def test_two_nodes_train_like_one_node_with_two_ranks(tmp_path, tiny_pretrained)
     logs = [log for _, log in nodes]
     assert [code for code, _ in nodes] == [0, 0], logs[0][-2000:] + logs[1][-2000:]
 
-    assert "2 ranks = 8 examples per optimizer step" in logs[0]
+    assert "2 data-parallel ranks = 8 examples per optimizer step" in logs[0]
     two = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r]
     one = [r for r in read_jsonl(tmp_path / "single" / "metrics.jsonl") if "loss" in r]
     assert [r["batch_fingerprint"] for r in two] == [r["batch_fingerprint"] for r in one]

@@ -150,6 +150,7 @@ def test_a_sequence_parallel_run_resumes_exactly(tmp_path, tiny_pretrained, refe
         assert mine.loss == pytest.approx(ref.loss, rel=1e-5) and mine.grad_norm == pytest.approx(ref.grad_norm, rel=1e-4), ref.step
 
 
+@pytest.mark.extended  # 4 ranks on the 2-core CI machine; the 2-rank SP cases run in the default suite
 def test_four_ranks_as_two_sequence_parallel_groups_follow_the_plain_run(tmp_path, tiny_pretrained, references):
     """sp 2 x dp 2 on 4 ranks (micro 2 x accumulation 1 x dp 2) against the plain 1-rank run (micro 2 x accumulation
     2): the same global batch, so the same examples per step (the loss-invariance tests hold the layouts equal)."""
