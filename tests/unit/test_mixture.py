@@ -196,3 +196,16 @@ def test_sources_compose_from_the_command_line(tmp_path):
         ["+exp=tiny_cpu", "data.path=null", "data.eval_path=null", f"data.sources=[{{path: {a}, weight: 2}}, {{path: {b}, name: bee}}]"]
     )
     assert [(s.name, s.weight) for s in data_sources(job.data)] == [("a", 2.0), ("bee", 1.0)]
+
+
+def test_target_sources_are_cut_with_the_targets_under_sequence_parallelism():
+    from dtrain.data.loader import sequence_shard, with_target_sources, with_targets
+
+    labels = torch.tensor([[IGNORE_INDEX, 11, 12, IGNORE_INDEX, 14]])
+    batch = with_targets({"input_ids": torch.tensor([[10, 11, 12, 13, 14]]), "labels": labels})
+    batch = with_target_sources(batch, torch.tensor([[0, 0, 0, 1, 1]]))
+    pieces = [sequence_shard(batch, r, 2, pad_token_id=0) for r in (0, 1)]
+    targets = torch.cat([p["targets"] for p in pieces], dim=1)
+    sources = torch.cat([p["target_sources"] for p in pieces], dim=1)
+    assert targets.tolist() == [[11, 12, IGNORE_INDEX, 14, IGNORE_INDEX, IGNORE_INDEX]]
+    assert sources.tolist() == [[0, 0, 1, 1, -1, -1]]  # each target keeps its own example's source across the cut
