@@ -50,7 +50,7 @@ def test_two_nodes_train_like_one_node_with_two_ranks(tmp_path, tiny_pretrained)
     config = (run_dir / "config.yaml").read_text()
     assert "run_name: two_42" in config and "  - node\n  - two\n" in config  # brackets and ${} arrived unchanged
     both = "".join(logs)
-    assert both.count("tokenising ") == 1, "each node tokenised the shared data"  # one node did the work
+    assert both.count("preparing the token store") == 1, "each node prepared the shared data"  # one node did the work
 
 
 def test_sweep_runs_each_job_as_its_own_launch_and_ranks_them(tmp_path):
