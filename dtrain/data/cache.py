@@ -1,7 +1,7 @@
 """Prepare once: token stores on disk, keyed by the data files, the tokenizer and the data config.
 
 Each node's local rank 0 prepares the store if it is missing and publishes it with an atomic rename; the other
-ranks wait at a barrier and map it. On a filesystem shared by the nodes, a lock file holding the job's token
+ranks wait at a barrier and open it. On a filesystem shared by the nodes, a lock file holding the job's token
 (agreed by all ranks) lets one node prepare while the others' local rank 0 wait with everyone else; a lock left
 by another (dead) job is taken over. ``launch/prepare.py`` writes the same store ahead of training.
 """
@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -192,7 +193,9 @@ def load_or_prepare(
     """
     folder = store_folder(cfg, renderer, seed, num_prompts)
     if folder is None:
-        return prepare_data(cfg, renderer, seed, num_prompts)
+        # Every rank prepares its own copy at once: one process each, or the ranks of a node would share its cores
+        # among ranks x cores workers.
+        return prepare_data(replace(cfg, num_proc=cfg.num_proc or 1), renderer, seed, num_prompts)
     failure = folder.with_name(f"{folder.name}.error")
     error = None
     lock = folder.with_name(f"{folder.name}.lock")

@@ -66,19 +66,21 @@ class SourceLosses:
 
     def __init__(self, names: list[str]):
         self.names = names
-        self.loss_sums = torch.zeros(len(names), dtype=torch.float64)
+        self.loss_sums: Optional[torch.Tensor] = None  # on the loss's device: read once, with the step's loss
         self.tokens = torch.zeros(len(names), dtype=torch.float64)
 
     def add(self, loss_sums: Optional[torch.Tensor], targets: torch.Tensor, groups: torch.Tensor) -> None:
-        """Add one micro-batch: its per-source loss sums (``BatchLoss.source_sums``) and its ``targets`` and
-        ``target_sources``."""
+        """Add one micro-batch: its per-source loss sums (``BatchLoss.source_sums``, left on the device: no host sync
+        per micro-batch) and its collated ``targets`` and ``target_sources`` (host tensors)."""
         if loss_sums is not None:
-            self.loss_sums += loss_sums.detach().double().cpu()
+            summed = loss_sums.detach().double()
+            self.loss_sums = summed if self.loss_sums is None else self.loss_sums + summed
         trained = (targets != IGNORE_INDEX) & (groups >= 0)
         self.tokens += torch.bincount(groups[trained].cpu(), minlength=len(self.names))[: len(self.names)].double()
 
     def as_list(self) -> list[float]:
-        return self.loss_sums.tolist() + self.tokens.tolist()
+        loss_sums = self.loss_sums.tolist() if self.loss_sums is not None else [0.0] * len(self.names)
+        return loss_sums + self.tokens.tolist()
 
     def losses(self, reduced: list[float]) -> dict[str, float]:
         """Token-mean loss per source from the reduced ``as_list`` values; sources without a token are left out."""

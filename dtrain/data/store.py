@@ -101,10 +101,6 @@ class SplitWriter:
     def _write(self, name: str, values: np.ndarray) -> None:
         self.files[name].write(np.ascontiguousarray(values).tobytes())
 
-    def add(self, examples: Sequence[TokenizedExample], source_index: int) -> None:
-        """Append ``examples`` (all from the source at ``source_index``)."""
-        self.add_packed(pack_examples(examples), source_index)
-
     def add_packed(self, packed: PackedExamples, source_index: int) -> None:
         """Append examples already laid out as arrays (``pack_examples``: done by the worker that prepared them)."""
         n = len(packed.lengths)
