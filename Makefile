@@ -12,7 +12,7 @@ DEEPSPEED_SPEC ?= deepspeed==0.19.8
 INSTALLED := $(VENV)/.dtrain-installed
 DEV_INSTALLED := $(VENV)/.dtrain-dev-installed
 
-.PHONY: install install-dev demo test test-unit test-integration test-extended lint format clean
+.PHONY: install install-dev demo test test-unit test-integration test-extended test-precision-branches lint format clean
 
 $(INSTALLED): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -55,6 +55,13 @@ test-integration: $(DEV_INSTALLED)
 
 test-extended: lint  # the default suite plus the extended cases and every architecture combination
 	DTRAIN_EXTENDED=1 DTRAIN_ARCH_MATRIX=full $(PY) -m pytest -q --durations=15
+
+# precision=auto picks bf16 on CPUs that compute it natively (AMX, AVX512-BF16) and fp32 elsewhere: the suite must
+# pass either way. DTRAIN_CPU_FLAGS replaces this CPU's flags in that decision (dtrain/resolve.py), so both branches
+# run here whatever the CPU has (the bf16 branch is slow on a CPU without native bf16).
+test-precision-branches: $(DEV_INSTALLED)
+	DTRAIN_CPU_FLAGS=none $(PY) -m pytest -q
+	DTRAIN_CPU_FLAGS=amx_bf16 $(PY) -m pytest -q
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

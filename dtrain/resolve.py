@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -52,6 +53,9 @@ class MachineFacts:
 
 
 CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+CPU_FLAGS_ENV = "DTRAIN_CPU_FLAGS"
+"""Space-separated CPU flags read instead of ``/proc/cpuinfo``'s (``DTRAIN_CPU_FLAGS=amx_bf16`` or ``=none``), so the
+suite can take each branch of ``precision=auto`` on any CPU (``make test-precision-branches``)."""
 
 
 def machine_facts(cpuinfo: Path = Path("/proc/cpuinfo")) -> MachineFacts:
@@ -61,7 +65,9 @@ def machine_facts(cpuinfo: Path = Path("/proc/cpuinfo")) -> MachineFacts:
     if torch.cuda.is_available():
         return MachineFacts(tuple(torch.cuda.get_device_capability()), torch.cuda.get_device_name())
     flags: set[str] = set()
-    if cpuinfo.is_file():  # Linux; elsewhere no flags are known and the CPU computes in fp32
+    if os.environ.get(CPU_FLAGS_ENV) is not None:
+        flags = set(os.environ[CPU_FLAGS_ENV].split())
+    elif cpuinfo.is_file():  # Linux; elsewhere no flags are known and the CPU computes in fp32
         for line in cpuinfo.read_text(errors="replace").splitlines():
             if line.startswith("flags"):
                 flags = set(line.split(":", 1)[1].split())

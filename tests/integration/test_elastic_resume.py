@@ -19,19 +19,11 @@ from dtrain.errors import EXIT_BAD_INPUT, EXIT_PREEMPTED
 from dtrain.metrics import read_metrics
 
 from tests.conftest import launch_train, launch_two_nodes
+from tests.integration.conftest import TWO_RANK_RUN
 
 pytestmark = pytest.mark.integration
 
-RUN = [
-    "+exp=tiny_cpu",
-    "precision=fp32",
-    "train.max_steps=12",
-    "train.warmup_ratio=0",
-    "train.eval_every=0",
-    "generate.num_prompts=0",
-    "generate.before_training=false",
-    "export.verify=none",
-]
+RUN = TWO_RANK_RUN
 STOP_AFTER_7 = {"DTRAIN_FAULT_SIGNAL": "7:0:TERM"}  # rank 0 gets SIGTERM in step 7: all ranks save after it and stop
 
 
@@ -54,11 +46,9 @@ def assert_same_steps(resumed_dir, reference_dir, from_step=8):
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """The uninterrupted full fine-tuning run: 12 steps, 2 ranks, ZeRO-2 (shared by the full fine-tuning cases)."""
-    run_dir = tmp_path_factory.mktemp("elastic") / "reference"
-    launch(run_dir, ["zero=zero2"], ranks=2)
-    return run_dir
+def reference(two_rank_reference):
+    """The uninterrupted full fine-tuning run: 12 steps, 2 ranks, ZeRO-2 (the session's shared 2-rank reference)."""
+    return two_rank_reference
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +88,8 @@ def test_one_rank_zero3_resumes_on_two_ranks_zero1(tmp_path, reference):
     launch(stopped, ["zero=zero3", "train.grad_accum_steps=2"], ranks=1, env=STOP_AFTER_7, expect=EXIT_PREEMPTED)
     out = launch(stopped, ["zero=zero1"], ranks=2)
     assert "world_size 1 -> 2" in out.stdout and "zero.stage 3 -> 1" in out.stdout and "train.grad_accum_steps 2 -> 1" in out.stdout
-    assert_same_steps(stopped, reference)
+    # From step 1: seeded random weights built under ZeRO-3 on 1 rank are the reference's (ZeRO-2, 2 ranks).
+    assert_same_steps(stopped, reference, from_step=1)
 
 
 def test_an_offloaded_optimizer_resumes_on_the_device(tmp_path, reference):
@@ -121,12 +112,22 @@ def test_a_run_resumes_with_its_optimizer_offloaded(tmp_path, reference, stopped
     assert_same_steps(stopped, reference)
 
 
-def test_a_two_node_run_resumes_as_one_launcher_with_two_ranks(tmp_path, reference):
-    # Two `deepspeed --no_ssh` launchers, one rank each (as in test_scale_out), stopped after step 7; then one launcher.
+def test_a_two_node_run_trains_like_one_node_and_resumes_as_one_launcher(tmp_path, reference):
+    """Two ``deepspeed --no_ssh`` launchers (``--num_nodes 2 --node_rank 0/1``, one rank each) train together like one
+    launcher with two ranks (steps 1-7 follow the reference), are stopped after step 7, and resume as one launcher
+    with 2 ranks (steps 8-12). On the way: overrides with brackets and ``${}`` reach every rank unchanged, and the
+    token store is prepared by one node only (a fresh cache folder both nodes share)."""
     run_dir = tmp_path / "two_nodes"
-    nodes = launch_two_nodes([*RUN, "zero=zero2"], run_dir, tmp_path / "hosts", env=STOP_AFTER_7)
-    assert [code for code, _ in nodes] == [EXIT_PREEMPTED] * 2, nodes[0][1][-2000:] + nodes[1][1][-2000:]
-    out = launch(run_dir, ["zero=zero2"], ranks=2)
+    shared = [f"data.cache_dir={tmp_path / 'cache'}", "wandb.tags=[node,two]", "run_name=two_${train.seed}", "zero=zero2"]
+    nodes = launch_two_nodes([*RUN, *shared], run_dir, tmp_path / "hosts", env=STOP_AFTER_7)
+    logs = [log for _, log in nodes]
+    assert [code for code, _ in nodes] == [EXIT_PREEMPTED] * 2, logs[0][-2000:] + logs[1][-2000:]
+    assert "16 micro x 1 accumulation x 2 data-parallel ranks = 32 examples per optimizer step" in logs[0]
+    assert "".join(logs).count("preparing the token store") == 1, "each node prepared the shared data"
+    config = (run_dir / "config.yaml").read_text()
+    assert "run_name: two_42" in config and "  - node\n  - two\n" in config  # brackets and ${} arrived unchanged
+
+    out = launch(run_dir, shared, ranks=2)
     assert "nodes 2 -> 1" in out.stdout and "an ordinary load, no conversion" in out.stdout and "(universal)" not in out.stdout
     assert_same_steps(run_dir, reference, from_step=1)  # both halves: the two-node steps and the resumed ones
 

@@ -21,7 +21,7 @@ GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "tiny_cpu_fp32.json"
 
 def test_embedded_default_follows_the_golden_curve(tmp_path):
     golden = json.loads(GOLDEN.read_text())
-    out = launch_train(golden["overrides"], tmp_path / "run", num_ranks=golden["num_ranks"])
+    out = launch_train(golden["overrides"], tmp_path / "run", num_ranks=golden["num_ranks"], via_command=True)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     metrics = read_metrics(tmp_path / "run")
     assert [r.step for r in metrics.steps] == [s["step"] for s in golden["steps"]]

@@ -1,10 +1,5 @@
-"""Scale-out on one machine: two "nodes" (two `deepspeed --no_ssh` launchers) and a Hydra multirun sweep.
-
-Two launchers with ``--num_nodes 2 --node_rank 0/1``, one rank each, train together and give the same loss curve
-as one launcher with two ranks; the overrides with brackets and ``${}`` reach the ranks unchanged, and the data
-is tokenised by one node only (shared cache directory). The sweep runs four jobs as four deepspeed launches; two
-fail on purpose and are reported while the other two finish and are ranked.
-"""
+"""A Hydra multirun sweep on one machine: four jobs as four deepspeed launches; two fail on purpose and are reported
+while the other two finish and are ranked. (Two "nodes" on one machine: tests/integration/test_elastic_resume.py.)"""
 
 import json
 import os
@@ -13,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO_ROOT, launch_train, launch_two_nodes, read_jsonl
+from tests.conftest import REPO_ROOT
 
 pytestmark = pytest.mark.integration
 
@@ -27,30 +22,6 @@ RUN = [
     "generate.before_training=false",
     "generate.max_new_tokens=2",
 ]
-
-
-def test_two_nodes_train_like_one_node_with_two_ranks(tmp_path, tiny_pretrained):
-    model = [f"model.path={tiny_pretrained}", "model.init=pretrained"]
-    single = launch_train(RUN + model, tmp_path / "single", num_ranks=2)
-    assert single.returncode == 0, single.stdout[-2000:] + single.stderr[-2000:]
-
-    run_dir, cache = tmp_path / "two_nodes", tmp_path / "cache"
-    overrides = RUN + model + [f"data.cache_dir={cache}", "wandb.tags=[node,two]", "run_name=two_${train.seed}"]
-    nodes = launch_two_nodes(overrides, run_dir, tmp_path / "hosts")
-    logs = [log for _, log in nodes]
-    assert [code for code, _ in nodes] == [0, 0], logs[0][-2000:] + logs[1][-2000:]
-
-    assert "2 data-parallel ranks = 8 examples per optimizer step" in logs[0]
-    two = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r]
-    one = [r for r in read_jsonl(tmp_path / "single" / "metrics.jsonl") if "loss" in r]
-    assert [r["batch_fingerprint"] for r in two] == [r["batch_fingerprint"] for r in one]
-    for a, b in zip(two, one):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
-
-    config = (run_dir / "config.yaml").read_text()
-    assert "run_name: two_42" in config and "  - node\n  - two\n" in config  # brackets and ${} arrived unchanged
-    both = "".join(logs)
-    assert both.count("preparing the token store") == 1, "each node prepared the shared data"  # one node did the work
 
 
 def test_sweep_runs_each_job_as_its_own_launch_and_ranks_them(tmp_path):

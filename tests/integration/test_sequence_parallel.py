@@ -1,14 +1,15 @@
 """Ulysses sequence parallelism is exact: ``parallel.sp_size=2`` on 2 ranks follows 1 rank without it, step by step.
 
-Same global batch (micro 2 x accumulation 2 x 1 data-parallel rank), fp32, 4 steps: the same examples per step, the
-loss within 1e-5 and the gradient norm within 1e-4 (relative), and the same final eval loss. Sequence-parallel
-launches against two shared 1-rank references (ZeRO-2) cover each axis at least once:
+Same global batch (micro 2 x accumulation 2 x 1 data-parallel rank, against the reference's micro 4 x 1), fp32, 4
+steps: the same examples per step, the loss within 1e-5 and the gradient norm within 1e-4 (relative), and the same
+final eval loss. Sequence-parallel launches against the two shared 1-rank references (ZeRO-2,
+``tests/integration/conftest.py``, shared with the loss-invariance tests) cover each axis at least once:
 
-    padded, full fine-tuning, ZeRO-3     (reference A; ZeRO-3's reduce-scatter averaging, see gradient_divisor)
-    packed, LoRA,             ZeRO-3     (reference B; block-diagonal attention across the pieces)
-    padded, full, ZeRO-3 + tiled MLP + activation offload + chunked loss (reference A)
-    padded, full, ZeRO-2, stopped and resumed (reference A)
-    padded, full, ZeRO-2, 4 ranks as sp 2 x dp 2 (reference A)
+    padded, full fine-tuning, ZeRO-3     (padded-full; ZeRO-3's reduce-scatter averaging, see gradient_divisor)
+    packed, LoRA,             ZeRO-3     (packed-lora; block-diagonal attention across the pieces)
+    padded, full, ZeRO-3 + tiled MLP + activation offload + chunked loss (padded-full)
+    padded, full, ZeRO-2, stopped and resumed (padded-full)
+    padded, full, ZeRO-2, 4 ranks as sp 2 x dp 2 (padded-full)
 
 LoRA runs with ``peft.dropout=0``: a dropout mask is drawn per piece under sequence parallelism, so the two runs
 would draw different masks. The pretrained model's heads (4) split over 2 ranks; gradient clipping is active (norms
@@ -29,42 +30,29 @@ from dtrain.metrics import read_metrics
 from dtrain.model import load_tokenizer
 
 from tests.conftest import launch_train
+from tests.integration.conftest import METHODS, ONE_RANK_COMMON, REFERENCE_STEPS
 
 pytestmark = pytest.mark.integration
 
-STEPS = 4
-COMMON = [
-    "+exp=tiny_cpu",
-    "model.init=pretrained",
-    "precision=fp32",
-    f"train.max_steps={STEPS}",
-    "train.micro_batch_size=2",
-    "train.grad_accum_steps=2",
-    "train.warmup_ratio=0",
-    "train.eval_every=0",
-    "generate.num_prompts=0",
-    "generate.before_training=false",
-    "data.max_seq_len=256",
-]
-PADDED_FULL = ["data.packing=false", "peft=none"]
-PACKED_LORA = ["data.packing=true", "peft=lora", "peft.dropout=0"]
+STEPS = REFERENCE_STEPS
+COMMON = [*ONE_RANK_COMMON, "train.micro_batch_size=2", "train.grad_accum_steps=2"]
+PADDED_FULL, PACKED_LORA = METHODS["padded-full"], METHODS["packed-lora"]
 CASES = {  # name: (reference, overrides of the sequence-parallel run); ZeRO-2 with SP: the resume and 4-rank tests
     "padded-full-zero3": ("padded-full", [*PADDED_FULL, "zero=zero3"]),
     "packed-lora-zero3": ("packed-lora", [*PACKED_LORA, "zero=zero3"]),
 }
-REFERENCES = {"padded-full": [*PADDED_FULL, "zero=zero2"], "packed-lora": [*PACKED_LORA, "zero=zero2"]}
 
 
 @pytest.fixture(scope="module")
-def references(tmp_path_factory, tiny_pretrained):
-    """The 1-rank curves without sequence parallelism, run once for the module."""
-    root = tmp_path_factory.mktemp("sp_references")
-    curves = {}
-    for name, overrides in REFERENCES.items():
-        out = launch_train([*COMMON, f"model.path={tiny_pretrained}", *overrides], root / name, num_ranks=1)
-        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-        curves[name] = read_metrics(root / name)
-    return curves
+def references(one_rank_reference):
+    """``references[method]``: the shared 1-rank curve without sequence parallelism, launched on first use."""
+
+    class Curves(dict):
+        def __missing__(self, method):
+            self[method] = read_metrics(one_rank_reference(method))
+            return self[method]
+
+    return Curves()
 
 
 @pytest.mark.parametrize("case", list(CASES))

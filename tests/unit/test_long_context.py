@@ -18,6 +18,16 @@ def tiny_model(seed: int = 0):
     return AutoModelForCausalLM.from_config(config).float().train()
 
 
+def assert_same_gradient(got: torch.Tensor, want: torch.Tensor, name: str) -> None:
+    """Equal up to fp32 summation order, on any CPU: tiling sums a gradient's terms in another order, and each CPU's
+    kernels choose their own order, so the bound is relative to the tensor's largest element, not to each element
+    (an element near zero is a cancellation: on an AVX2-only EPYC the embedding's failed rtol=1e-5, atol=1e-7 per
+    element while the largest difference of any tensor was 1.7e-6 of its largest element)."""
+    scale = want.abs().max().item()
+    assert scale > 0, name  # a gradient that is all zero would prove nothing
+    assert (got - want).abs().max().item() <= 1e-5 * scale, name
+
+
 @pytest.mark.parametrize("width, tile_tokens", [(37, 8), (40, 8), (5, 2)])
 def test_tiled_mlp_gives_the_same_loss_and_gradients(width, tile_tokens):
     plain, tiled = tiny_model(), tiny_model()
@@ -33,7 +43,7 @@ def test_tiled_mlp_gives_the_same_loss_and_gradients(width, tile_tokens):
         loss.backward()
     assert losses[1].item() == pytest.approx(losses[0].item(), rel=1e-6)
     for (name, a), (_, b) in zip(plain.named_parameters(), tiled.named_parameters()):
-        assert torch.allclose(a.grad, b.grad, rtol=1e-5, atol=1e-7), name
+        assert_same_gradient(b.grad, a.grad, name)
     # Exactly `tiles` tiles in forward and again in backward's recompute, even when the rows do not divide.
     assert count.tiles == -(-width // tile_tokens) and len(calls) == 2 * count.tiles
 

@@ -6,7 +6,7 @@ from omegaconf import OmegaConf
 from dtrain.checkpoint import resume_key
 from dtrain.config import compose_job, load_run_config
 from dtrain.config.schema import Precision, WandbMode
-from dtrain.resolve import MachineFacts, choose_precision, machine_facts, resolve_job
+from dtrain.resolve import CPU_FLAGS_ENV, MachineFacts, choose_precision, machine_facts, resolve_job
 
 MIXED = [20, 200, 35, 180, 60, 150, 90, 30] * 8
 EVEN = [100] * 64
@@ -76,10 +76,16 @@ def test_cpu_bf16_support_is_read_from_the_cpu_flags(tmp_path, monkeypatch, flag
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv(CPU_FLAGS_ENV, raising=False)
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text(f"processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n")
     assert machine_facts(cpuinfo) == MachineFacts(cpu_bf16=expected)
     assert machine_facts(tmp_path / "missing") == MachineFacts()  # not Linux: nothing known, fp32
+    # The suite takes either branch of precision=auto on any CPU: the variable replaces the CPU's own flags.
+    monkeypatch.setenv(CPU_FLAGS_ENV, flags)
+    assert machine_facts(tmp_path / "missing") == MachineFacts(cpu_bf16=expected)
+    monkeypatch.setenv(CPU_FLAGS_ENV, "none")
+    assert machine_facts(cpuinfo) == MachineFacts()
 
 
 def test_the_default_is_auto_and_the_exp_files_that_pin_a_precision_say_so():
