@@ -80,6 +80,8 @@ def read_messages(turns: Any, keys: TurnKeys, source: str, completion_from: Opti
     completion = messages[reader.first_of.get(completion_from, len(messages)) :] if completion_from is not None else messages
     if not any(m["role"] == "assistant" for m in completion):
         raise InvalidRecord(source, "no assistant turn", "the completion holds no assistant message")
+    if not any(m.get("train", m["role"] == "assistant") for m in messages):
+        raise InvalidRecord(source, "no trained turn", "every assistant turn has train: false and no message has train: true")
     return messages
 
 
@@ -274,10 +276,10 @@ class _Reader:
 
 
 def check_order(messages: list[Message], source: str) -> None:
-    """Refuse turn orders no template renders consistently, and conversations with nothing to train (module docstring).
+    """Refuse turn orders no template renders consistently (module docstring), and conversations without an answer.
 
     Raises:
-        InvalidRecord: "non-alternating roles", "no assistant turn" or "no trained turn".
+        InvalidRecord: "non-alternating roles" or "no assistant turn".
     """
     roles = [m["role"] for m in messages]
     allowed_after = {
@@ -300,5 +302,3 @@ def check_order(messages: list[Message], source: str) -> None:
         previous = role
     if "assistant" not in roles:
         raise InvalidRecord(source, "no assistant turn", "nothing would be trained")
-    if not any(m.get("train", m["role"] == "assistant") for m in messages):
-        raise InvalidRecord(source, "no trained turn", "every assistant turn has train: false and no message has train: true")
