@@ -174,10 +174,10 @@ class DataConfig:
     """Field mapping: the key of a message's role (default: ``role``, ShareGPT ``from``)."""
     content_key: Optional[str] = None
     """Field mapping: the key of a message's text (default: ``content``, ShareGPT ``value``)."""
-    roles: Optional[Dict[str, str]] = None
+    roles: Dict[str, str] = field(default_factory=dict)
     """Field mapping: the data's role names to dtrain's (``{human: user, gpt: assistant}``); targets are system,
     user, assistant, tool, and ShareGPT's function_call and observation. Added to the format's own map."""
-    chat_template_kwargs: Optional[Dict[str, Any]] = None
+    chat_template_kwargs: Dict[str, Any] = field(default_factory=dict)
     """Default template arguments of every record (e.g. ``{enable_thinking: false}``); a record's own
     ``chat_template_kwargs`` win key by key."""
     eval_path: Optional[str] = None

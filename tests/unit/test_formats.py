@@ -322,3 +322,27 @@ def test_mapping_and_template_arguments_are_checked_per_source():
     assert (a.mapping.role_key, b.mapping.role_key) == ("speaker", "from")
     assert a.mapping.roles == b.mapping.roles == (("bot", "assistant"),)
     assert (a.template_kwargs, b.template_kwargs) == ({"x": 0}, {"x": 1})
+
+
+def test_a_long_text_document_is_cut_into_windows_that_train_each_token_once():
+    from collections import Counter
+
+    from dtrain.data.chat import TokenizedExample
+    from dtrain.data.dataset import DOCUMENT_WINDOWS, document_windows
+
+    ids = list(range(100, 110))
+    long_doc = TokenizedExample("d.jsonl:3", ids, list(ids))
+    counted = Counter()
+    windows = document_windows(Conversation(segments=[("ten tokens", True)]), [long_doc], 4, counted)
+    assert [w.input_ids for w in windows] == [ids[0:4], ids[3:7], ids[6:10]]
+    assert [w.source for w in windows] == ["d.jsonl:3#window1", "d.jsonl:3#window2", "d.jsonl:3#window3"]
+    assert [w.truncated for w in windows] == [True, True, False]
+    # Position 0 of a window has no predictor: the targets of all windows are the document's tokens after its first, once.
+    assert [t for w in windows for t in w.labels[1:]] == ids[1:]
+    assert counted == Counter({DOCUMENT_WINDOWS: 1})
+    # A prompt/completion string pair (its prompt untrained) and a chat are left to truncation; a short document is kept whole.
+    pair = Conversation(segments=[("a", False), ("b", True)])
+    assert document_windows(pair, [long_doc], 4, counted) == [long_doc]
+    assert document_windows(Conversation([user("a"), assistant("b")]), [long_doc], 4, counted) == [long_doc]
+    assert document_windows(Conversation(segments=[("x", True)]), [long_doc], 10, counted) == [long_doc]
+    assert counted == Counter({DOCUMENT_WINDOWS: 1})
