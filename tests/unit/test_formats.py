@@ -346,3 +346,15 @@ def test_a_long_text_document_is_cut_into_windows_that_train_each_token_once():
     assert document_windows(Conversation([user("a"), assistant("b")]), [long_doc], 4, counted) == [long_doc]
     assert document_windows(Conversation(segments=[("x", True)]), [long_doc], 10, counted) == [long_doc]
     assert counted == Counter({DOCUMENT_WINDOWS: 1})
+
+
+def test_an_unreadable_shape_fails_the_start_up_checks_naming_the_source(tmp_path):
+    from dtrain.config.checks import check_data_sources
+
+    good, odd = tmp_path / "good.jsonl", tmp_path / "odd.jsonl"
+    good.write_text(json.dumps({"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}]}) + "\n")
+    odd.write_text(json.dumps({"question": "a", "answer": "b"}) + "\n")
+    check_data_sources(DataConfig(path=str(good)))
+    with pytest.raises(DataError, match=r"data.sources\[1\] \(odd\): source 'odd' .*found no record of a known format"):
+        check_data_sources(DataConfig(sources=[SourceConfig(path=str(good)), SourceConfig(path=str(odd))]))
+    check_data_sources(DataConfig(sources=[SourceConfig(path=str(good)), SourceConfig(path=str(odd), format=DataFormat.text)]))
