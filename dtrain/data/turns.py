@@ -5,7 +5,8 @@ here, so a ShareGPT conversation and its OpenAI equivalent become the same messa
 (``role``/``content`` or ``from``/``value``, or a source's own mapping) and how its role names translate are the
 adapter's ``TurnKeys``; everything after that is shared:
 
-- roles system/user/assistant/tool (``ipython`` is read as tool); ShareGPT's ``function_call`` turn (a JSON call
+- roles system/user/assistant/tool (``ipython`` and OpenAI's older ``function`` are read as tool, ``developer`` as
+  system; an assistant ``function_call`` as a one-call ``tool_calls``); ShareGPT's ``function_call`` turn (a JSON call
   or list of calls) becomes an assistant tool-call turn, joined to the assistant text right before it if any, with
   ids ``call00001``, ``call00002``, ... in conversation order where the data gives none (nine characters: what
   Mistral's templates require); an ``observation`` turn becomes a tool result, or several when it is a JSON list of
@@ -48,7 +49,7 @@ class TurnKeys:
     """The data's role names to ``READ_ROLES`` (names not listed are read as they are)."""
 
 
-OPENAI_KEYS = TurnKeys("messages", "role", "content", {"ipython": "tool"})
+OPENAI_KEYS = TurnKeys("messages", "role", "content", {"ipython": "tool", "function": "tool", "developer": "system"})
 SHAREGPT_KEYS = TurnKeys(
     "conversations",
     "from",
@@ -164,6 +165,8 @@ class _Reader:
 
     def _assistant(self, i: int, turn: dict, content: Any) -> Message:
         calls = turn.get("tool_calls")
+        if calls is None and turn.get("function_call") is not None:  # OpenAI's older single call
+            calls = [{"type": "function", "function": turn["function_call"]}]
         if calls is not None and calls != []:
             calls = self._tool_calls(i, calls)
         else:

@@ -112,7 +112,7 @@ def test_the_format_field_mapping_and_template_arguments_key_the_store(tiny_toke
     renderer = ChatRenderer(tiny_tokenizer, "assistant")
     base = ["+exp=tiny_cpu"]
     changes = [
-        "data.format=auto",
+        "data.format=messages",  # the bundled data reads format=auto
         "data.messages_field=dialog",
         "data.role_key=speaker",
         "data.content_key=text",

@@ -358,3 +358,53 @@ def test_an_unreadable_shape_fails_the_start_up_checks_naming_the_source(tmp_pat
     with pytest.raises(DataError, match=r"data.sources\[1\] \(odd\): source 'odd' .*found no record of a known format"):
         check_data_sources(DataConfig(sources=[SourceConfig(path=str(good)), SourceConfig(path=str(odd))]))
     check_data_sources(DataConfig(sources=[SourceConfig(path=str(good)), SourceConfig(path=str(odd), format=DataFormat.text)]))
+
+
+def test_openai_legacy_function_calls_and_developer_role_read_as_tool_calls():
+    legacy = {
+        "messages": [
+            {"role": "developer", "content": "Be exact."},
+            user("a"),
+            {"role": "assistant", "content": None, "function_call": {"name": "f", "arguments": '{"x": 1}'}},
+            {"role": "function", "name": "f", "content": "2"},
+            assistant("b"),
+        ]
+    }
+    current = {
+        "messages": [
+            {"role": "system", "content": "Be exact."},
+            user("a"),
+            assistant(None, tool_calls=[call("call00001", "f", '{"x": 1}')]),
+            result("2", tool_call_id="call00001", name="f"),
+            assistant("b"),
+        ]
+    }
+    assert read(legacy, DataFormat.messages) == read(current, DataFormat.messages)
+
+
+def test_a_mixture_of_shapes_prepares_the_same_tokens_as_its_messages_source(tmp_path, tiny_tokenizer):
+    from dtrain.data import ChatRenderer, prepare_data
+
+    chats = [(f"upper: w{i}", f"W{i}") for i in range(6)]
+    shapes = {
+        "chats": [{"messages": [user(q), assistant(a)]} for q, a in chats],
+        "gpt": [{"conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]} for q, a in chats],
+        "pairs": [{"prompt": [user(q)], "completion": [assistant(a)]} for q, a in chats],
+        "dialogs": [{"dialog": [{"speaker": "client", "text": q}, {"speaker": "agent", "text": a}]} for q, a in chats],
+        "tasks": [{"instruction": q, "output": a} for q, a in chats],
+    }
+    sources = []
+    for name, rows in shapes.items():
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        mapping = {k: v for k, v in MAPPING.items() if k != "roles"} if name == "dialogs" else {}
+        sources.append(SourceConfig(path=str(tmp_path / f"{name}.jsonl"), roles=MAPPING["roles"] if mapping else None, **mapping))
+    data = prepare_data(DataConfig(sources=sources, eval_fraction=0, num_proc=1), ChatRenderer(tiny_tokenizer, "assistant"), 0, 0)
+    assert data.formats == {
+        "chats": "messages (detected)",
+        "gpt": "sharegpt (detected)",
+        "pairs": "prompt_completion (detected)",
+        "dialogs": "messages (detected)",
+        "tasks": "alpaca (detected)",
+    }
+    by_source = [[(e.input_ids, e.labels) for e, s in zip(data.train, data.train.source_index) if s == k] for k in range(len(shapes))]
+    assert len(by_source[0]) == len(chats) and all(examples == by_source[0] for examples in by_source)
