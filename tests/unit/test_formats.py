@@ -408,3 +408,23 @@ def test_a_mixture_of_shapes_prepares_the_same_tokens_as_its_messages_source(tmp
     }
     by_source = [[(e.input_ids, e.labels) for e, s in zip(data.train, data.train.source_index) if s == k] for k in range(len(shapes))]
     assert len(by_source[0]) == len(chats) and all(examples == by_source[0] for examples in by_source)
+
+
+def test_the_start_up_log_names_each_source_format(tmp_path, tiny_tokenizer, caplog, monkeypatch):
+    import logging
+
+    from dtrain.data import ChatRenderer
+    from dtrain.data.cache import load_or_prepare
+
+    turns = [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}]
+    (tmp_path / "gpt.jsonl").write_text(json.dumps({"conversations": turns}) + "\n")
+    (tmp_path / "tasks.jsonl").write_text(json.dumps({"instruction": "a", "output": "b"}) + "\n")
+    sources = [SourceConfig(path=str(tmp_path / "gpt.jsonl")), SourceConfig(path=str(tmp_path / "tasks.jsonl"), format=DataFormat.alpaca)]
+    cfg = DataConfig(sources=sources, eval_fraction=0, cache_dir=str(tmp_path / "cache"))
+    monkeypatch.setattr(logging.getLogger("dtrain"), "propagate", True)  # setup_logging (other tests) turns it off
+    with caplog.at_level(logging.INFO, logger="dtrain"):
+        for _ in range(2):  # prepared, then opened from the store: logged both times
+            load_or_prepare(cfg, ChatRenderer(tiny_tokenizer, "assistant"), 0, 0, is_local_main=True, barrier=lambda: None)
+    assert [r.getMessage() for r in caplog.records if "record formats" in r.getMessage()] == [
+        "record formats: gpt: sharegpt (detected), tasks: alpaca"
+    ] * 2
