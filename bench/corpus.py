@@ -267,13 +267,15 @@ def main() -> None:
     parser.add_argument("--max-prepared", type=int, default=100_000, help="larger corpora replicate the largest prepared store")
     parser.add_argument("--baseline", default=None, help="also time one process of prepare_data at this commit (e.g. 2f50aea)")
     parser.add_argument("--json", default=None)
-    parser.add_argument("--smoke", action="store_true", help="200 and 600 (replicated) conversations, 1 and 2 processes")
+    parser.add_argument(
+        "--smoke", action="store_true", help="200 and 600 (replicated) conversations, 1 and 2 processes; shapes chats, sharegpt, tools"
+    )
     parser.add_argument("--shapes", default="chats", help=f"record shapes whose preparation tokens/s to compare: any of {','.join(SHAPES)}")
     parser.add_argument("--shapes-only", action="store_true", help="only compare the record shapes (no process or size sweep)")
     args = parser.parse_args()
     if args.smoke:
         args.sizes, args.procs, args.max_prepared = "200,600", "1,2", 200
-        args.shapes = ",".join(SHAPES) if args.shapes == "chats" else args.shapes
+        args.shapes = "chats,sharegpt,tools" if args.shapes == "chats" else args.shapes
     shapes = [s for s in args.shapes.split(",") if s]
     unknown = sorted(set(shapes) - set(SHAPES))
     if unknown:
