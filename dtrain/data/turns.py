@@ -114,7 +114,8 @@ class _Reader:
             accepted = sorted({"system", "user", "assistant", "tool", *keys.roles})
             raise self.fail("unknown role", f"message {i} has {keys.role} {named!r}; expected one of {accepted} (or map it: data.roles)")
         content = turn.get(keys.content, _ABSENT)
-        train = turn.get("train", _ABSENT)
+        train = turn.get("train")
+        train = _ABSENT if train is None else train  # Parquet gives every message of a list every key, null where unset
         if train is not _ABSENT and not isinstance(train, bool):
             raise self.fail("train flag not a boolean", f"message {i} has train={train!r}; use true or false")
         if role in ("system", "user"):

@@ -428,3 +428,21 @@ def test_the_start_up_log_names_each_source_format(tmp_path, tiny_tokenizer, cap
     assert [r.getMessage() for r in caplog.records if "record formats" in r.getMessage()] == [
         "record formats: gpt: sharegpt (detected), tasks: alpaca"
     ] * 2
+
+
+def test_parquet_messages_with_every_key_null_where_unset_read_like_json(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from dtrain.data.sources import load_records
+
+    messages = [
+        user("weather?"),
+        {"role": "assistant", "tool_calls": [call("c1", "weather", '{"city": "Paris"}')], "reasoning_content": "look it up"},
+        result("sunny", tool_call_id="c1", name="weather"),
+        assistant("Sunny.", train=True),
+    ]
+    pq.write_table(pa.Table.from_pylist([{"messages": messages}]), tmp_path / "d.parquet")
+    (record,) = load_records(str(tmp_path / "d.parquet"))
+    assert record.data["messages"][0]["train"] is None and record.data["messages"][0]["tool_calls"] is None  # nulls where unset
+    assert to_conversation(record, source(DataFormat.messages)) == read({"messages": messages}, DataFormat.messages)
