@@ -143,17 +143,12 @@ class SourceConfig:
     max_examples: Optional[int] = None
     """Read only the first this many records of the source."""
     messages_field: Optional[str] = None
-    """Field mapping (unset: ``data``'s): the record field holding the conversation (default: ``messages``, ShareGPT ``conversations``)."""
+    """Field mapping (as ``data.messages_field`` ... ``data.roles``, which it replaces for this source)."""
     role_key: Optional[str] = None
-    """Field mapping (unset: ``data``'s): the key of a message's role (default: ``role``, ShareGPT ``from``)."""
     content_key: Optional[str] = None
-    """Field mapping (unset: ``data``'s): the key of a message's text (default: ``content``, ShareGPT ``value``)."""
     roles: Optional[Dict[str, str]] = None
-    """Field mapping (unset: ``data``'s): the data's role names to dtrain's (``{human: user, gpt: assistant}``); targets are system,
-    user, assistant, tool, and ShareGPT's function_call and observation. Added to the format's own map."""
     chat_template_kwargs: Optional[Dict[str, Any]] = None
-    """Default template arguments of every record (e.g. ``{enable_thinking: false}``); a record's own
-    ``chat_template_kwargs`` win key by key."""
+    """Default template arguments of this source's records (as ``data.chat_template_kwargs``, which it replaces)."""
 
 
 @dataclass
@@ -165,7 +160,7 @@ class DataConfig:
     ``sources``."""
     sources: List[SourceConfig] = field(default_factory=list)
     """A weighted mixture: each source with its own path, weight and optional format, split, train_on,
-    chat_template and max_examples."""
+    chat_template, max_examples, field mapping and chat_template_kwargs."""
     format: DataFormat = DataFormat.auto
     """auto: each source's format is detected from the fields of its first records (and logged)."""
     messages_field: Optional[str] = None
@@ -188,6 +183,7 @@ class DataConfig:
     max_seq_len: int = 2048
     train_on: TrainOn = TrainOn.assistant
     truncation: Truncation = Truncation.drop
+    """Text documents (``format=text``) longer than ``max_seq_len`` are cut into windows instead, and counted."""
     on_invalid: OnInvalid = OnInvalid.error
     max_invalid_fraction: float = 0.01
     """With ``on_invalid=skip``: stop anyway when more than this share of the records is invalid."""
