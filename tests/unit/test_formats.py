@@ -446,3 +446,16 @@ def test_parquet_messages_with_every_key_null_where_unset_read_like_json(tmp_pat
     (record,) = load_records(str(tmp_path / "d.parquet"))
     assert record.data["messages"][0]["train"] is None and record.data["messages"][0]["tool_calls"] is None  # nulls where unset
     assert to_conversation(record, source(DataFormat.messages)) == read({"messages": messages}, DataFormat.messages)
+
+
+def test_the_eval_file_format_is_detected_on_its_own(tmp_path, tiny_tokenizer):
+    from dtrain.data import ChatRenderer, prepare_data
+
+    turns = [{"from": "human", "value": "upper: ab"}, {"from": "gpt", "value": "AB"}]
+    (tmp_path / "gpt.jsonl").write_text(json.dumps({"conversations": turns}) + "\n")
+    (tmp_path / "held.jsonl").write_text(json.dumps({"messages": [user("upper: ab"), assistant("AB")]}) + "\n")
+    cfg = DataConfig(path=str(tmp_path / "gpt.jsonl"), eval_path=str(tmp_path / "held.jsonl"), num_proc=1)
+    data = prepare_data(cfg, ChatRenderer(tiny_tokenizer, "assistant"), 0, 1)
+    assert data.formats == {"gpt": "sharegpt (detected)", "eval_path": "messages (detected)"}
+    assert [(e.input_ids, e.labels) for e in data.eval] == [(e.input_ids, e.labels) for e in data.train]
+    assert data.prompts[0].messages == [user("upper: ab")] and data.prompts[0].reference == "AB"
