@@ -2,8 +2,14 @@
 
     .venv/bin/python bench/corpus.py --json corpus.json                      # 10k / 100k / 1M conversations
     .venv/bin/python bench/corpus.py --smoke --json /tmp/c.json      # 200 and 600 conversations (600: 3 x 200)
+    .venv/bin/python bench/corpus.py --shapes-only --json shapes.json   # tokens/s by record shape only (10k each)
 
 Synthetic two-turn chats of about 600 tokens (tiny tokenizer), as in issue 16's measurement of the list-based path.
+``--shapes`` also prepares the same number of conversations of other record shapes (issue 22): ``sharegpt`` (the
+chats as ShareGPT records), ``tools`` (OpenAI function calling: tool schemas, a call with object or string
+arguments, its JSON result, the answer, a follow-up) and ``sharegpt_tools`` (the same as ShareGPT
+``function_call``/``observation`` turns). Tool shapes render with Qwen2.5's published template (ChatML, which the
+tiny tokenizer speaks); each shape's tokens/s is reported beside the plain chats' (all processes).
 
 1. ``launch/prepare.py`` on the smallest corpus with 1, 2, ... ``--procs`` processes: seconds and tokens/s.
 2. Each corpus size is prepared (all processes) into a token store; sizes above ``--max-prepared`` are built by
@@ -52,13 +58,104 @@ def write_chats(path: Path, n: int, seed: int = 0) -> None:
             f.write(json.dumps({"messages": messages}) + "\n")
 
 
-def prepare(data: Path, store: Path, procs: int, model: Path) -> dict:
+SHAPES = ("chats", "sharegpt", "tools", "sharegpt_tools")
+TOOL_TEMPLATE = "tests/assets/chat_templates/qwen2.5.jinja"
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": name,
+            "description": f"Look up {name} for a topic.",
+            "parameters": {"type": "object", "properties": {"topic": {"type": "string"}, "limit": {"type": "integer"}}},
+        },
+    }
+    for name in ("search", "define")
+]
+
+
+def write_corpus(shape: str, path: Path, n: int, seed: int = 0) -> list[str]:
+    """``n`` synthetic conversations of ``shape`` in ``path``; returns the data overrides that read them."""
+    if shape == "chats":
+        write_chats(path, n, seed)
+        return []
+    rng = random.Random(seed)
+
+    def text(k: int) -> str:
+        return " ".join(rng.choice(WORDS) for _ in range(k))
+
+    with path.open("w") as f:
+        for i in range(n):
+            if shape == "sharegpt":
+                turns = [("human", f"{i}: {text(60)}"), ("gpt", text(90)), ("human", text(40)), ("gpt", text(90))]
+                f.write(json.dumps({"conversations": [{"from": a, "value": v} for a, v in turns]}) + "\n")
+                continue
+            name, arguments = rng.choice(("search", "define")), {"topic": text(3), "limit": rng.randint(1, 9)}
+            result = {"title": text(4), "summary": text(30)}
+            question, answer, follow_up, last = f"{i}: {text(50)}", text(80), text(30), text(80)
+            if shape == "tools":
+                # Every other record gives its arguments as a JSON string (as OpenAI's API returns them).
+                call = {"id": f"call{i % 100000:05d}", "type": "function", "function": {"name": name, "arguments": arguments}}
+                if i % 2:
+                    call["function"]["arguments"] = json.dumps(arguments)
+                messages = [
+                    {"role": "user", "content": question},
+                    {"role": "assistant", "content": None, "tool_calls": [call]},
+                    {"role": "tool", "tool_call_id": call["id"], "name": name, "content": json.dumps(result)},
+                    {"role": "assistant", "content": answer},
+                    {"role": "user", "content": follow_up},
+                    {"role": "assistant", "content": last},
+                ]
+                f.write(json.dumps({"tools": TOOLS, "messages": messages}) + "\n")
+            else:
+                turns = [
+                    ("human", question),
+                    ("function_call", json.dumps({"name": name, "arguments": arguments})),
+                    ("observation", json.dumps(result)),
+                    ("gpt", answer),
+                    ("human", follow_up),
+                    ("gpt", last),
+                ]
+                record = {"tools": json.dumps(TOOLS), "conversations": [{"from": a, "value": v} for a, v in turns]}
+                f.write(json.dumps(record) + "\n")
+    return [f"data.chat_template={TOOL_TEMPLATE}"] if "tools" in shape else []
+
+
+def prepare(data: Path, store: Path, procs: int, model: Path, overrides: tuple = (), fail: bool = True) -> dict:
     cmd = [sys.executable, "launch/prepare.py", "+exp=tiny_cpu", f"model.path={model}", f"data.path={data}", "data.eval_path=null"]
-    cmd += ["data.eval_fraction=0.001", "data.max_seq_len=2048", f"data.num_proc={procs}", f"data.prepared_path={store}"]
-    out = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True)
+    cmd += [
+        "data.format=auto",
+        "data.eval_fraction=0.001",
+        "data.max_seq_len=2048",
+        f"data.num_proc={procs}",
+        f"data.prepared_path={store}",
+    ]
+    out = subprocess.run([*cmd, *overrides], cwd=REPO_ROOT, capture_output=True, text=True)
     if out.returncode:
+        if not fail:
+            lines = [line for line in out.stderr.splitlines() if line.strip() and "HYDRA_FULL_ERROR" not in line]
+            return {"error": lines[-1][-300:] if lines else f"exit {out.returncode}"}
         raise SystemExit(f"prepare failed: {out.stderr[-2000:]}")
     return json.loads(out.stdout[: out.stdout.rindex("}") + 1])
+
+
+def prepare_shapes(shapes: list[str], n: int, procs: int, model: Path, root: Path) -> list[dict]:
+    """Tokens/s of preparing ``n`` conversations of each record shape with ``procs`` processes (vs plain chats)."""
+    rows = []
+    for shape in shapes:
+        data = root / f"shape_{shape}_{n}.jsonl"
+        overrides = write_corpus(shape, data, n)
+        summary = prepare(data, root / f"shape_store_{shape}", procs, model, tuple(overrides), fail=False)
+        if "error" in summary:
+            rows.append({"shape": shape, "conversations": n, "error": summary["error"]})
+        else:
+            done = summary["prepare"]
+            tokens = summary["train"]["tokens"] + summary["eval"]["tokens"]
+            rows.append({"shape": shape, "conversations": n, "tokens": tokens, "formats": summary.get("formats")} | done)
+        print(f"[bench] {shape}: {rows[-1]}", flush=True)
+    chats = next((r["tokens_per_s"] for r in rows if r["shape"] == "chats" and "tokens_per_s" in r), None)
+    for r in rows:
+        r["vs_chats"] = r["tokens_per_s"] / chats if chats and "tokens_per_s" in r else None
+    return rows
 
 
 def replicate(store: Path, copies: int, out: Path) -> None:
@@ -170,15 +267,41 @@ def main() -> None:
     parser.add_argument("--max-prepared", type=int, default=100_000, help="larger corpora replicate the largest prepared store")
     parser.add_argument("--baseline", default=None, help="also time one process of prepare_data at this commit (e.g. 2f50aea)")
     parser.add_argument("--json", default=None)
-    parser.add_argument("--smoke", action="store_true", help="200 and 600 (replicated) conversations, 1 and 2 processes")
+    parser.add_argument(
+        "--smoke", action="store_true", help="200 and 600 (replicated) conversations, 1 and 2 processes; shapes chats, sharegpt, tools"
+    )
+    parser.add_argument("--shapes", default="chats", help=f"record shapes whose preparation tokens/s to compare: any of {','.join(SHAPES)}")
+    parser.add_argument("--shapes-only", action="store_true", help="only compare the record shapes (no process or size sweep)")
     args = parser.parse_args()
     if args.smoke:
         args.sizes, args.procs, args.max_prepared = "200,600", "1,2", 200
+        args.shapes = "chats,sharegpt,tools" if args.shapes == "chats" else args.shapes
+    shapes = [s for s in args.shapes.split(",") if s]
+    unknown = sorted(set(shapes) - set(SHAPES))
+    if unknown:
+        parser.error(f"--shapes: unknown {unknown}; choose from {SHAPES}")
     sizes = sorted(int(s) for s in args.sizes.split(","))
     cores = len(os.sched_getaffinity(0))
     procs = [int(p) for p in args.procs.split(",")] if args.procs else sorted({1, *[2**k for k in range(1, 8) if 2**k < cores], cores})
     root = Path(tempfile.mkdtemp(prefix="dtrain-bench-corpus-"))
     model = make_tiny_pretrained(root / "model")
+    shape_rows = prepare_shapes(shapes, sizes[0], procs[-1], model, root) if len(shapes) > 1 or args.shapes_only else []
+    shape_table = table(
+        shape_rows,
+        [
+            ("shape", "record shape", ""),
+            ("conversations", "conversations", ""),
+            ("tokens", "tokens", ""),
+            ("seconds", "seconds", ".1f"),
+            ("tokens_per_s", "tokens/s", ""),
+            ("vs_chats", "x plain chats", ".2f"),
+            ("error", "error", ""),
+        ],
+    )
+    if args.shapes_only:
+        print(f"\nmachine: {machine()}\n{shape_table}")
+        write_json(args.json, {"bench": "corpus", "machine": machine(), "shapes": shape_rows})
+        return
 
     prep_rows = []
     smallest = root / f"chats_{sizes[0]}.jsonl"
@@ -252,13 +375,23 @@ def main() -> None:
             ],
         )
     )
+    if shape_rows:
+        print(f"\n{shape_table}")
     print(
         f"\nRSS growth per corpus token, {small['conversations']} -> {large['conversations']} conversations: "
         + " / ".join(f"{g:.3f}" for g in growth)
         + " bytes"
     )
     write_json(
-        args.json, {"bench": "corpus", "machine": machine(), "prepare": prep_rows, "sizes": size_rows, "rss_bytes_per_token": growth}
+        args.json,
+        {
+            "bench": "corpus",
+            "machine": machine(),
+            "prepare": prep_rows,
+            "sizes": size_rows,
+            "rss_bytes_per_token": growth,
+            "shapes": shape_rows,
+        },
     )
 
 

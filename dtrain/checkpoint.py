@@ -95,7 +95,7 @@ def resume_key(job: JobConfig, world_size: int) -> dict[str, str]:
         "model.init": job.model.init,
         "data.path": d.path,
         # The mixture (sources, weights, per-source settings) sets which examples each step draws: the data position.
-        "data.sources": json.dumps([asdict(source) for source in d.sources], sort_keys=True, default=lambda v: getattr(v, "value", str(v))),
+        "data.sources": json.dumps([_keyed(source) for source in d.sources], sort_keys=True, default=lambda v: getattr(v, "value", str(v))),
         "data.format": d.format,
         "data.eval_path": d.eval_path,
         "data.eval_fraction": d.eval_fraction,
@@ -111,7 +111,20 @@ def resume_key(job: JobConfig, world_size: int) -> dict[str, str]:
         "precision": job.precision.name,
         **{f"peft.{k}": v for k, v in asdict(job.peft).items()},
     }
+    # Field mapping and template arguments (issue 22) change what each record becomes; keyed only when set, so a
+    # checkpoint written before they existed still resumes.
+    for name in MAPPING_FIELDS:
+        if getattr(d, name):
+            key[f"data.{name}"] = json.dumps(getattr(d, name), sort_keys=True)
     return {k: str(getattr(v, "value", v)) for k, v in key.items()}
+
+
+MAPPING_FIELDS = ("messages_field", "role_key", "content_key", "roles", "chat_template_kwargs")
+
+
+def _keyed(source) -> dict:
+    """A source's settings as they key a checkpoint: the mapping fields only when set (see ``resume_key``)."""
+    return {k: v for k, v in asdict(source).items() if k not in MAPPING_FIELDS or v is not None}
 
 
 def config_hash(key: dict[str, str]) -> str:

@@ -50,6 +50,7 @@ def main(cfg: DictConfig) -> None:
         "train": {"examples": len(data.train), "tokens": data.train.num_tokens, "trained_tokens": int(data.train.num_trained.sum())},
         "eval": {"examples": len(data.eval), "tokens": data.eval.num_tokens},
         "sources": sources,
+        "formats": data.formats,
         "dropped": meta["dropped"],
         "truncated": meta["truncated"],
         "prepare": meta["prepare"],

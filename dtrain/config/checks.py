@@ -64,12 +64,14 @@ def check_job(job: JobConfig, *, cuda_available: bool, world_size: Optional[int]
 
 
 def check_data_sources(cfg: DataConfig) -> None:
-    """The mixture is well formed and every local source exists (before any tokenizer or model loads).
+    """The mixture is well formed, every local source exists and, under ``data.format=auto``, has records of a
+    shape dtrain reads (before any tokenizer or model loads).
 
     Raises:
-        ConfigError: A malformed mixture (``data.sources``/``data.path``).
-        DataError: A missing file or folder, with the source named.
+        ConfigError: A malformed mixture (``data.sources``/``data.path``), field mapping or ``chat_template_kwargs``.
+        DataError: A missing file or folder, or a local source whose format cannot be detected, with the source named.
     """
+    from dtrain.data.formats import resolve_format
     from dtrain.data.mixture import data_sources
     from dtrain.data.sources import data_files
 
@@ -78,7 +80,8 @@ def check_data_sources(cfg: DataConfig) -> None:
         return  # training reads the prepared store; the raw files may stay where it was prepared
     for source in sources:
         try:
-            data_files(source.path)
+            if data_files(source.path):  # hub datasets are detected where they are prepared (not loaded on every rank)
+                resolve_format(source)
         except DataError as e:
             named = f"data.sources[{source.index}] ({source.name})" if cfg.sources else "data.path"
             raise DataError(f"{named}: {e}") from None

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING
 
@@ -23,9 +23,13 @@ class ModelInit(str, Enum):
 
 
 class DataFormat(str, Enum):
-    """Record layout of the dataset."""
+    """Record layout of a source (README, "Data formats"); every one is read into the same conversation."""
 
-    messages = "messages"  # {"messages": [{"role": ..., "content": ...}, ...]}
+    auto = "auto"  # detected per source from the fields of its first records (logged at start)
+    messages = "messages"  # {"messages": [{"role": ..., "content": ..., "tool_calls": ...}, ...], "tools": ...} (OpenAI)
+    sharegpt = "sharegpt"  # {"conversations": [{"from": "human", "value": ...}, ...], "system": ..., "tools": ...}
+    prompt_completion = "prompt_completion"  # {"prompt": ..., "completion": ...}: strings, or lists of messages (TRL)
+    text = "text"  # {"text": ...}: language modelling, every token trained
     alpaca = "alpaca"  # {"instruction": ..., "input": ..., "output": ...}
 
 
@@ -138,6 +142,13 @@ class SourceConfig:
     ``data.chat_template`` or its own."""
     max_examples: Optional[int] = None
     """Read only the first this many records of the source."""
+    messages_field: Optional[str] = None
+    """Field mapping (as ``data.messages_field`` ... ``data.roles``, which it replaces for this source)."""
+    role_key: Optional[str] = None
+    content_key: Optional[str] = None
+    roles: Optional[Dict[str, str]] = None
+    chat_template_kwargs: Optional[Dict[str, Any]] = None
+    """Default template arguments of this source's records (as ``data.chat_template_kwargs``, which it replaces)."""
 
 
 @dataclass
@@ -149,8 +160,21 @@ class DataConfig:
     ``sources``."""
     sources: List[SourceConfig] = field(default_factory=list)
     """A weighted mixture: each source with its own path, weight and optional format, split, train_on,
-    chat_template and max_examples."""
-    format: DataFormat = DataFormat.messages
+    chat_template, max_examples, field mapping and chat_template_kwargs."""
+    format: DataFormat = DataFormat.auto
+    """auto: each source's format is detected from the fields of its first records (and logged)."""
+    messages_field: Optional[str] = None
+    """Field mapping: the record field holding the conversation (default: ``messages``, ShareGPT ``conversations``)."""
+    role_key: Optional[str] = None
+    """Field mapping: the key of a message's role (default: ``role``, ShareGPT ``from``)."""
+    content_key: Optional[str] = None
+    """Field mapping: the key of a message's text (default: ``content``, ShareGPT ``value``)."""
+    roles: Dict[str, str] = field(default_factory=dict)
+    """Field mapping: the data's role names to dtrain's (``{human: user, gpt: assistant}``); targets are system,
+    user, assistant, tool, and ShareGPT's function_call and observation. Added to the format's own map."""
+    chat_template_kwargs: Dict[str, Any] = field(default_factory=dict)
+    """Default template arguments of every record (e.g. ``{enable_thinking: false}``); a record's own
+    ``chat_template_kwargs`` win key by key."""
     eval_path: Optional[str] = None
     """Held-out file; when unset, ``eval_fraction`` of ``path`` is split off with ``train.seed``."""
     eval_fraction: float = 0.05
@@ -159,6 +183,7 @@ class DataConfig:
     max_seq_len: int = 2048
     train_on: TrainOn = TrainOn.assistant
     truncation: Truncation = Truncation.drop
+    """Text documents (``format=text``) longer than ``max_seq_len`` are cut into windows instead, and counted."""
     on_invalid: OnInvalid = OnInvalid.error
     max_invalid_fraction: float = 0.01
     """With ``on_invalid=skip``: stop anyway when more than this share of the records is invalid."""

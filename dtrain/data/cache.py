@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -39,11 +39,13 @@ def _file_identity(path: str) -> list:
 
 
 # Their bytes key the store: a change to any of them prepares the data again.
-PIPELINE_SOURCES = ("sources.py", "formats.py", "chat.py", "template_text.py", "pieces.py", "mixture.py", "dataset.py", "store.py")
+PIPELINE_SOURCES = ("sources.py", "formats.py", "turns.py", "conversation.py", "chat.py", "template_text.py", "pieces.py", "mixture.py")
+PIPELINE_SOURCES += ("dataset.py", "store.py")
 
 # The data settings that change what is prepared (weights, packing and batching do not: they reuse the store).
 PREPARATION_FIELDS = ("format", "eval_path", "eval_fraction", "split", "max_seq_len", "train_on", "truncation", "on_invalid")
 PREPARATION_FIELDS += ("max_invalid_fraction", "chat_template", "end_of_turn_token")
+PREPARATION_FIELDS += ("messages_field", "role_key", "content_key", "roles", "chat_template_kwargs")
 
 
 PROMPTS_KEPT = 64
@@ -57,6 +59,7 @@ def store_identity(cfg: DataConfig, renderer: ChatRenderer, seed: int, num_promp
     sources = [
         {"path": s.path, "name": s.name, "format": s.format.value, "split": s.split, "train_on": getattr(s.train_on, "value", None)}
         | {"chat_template": s.chat_template, "max_examples": s.max_examples, "files": _file_identity(s.path)}
+        | {"mapping": asdict(s.mapping), "chat_template_kwargs": s.template_kwargs}
         for s in data_sources(cfg)
     ]
     settings = {f: getattr(cfg, f) for f in PREPARATION_FIELDS}
@@ -195,7 +198,9 @@ def load_or_prepare(
     if folder is None:
         # Every rank prepares its own copy at once: one process each, or the ranks of a node would share its cores
         # among ranks x cores workers.
-        return prepare_data(replace(cfg, num_proc=cfg.num_proc or 1), renderer, seed, num_prompts)
+        data = prepare_data(replace(cfg, num_proc=cfg.num_proc or 1), renderer, seed, num_prompts)
+        log_formats(data)
+        return data
     failure = folder.with_name(f"{folder.name}.error")
     error = None
     lock = folder.with_name(f"{folder.name}.lock")
@@ -229,4 +234,11 @@ def load_or_prepare(
     check_identity(folder, store_identity(cfg, renderer, seed, num_prompts))
     data = open_store(folder)
     data.prompts = data.prompts[:num_prompts]
+    log_formats(data)
     return data
+
+
+def log_formats(data: PreparedData) -> None:
+    """The start-up log's line of each source's record format (``(detected)`` where ``data.format=auto`` found it)."""
+    if data.formats:
+        log.info("record formats: %s", ", ".join(f"{name}: {fmt}" for name, fmt in data.formats.items()))

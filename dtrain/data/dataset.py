@@ -14,14 +14,15 @@ import shutil
 import tempfile
 import time
 from collections import Counter, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
-from dtrain.config.schema import DataConfig, DataFormat, OnInvalid, Truncation
+from dtrain.config.schema import DataConfig, OnInvalid, Truncation
 from dtrain.data.chat import ChatRenderer, ChatTemplateError, TokenizedExample
-from dtrain.data.formats import Message, to_messages
-from dtrain.data.mixture import EVAL_PATH_SOURCE, Source, data_sources
+from dtrain.data.conversation import Conversation
+from dtrain.data.formats import Message, resolve_format, to_conversation
+from dtrain.data.mixture import EVAL_PATH_SOURCE, Source, data_sources, field_mapping, template_kwargs
 from dtrain.data.sources import InvalidRecord, Payload, count_records, iter_payloads, parse_payload
 from dtrain.data.store import PackedExamples, SplitWriter, TokenStore, pack_examples, read_meta, write_meta
 from dtrain.errors import DataError
@@ -54,6 +55,8 @@ class PreparedData:
     split: Counter = field(default_factory=Counter)  # conversations trained as one example per assistant turn
     source_names: list[str] = field(default_factory=list)
     """By source index (``TokenStore.source_index``)."""
+    formats: dict[str, str] = field(default_factory=dict)
+    """Each source's record format by name, ``(detected)`` appended where ``data.format=auto`` found it."""
 
     @property
     def max_token_id(self) -> int:
@@ -95,6 +98,7 @@ def open_store(folder: Path) -> PreparedData:
         truncated=Counter(meta["truncated"]),
         split=Counter(meta["split"]),
         source_names=meta["sources"],
+        formats=meta.get("formats", {}),
     )
 
 
@@ -135,7 +139,11 @@ def prepare_store(
     names = [s.name for s in sources] + ([EVAL_PATH_SOURCE] if cfg.eval_path and len(sources) > 1 else [])
     total_records = sum(p.records for p in plans)
     renderers = [renderer.for_source(p.source.train_on, p.source.chat_template) for p in plans]
-    worker = _ChunkWorker(renderers, [p.source.format for p in plans], cfg)
+    formats = {
+        EVAL_PATH_SOURCE if p.eval_only else p.source.name: p.source.format.value + (" (detected)" if p.source.format_detected else "")
+        for p in plans
+    }
+    worker = _ChunkWorker(renderers, [p.source for p in plans], cfg)
     folder.mkdir(parents=True, exist_ok=True)
     writers = {"train": SplitWriter(folder, "train"), "eval": SplitWriter(folder, "eval")}
     tally = _Tally()
@@ -166,6 +174,7 @@ def prepare_store(
     meta = {
         **stats,
         "sources": names,
+        "formats": formats,
         "prompts": [vars(p) for p in prompts],
         "dropped": dict(tally.dropped),
         "truncated": dict(tally.truncated),
@@ -181,10 +190,12 @@ def prepare_store(
 def _eval_path_plan(cfg: DataConfig, sources: list[Source]) -> _SourcePlan:
     """``data.eval_path`` is read as one more source: the one source's own, or ``eval_path`` in a mixture."""
     own = sources[0] if len(sources) == 1 else None
-    source = Source(len(sources), EVAL_PATH_SOURCE, cfg.eval_path, cfg.format, cfg.split, None, None, 0.0, None)
+    mapping, kwargs = field_mapping(cfg, None, "data"), template_kwargs(cfg, None, "data")
+    source = Source(len(sources), EVAL_PATH_SOURCE, cfg.eval_path, cfg.format, cfg.split, None, None, 0.0, None, mapping, kwargs)
     if own is not None:
-        source = Source(own.index, own.name, cfg.eval_path, own.format, own.split, own.train_on, own.chat_template, 0.0, None)
-    return _SourcePlan(source, count_records(cfg.eval_path, cfg.split), held_out=None, eval_only=True)
+        source = replace(own, path=cfg.eval_path, weight=0.0, max_examples=None)
+    # Under data.format=auto the eval file's format is detected from its own records.
+    return _SourcePlan(resolve_format(source), count_records(cfg.eval_path, cfg.split), held_out=None, eval_only=True)
 
 
 @dataclass
@@ -197,6 +208,7 @@ class _SourcePlan:
 
 
 def _plan_source(source: Source, cfg: DataConfig, seed: int) -> _SourcePlan:
+    source = resolve_format(source)
     records = count_records(source.path, source.split)
     if source.max_examples is not None:
         records = min(records, source.max_examples)
@@ -250,9 +262,9 @@ class _ChunkOut:
 class _ChunkWorker:
     """Parses, validates, renders and fits one chunk of records (in a worker process, or in place)."""
 
-    def __init__(self, renderers: list[ChatRenderer], formats: list[DataFormat], cfg: DataConfig):
+    def __init__(self, renderers: list[ChatRenderer], sources: list[Source], cfg: DataConfig):
         self.renderers = renderers
-        self.formats = formats
+        self.sources = sources
         self.cfg = cfg
 
     def __call__(self, chunk: Chunk) -> _ChunkOut:
@@ -262,18 +274,19 @@ class _ChunkWorker:
         for split, payload in items:
             record = parse_payload(payload)
             try:
-                messages = to_messages(record, self.formats[k])
-                examples = renderer.render_examples(messages, record.source)
+                conv = to_conversation(record, self.sources[k])
+                examples = renderer.render_examples(conv.messages, record.source)
             except (InvalidRecord, ChatTemplateError) as e:
                 if self.cfg.on_invalid == OnInvalid.error:
                     raise DataError(f"{e}; fix that record, or set data.on_invalid=skip to skip and count such records") from None
                 reason = e.reason if isinstance(e, InvalidRecord) else TEMPLATE_REFUSED
                 out.dropped[f"invalid: {reason}"] += 1
                 continue
-            if split == "eval":
-                out.eval_conversations.append((record.source, messages))
+            if split == "eval" and not conv.is_plain:
+                out.eval_conversations.append((record.source, conv.messages))
             if len(examples) > 1:
                 out.split[SPLIT_PER_TURN] += 1
+            examples = document_windows(conv, examples, self.cfg.max_seq_len, out.truncated)
             for example in examples:
                 fitted = _fit(example, renderer, self.cfg, out.dropped, out.truncated)
                 if fitted is not None:
@@ -343,6 +356,35 @@ def _check_invalid_fraction(dropped: Counter, total: int, cfg: DataConfig) -> No
             f"{invalid} of {total} records are invalid ({listed}), more than data.max_invalid_fraction="
             f"{cfg.max_invalid_fraction}; fix the data (data.on_invalid=error names the first bad line) or raise the limit"
         )
+
+
+DOCUMENT_WINDOWS = "cut into max_seq_len windows (text documents longer than data.max_seq_len)"
+
+
+def document_windows(conv: Conversation, examples: list[TokenizedExample], max_seq_len: int, truncated: Counter) -> list[TokenizedExample]:
+    """A text document (a plain conversation trained throughout) longer than ``max_seq_len``, as consecutive windows
+    of at most ``max_seq_len`` tokens instead of one over-length example (counted in ``truncated``); anything else as
+    it is.
+
+    Each window starts on the last token of the one before it, so every token of the document is a target exactly
+    once (the first token of a window is only context). All windows but the last are marked truncated (their
+    trained span ends at the cut, not at EOS).
+    """
+    if not conv.is_plain or not all(trained for _, trained in conv.segments or ()):
+        return examples
+    out = []
+    for example in examples:
+        n = len(example.input_ids)
+        if n <= max_seq_len:
+            out.append(example)
+            continue
+        truncated[DOCUMENT_WINDOWS] += 1
+        starts = range(0, n - 1, max(1, max_seq_len - 1))
+        for k, start in enumerate(starts, 1):
+            end = min(start + max_seq_len, n)
+            ids, labels = example.input_ids[start:end], example.labels[start:end]
+            out.append(TokenizedExample(f"{example.source}#window{k}", ids, labels, None, end < n))
+    return out
 
 
 def _fit(example: TokenizedExample, renderer: ChatRenderer, cfg: DataConfig, dropped: Counter, truncated: Counter):

@@ -11,14 +11,37 @@ agrees on it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from dtrain.config.schema import DataConfig, DataFormat, TrainOn
+from dtrain.config.schema import DataConfig, DataFormat, SourceConfig, TrainOn
 from dtrain.errors import ConfigError
+
+MAPPED_ROLES = ("system", "user", "assistant", "tool", "function_call", "observation")
+"""What ``roles`` may map a data set's role names to (function_call/observation: ShareGPT's tool turns)."""
+
+TEMPLATE_OWN_ARGUMENTS = ("conversation", "messages", "tools", "documents", "chat_template", "tokenize", "add_generation_prompt")
+TEMPLATE_OWN_ARGUMENTS += ("continue_final_message", "return_dict", "return_tensors", "padding", "truncation", "max_length")
+"""``apply_chat_template`` arguments dtrain sets itself: not settable through ``chat_template_kwargs``."""
+
+
+@dataclass(frozen=True)
+class FieldMapping:
+    """Where a source's records keep their conversation (``data.messages_field``, ``role_key``, ``content_key``,
+    ``roles``); None: the format's own name."""
+
+    messages_field: Optional[str] = None
+    role_key: Optional[str] = None
+    content_key: Optional[str] = None
+    roles: tuple[tuple[str, str], ...] = ()
+    """The data's role names to dtrain's, as pairs (added to the format's own map)."""
+
+    @property
+    def is_set(self) -> bool:
+        return bool(self.messages_field or self.role_key or self.content_key or self.roles)
 
 
 @dataclass(frozen=True)
@@ -36,6 +59,11 @@ class Source:
     """The source's own template; None renders with the run's (``data.chat_template`` or the tokenizer's)."""
     weight: float
     max_examples: Optional[int]
+    mapping: FieldMapping = FieldMapping()
+    template_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Default ``chat_template_kwargs`` of its records (a record's own win key by key)."""
+    format_detected: bool = False
+    """``format`` was detected from the records' fields (``data.format=auto``), not named."""
 
 
 EVAL_PATH_SOURCE = "eval_path"
@@ -55,10 +83,12 @@ def data_sources(cfg: DataConfig) -> list[Source]:
             f"got path={cfg.path!r} and {len(cfg.sources)} source(s)"
         )
     if cfg.path:
-        return [Source(0, _default_name(cfg.path), cfg.path, cfg.format, cfg.split, None, None, 1.0, None)]
+        mapping, kwargs = field_mapping(cfg, None, "data"), template_kwargs(cfg, None, "data")
+        return [Source(0, _default_name(cfg.path), cfg.path, cfg.format, cfg.split, None, None, 1.0, None, mapping, kwargs)]
     sources = []
     for i, s in enumerate(cfg.sources):
         where = f"data.sources[{i}] ({s.path})"
+        mapping, kwargs = field_mapping(cfg, s, where), template_kwargs(cfg, s, where)
         if s.weight < 0:
             raise ConfigError(f"{where}: weight={s.weight} is negative; use 0 to evaluate a source without training on it")
         if s.max_examples is not None and s.max_examples <= 0:
@@ -74,6 +104,8 @@ def data_sources(cfg: DataConfig) -> list[Source]:
                 s.chat_template,
                 float(s.weight),
                 s.max_examples,
+                mapping,
+                kwargs,
             )
         )
     names = [s.name for s in sources]
@@ -83,6 +115,42 @@ def data_sources(cfg: DataConfig) -> list[Source]:
     if not any(s.weight > 0 for s in sources):
         raise ConfigError("data.sources: every weight is 0, so nothing would be trained")
     return sources
+
+
+def field_mapping(cfg: DataConfig, source: Optional[SourceConfig], where: str) -> FieldMapping:
+    """The mapping of ``source`` (its own keys, else ``data``'s), checked.
+
+    Raises:
+        ConfigError: A role mapped to something dtrain does not read, or an empty field name.
+    """
+
+    def pick(key: str):
+        own = getattr(source, key) if source is not None else None
+        return own if own is not None else getattr(cfg, key)
+
+    names = {key: pick(key) for key in ("messages_field", "role_key", "content_key")}
+    for key, name in names.items():
+        if name is not None and not name.strip():
+            raise ConfigError(f"{where}: {key} is empty; name the record field (or leave it unset for the format's own)")
+    roles = dict(pick("roles") or {})
+    wrong = {k: v for k, v in roles.items() if v not in MAPPED_ROLES}
+    if wrong:
+        raise ConfigError(f"{where}: roles maps to {wrong}, which dtrain does not read; map each role name to one of {MAPPED_ROLES}")
+    return FieldMapping(**names, roles=tuple(sorted(roles.items())))
+
+
+def template_kwargs(cfg: DataConfig, source: Optional[SourceConfig], where: str) -> dict[str, Any]:
+    """The default ``chat_template_kwargs`` of ``source`` (its own, else ``data``'s), checked.
+
+    Raises:
+        ConfigError: A key that dtrain passes to the template itself (``tools``, ``add_generation_prompt``, ...).
+    """
+    own = source.chat_template_kwargs if source is not None else None
+    kwargs = dict(own if own is not None else cfg.chat_template_kwargs or {})
+    reserved = sorted(set(kwargs) & set(TEMPLATE_OWN_ARGUMENTS))
+    if reserved:
+        raise ConfigError(f"{where}: chat_template_kwargs sets {reserved}, which dtrain passes to the template itself; remove them")
+    return kwargs
 
 
 def mixture_weights(cfg: DataConfig, source_names: Sequence[str]) -> list[float]:

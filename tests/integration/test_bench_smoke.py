@@ -85,6 +85,11 @@ def test_corpus_bench(tmp_path):
             and min(size["peak_rss_per_rank"]) > 10**8
         )
     assert len(result["rss_bytes_per_token"]) == 2
+    # Record shapes: the ShareGPT corpus is the chats' conversations, so the same tokens (auto-detected formats).
+    shapes = {r["shape"]: r for r in result["shapes"]}
+    assert sorted(shapes) == ["chats", "sharegpt", "tools"]
+    assert shapes["sharegpt"]["tokens"] == shapes["chats"]["tokens"] == one["tokens"] and shapes["sharegpt"]["vs_chats"] > 0
+    assert list(shapes["sharegpt"]["formats"].values()) == ["sharegpt (detected)"]
 
 
 def test_long_sequence_bench(tmp_path):

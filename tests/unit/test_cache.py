@@ -106,3 +106,25 @@ def test_a_prepared_store_trains_without_its_raw_files_but_not_from_changed_ones
     check_data_sources(job.data)
     again = load(job, tiny_tokenizer)
     assert list(again.train[:5]) == list(first.train[:5]) and len(again.train) == len(first.train)
+
+
+def test_the_format_field_mapping_and_template_arguments_key_the_store(tiny_tokenizer):
+    renderer = ChatRenderer(tiny_tokenizer, "assistant")
+    base = ["+exp=tiny_cpu"]
+    changes = [
+        "data.format=messages",  # the bundled data reads format=auto
+        "data.messages_field=dialog",
+        "data.role_key=speaker",
+        "data.content_key=text",
+        "++data.roles={bot: assistant}",  # a dict: ++ (Hydra merges a plain override into the empty default)
+        "++data.chat_template_kwargs={enable_thinking: false}",
+    ]
+    keys = [cache.cache_key(compose_job([*base, *change]).data, renderer, 0, 4) for change in [[], *[[c] for c in changes]]]
+    assert len(set(keys)) == len(keys)
+    # The same keys per source of a mixture (composed from the command line, so typed and validated like the rest).
+    path = compose_job(base).data.path
+    extras = ("", ", roles: {bot: assistant}", ", chat_template_kwargs: {x: 1}")
+    mixtures = [["data.path=null", "data.eval_path=null", f"data.sources=[{{path: '{path}'{extra}}}]"] for extra in extras]
+    jobs = [compose_job([*base, *m]) for m in mixtures]
+    assert jobs[1].data.sources[0].roles == {"bot": "assistant"} and jobs[2].data.sources[0].chat_template_kwargs == {"x": 1}
+    assert len({cache.cache_key(j.data, renderer, 0, 4) for j in jobs}) == 3

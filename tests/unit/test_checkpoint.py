@@ -120,6 +120,14 @@ def test_resume_key_covers_what_matters_only():
     mixture = ["+exp=tiny_cpu", "data.path=null", "data.sources=[{path: a.jsonl}, {path: b.jsonl, weight: 2}]"]
     reweighted = mixture[:-1] + ["data.sources=[{path: a.jsonl}, {path: b.jsonl, weight: 3}]"]
     assert resume_key(compose_job(mixture), 2) != resume_key(compose_job(reweighted), 2)
+    # Field mapping and template arguments change what each record becomes; unset, they leave the key as it was
+    # before they existed (a checkpoint written then still resumes).
+    for override in ("data.role_key=from", "++data.roles={bot: assistant}", "++data.chat_template_kwargs={enable_thinking: false}"):
+        assert resume_key(compose_job(["+exp=tiny_cpu", override]), 2) != base, override
+    assert not any(name in base for name in ("data.role_key", "data.roles", "data.chat_template_kwargs"))
+    assert "roles" not in base["data.sources"] and "roles" not in resume_key(compose_job(mixture), 2)["data.sources"]
+    mapped = mixture[:-1] + ["data.sources=[{path: a.jsonl}, {path: b.jsonl, weight: 2, roles: {bot: assistant}}]"]
+    assert resume_key(compose_job(mixture), 2) != resume_key(compose_job(mapped), 2)
 
 
 def test_rng_states_round_trip_through_json():

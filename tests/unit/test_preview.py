@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -35,3 +37,46 @@ def test_json_preview_of_packed_rows(tmp_path):
         starts = [i for i, p in enumerate(row["position_ids"]) if p == 0]
         assert len(starts) >= len(row["sources"]) >= 2  # every example restarts at 0 (padding may add one block)
         assert all(row["targets"][s - 1] == -100 for s in starts if s > 0)  # no example is trained to predict the next
+
+
+def test_preview_reads_other_record_shapes_through_their_adapter(tmp_path):
+    # ShareGPT records under +exp=tiny_cpu: the format is detected and the masks are those of the equivalent chats.
+    data = tmp_path / "sharegpt.jsonl"
+    rows = [
+        {"system": "Be brief.", "conversations": [{"from": "human", "value": f"upper: ab{i}"}, {"from": "gpt", "value": f"AB{i}"}]}
+        for i in range(3)
+    ]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    text = run_preview(
+        tmp_path, "preview.n=3", f"data.path={data}", "data.eval_path=null", "data.eval_fraction=0", f"data.cache_dir={tmp_path}"
+    )
+    trained = [chunk.split("]]")[0] for chunk in text.split("[[")[1:]]
+    assert trained == [f"AB{i}<|im_end|>" for i in range(3)]
+    assert text.count("Be brief.") == 3 and "upper: ab0" in text
+
+
+def _renders_conversations() -> bool:
+    import inspect
+
+    from dtrain.data.chat import ChatRenderer
+
+    return "conv" in inspect.signature(ChatRenderer.render_examples).parameters
+
+
+@pytest.mark.skipif(not _renders_conversations(), reason="needs the renderer of tool conversations (ChatRenderer.render_examples(conv))")
+def test_preview_shows_tool_calls_trained_and_tool_results_not(tmp_path):
+    data = tmp_path / "tools.jsonl"
+    call = {"id": "call00001", "type": "function", "function": {"name": "upper", "arguments": {"text": "abc"}}}
+    messages = [
+        {"role": "user", "content": "upper: abc"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call00001", "name": "upper", "content": "RESULT-ABC"},
+        {"role": "assistant", "content": "ABC"},
+    ]
+    tools = [{"type": "function", "function": {"name": "upper", "parameters": {"type": "object", "properties": {"text": {}}}}}]
+    data.write_text(json.dumps({"tools": tools, "messages": messages}) + "\n")
+    overrides = [f"data.path={data}", "data.eval_path=null", "data.eval_fraction=0", f"data.cache_dir={tmp_path}"]
+    text = run_preview(tmp_path, "preview.n=1", *overrides, "data.chat_template=tests/assets/chat_templates/qwen2.5.jinja")
+    trained = [chunk.split("]]")[0] for chunk in text.split("[[")[1:]]
+    assert len(trained) == 2 and '"name": "upper"' in trained[0] and trained[1] == "ABC<|im_end|>"
+    assert all(t.endswith("<|im_end|>") for t in trained) and "RESULT-ABC" in text and not any("RESULT-ABC" in t for t in trained)

@@ -50,3 +50,46 @@ def test_skip_mode_still_stops_past_the_invalid_fraction(tiny_tokenizer):
             seed=0,
             num_prompts=0,
         )
+
+
+# One record of each kind of defect that tool calling, per-message flags and ShareGPT bring, between good records;
+# the format of each file is detected (data.format=auto).
+NEW_DEFECTS = {
+    "defects_tools.jsonl": Counter(
+        {
+            "invalid: invalid tool_calls": 1,
+            "invalid: tool call arguments not JSON": 1,
+            "invalid: tool result without a tool call": 1,
+            "invalid: train flag not a boolean": 1,
+            "invalid: empty assistant content": 1,
+            "invalid: no trained turn": 1,
+            "invalid: invalid tools": 1,
+            "invalid: non-alternating roles": 1,
+        }
+    ),
+    "defects_sharegpt.jsonl": Counter(
+        {
+            "invalid: function_call not JSON": 1,
+            "invalid: unknown role": 1,
+            "invalid: missing field 'from'": 1,
+            "invalid: tool result without a tool call": 1,
+            "invalid: missing field 'conversations'": 1,
+        }
+    ),
+}
+FIRST_DEFECT = {"defects_tools.jsonl": "2: invalid tool_calls (message 1", "defects_sharegpt.jsonl": "2: function_call not JSON (message 1"}
+
+
+@pytest.mark.parametrize("name", sorted(NEW_DEFECTS))
+def test_new_record_defects_are_counted_per_reason_and_named_by_line(name, tiny_tokenizer):
+    path = DEFECTS.parent / name
+    renderer = ChatRenderer(tiny_tokenizer, TrainOn.assistant)
+    cfg = DataConfig(path=str(path), eval_fraction=0.0, on_invalid=OnInvalid.skip, max_invalid_fraction=0.9)
+    data = prepare_data(cfg, renderer, seed=0, num_prompts=0)
+    assert data.dropped == NEW_DEFECTS[name]
+    lines = sum(1 for _ in path.open())
+    assert [e.source for e in data.train] == [f"{path}:1", f"{path}:{lines}"]
+    assert data.formats == {path.stem: f"{'sharegpt' if 'sharegpt' in name else 'messages'} (detected)"}
+    with pytest.raises(DataError) as err:
+        prepare_data(DataConfig(path=str(path), eval_fraction=0.0), renderer, seed=0, num_prompts=0)
+    assert f"{path}:{FIRST_DEFECT[name]}" in str(err.value)
