@@ -120,7 +120,18 @@ def write_corpus(shape: str, path: Path, n: int, seed: int = 0) -> list[str]:
     return [f"data.chat_template={TOOL_TEMPLATE}"] if "tools" in shape else []
 
 
+_PREPARED: dict[tuple, tuple[Path, dict]] = {}
+"""(data, processes, overrides) -> (store, summary): a corpus already prepared the same way is not prepared again."""
+
+
 def prepare(data: Path, store: Path, procs: int, model: Path, overrides: tuple = (), fail: bool = True) -> dict:
+    """Prepare ``data`` into ``store`` with ``launch/prepare.py``; its JSON summary (an identical earlier preparation:
+    ``store`` links to that store and its summary is returned)."""
+    key = (str(data), procs, overrides)
+    if key in _PREPARED:
+        done, summary = _PREPARED[key]
+        store.symlink_to(done, target_is_directory=True)
+        return summary
     cmd = [sys.executable, "launch/prepare.py", "+exp=tiny_cpu", f"model.path={model}", f"data.path={data}", "data.eval_path=null"]
     cmd += [
         "data.format=auto",
@@ -135,14 +146,16 @@ def prepare(data: Path, store: Path, procs: int, model: Path, overrides: tuple =
             lines = [line for line in out.stderr.splitlines() if line.strip() and "HYDRA_FULL_ERROR" not in line]
             return {"error": lines[-1][-300:] if lines else f"exit {out.returncode}"}
         raise SystemExit(f"prepare failed: {out.stderr[-2000:]}")
-    return json.loads(out.stdout[: out.stdout.rindex("}") + 1])
+    summary = json.loads(out.stdout[: out.stdout.rindex("}") + 1])
+    _PREPARED[key] = (store, summary)
+    return summary
 
 
 def prepare_shapes(shapes: list[str], n: int, procs: int, model: Path, root: Path) -> list[dict]:
     """Tokens/s of preparing ``n`` conversations of each record shape with ``procs`` processes (vs plain chats)."""
     rows = []
     for shape in shapes:
-        data = root / f"shape_{shape}_{n}.jsonl"
+        data = root / (f"chats_{n}.jsonl" if shape == "chats" else f"shape_{shape}_{n}.jsonl")  # chats: the sweep's corpus
         overrides = write_corpus(shape, data, n)
         summary = prepare(data, root / f"shape_store_{shape}", procs, model, tuple(overrides), fail=False)
         if "error" in summary:
@@ -305,7 +318,8 @@ def main() -> None:
 
     prep_rows = []
     smallest = root / f"chats_{sizes[0]}.jsonl"
-    write_chats(smallest, sizes[0])
+    if not smallest.is_file():  # written for the shape comparison already: the same file keeps its stores valid
+        write_chats(smallest, sizes[0])
     for p in procs:
         summary = prepare(smallest, root / f"prep_{p}", p, model)
         prep_rows.append(

@@ -19,7 +19,8 @@ from typing import Optional, Sequence
 from omegaconf import OmegaConf
 
 from dtrain.config.batch import BatchPlan
-from dtrain.config.schema import JobConfig, Precision, WandbMode
+from dtrain.config.schema import DataFormat, JobConfig, Precision, WandbMode
+from dtrain.data.mixture import EVAL_PATH_SOURCE, data_sources
 from dtrain.data.packing import choose_packing
 from dtrain.metrics import wandb_mode
 from dtrain.reshard import accumulation_for
@@ -93,12 +94,39 @@ def choose_precision(machine: MachineFacts) -> tuple[Precision, str]:
     )
 
 
+def _resolve_formats(job: JobConfig, formats: dict[str, str]) -> list[str]:
+    """Name the detected format of every source read with ``format=auto`` (``job`` is changed in place).
+
+    A slot (``data.format`` for ``data.path``, or a source's own ``format``) is set only when every source it covers
+    was detected as one format (``data.eval_path`` under ``data.path`` may differ from the training file: then
+    ``auto`` stays).
+    """
+    detected = {name: DataFormat(fmt.split()[0]) for name, fmt in formats.items()}
+    d = job.data
+    if d.format != DataFormat.auto or not detected:
+        return []
+    sources = data_sources(d)
+    if not d.sources:
+        found = {detected.get(sources[0].name), *([detected.get(EVAL_PATH_SOURCE)] if d.eval_path else [])}
+        if len(found) != 1 or None in found:
+            return []
+        d.format = found.pop()
+        return [f"data.format=auto: {d.format.value}, detected from {sources[0].name}'s records (config.yaml records it)"]
+    named = []
+    for config, source in zip(d.sources, sources):
+        if config.format is None and source.name in detected:
+            config.format = detected[source.name]
+            named.append(f"{source.name}: {config.format.value}")
+    return [f"data.format=auto: detected {', '.join(named)} (config.yaml records each source's format)"] if named else []
+
+
 def resolve_job(
     job: JobConfig,
     train_lengths: Sequence[int],
     world_size: int,
     machine: Optional[MachineFacts] = None,
     resume_layout: Optional[dict] = None,
+    formats: Optional[dict[str, str]] = None,
 ) -> ResolvedJob:
     """Decide what the config leaves open, from the training data, the world size and the machine.
 
@@ -109,6 +137,9 @@ def resolve_job(
         machine: Rank 0's machine facts (``machine_facts()``, broadcast); read here when not given.
         resume_layout: The layout of the checkpoint this run resumes (``dtrain.reshard.saved_layout``): on another
             world size, the accumulation steps are recomputed to keep its global batch.
+        formats: Each source's record format as preparation read it (``PreparedData.formats``): ``data.format=auto``
+            becomes what was detected, so ``config.yaml`` and the resume key name the format that ran (a run
+            checkpointed with ``data.format=messages`` resumes under ``auto`` when its records are messages).
 
     Returns:
         The resolved job and its batch plan.
@@ -118,6 +149,7 @@ def resolve_job(
     if job.precision.name == Precision.auto:
         job.precision.name, reason = choose_precision(machine or machine_facts())
         decisions.append(f"precision=auto: {job.precision.name.value}, since {reason} (set precision= to choose)")
+    decisions += _resolve_formats(job, formats or {})
     if job.data.packing is None:
         job.data.packing, efficiency = choose_packing(train_lengths, job.train.micro_batch_size, job.train.seed)
         decisions.append(

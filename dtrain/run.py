@@ -83,7 +83,8 @@ def build_run(job: JobConfig) -> Run:
     # Rank 0's machine decides precision=auto for all: ranks that chose differently could not train together.
     machine = broadcast_object(machine_facts() if dist.is_main else None)
     found = find_checkpoint(run_dir / CKPT_DIRNAME, job.ckpt, dist)
-    resolved = resolve_job(job, data.data.train.lengths, dist.world_size, machine, found.layout if found else None)
+    layout = found.layout if found else None
+    resolved = resolve_job(job, data.data.train.lengths, dist.world_size, machine, layout, formats=data.data.formats)
     job = resolved.job
     # Before anything is (over)written: a checkpoint from other settings is refused here, not after loading.
     ckpt = checkpoint_manager(run_dir, job, dist, found)

@@ -113,3 +113,25 @@ def test_cpu_precision_bench_reports_both_dtypes_and_the_choice(tmp_path):
     result = json.loads((tmp_path / "p.json").read_text())
     assert result["runs"][0]["fp32_gflops"] > 0 and result["runs"][0]["bf16_gflops"] > 0
     assert result["auto_precision"] == choose_precision(machine_facts())[0].value
+
+
+def test_an_auto_format_resolves_to_what_was_detected_and_keys_the_checkpoint_like_it():
+    from dtrain.checkpoint import resume_key
+    from dtrain.config.schema import DataFormat
+
+    job = compose_job(["+exp=tiny_cpu", "data.format=auto"])  # the bundled train.jsonl, and eval.jsonl as data.eval_path
+    detected = {"train": "messages (detected)", "eval_path": "messages (detected)"}
+    resolved = resolve_job(job, EVEN, 1, formats=detected)
+    assert resolved.job.data.format == DataFormat.messages and job.data.format == DataFormat.auto  # the input is not changed
+    assert any(d.startswith("data.format=auto: messages, detected from train") for d in resolved.decisions)
+    # A checkpoint written when the bundled config still said data.format=messages resumes under auto.
+    named = resolve_job(compose_job(["+exp=tiny_cpu", "data.format=messages"]), EVEN, 1, formats=detected).job
+    assert resume_key(resolved.job, 1) == resume_key(named, 1)
+    # An eval file of another shape than the training file: no single format to name, auto stays.
+    mixed = {"train": "messages (detected)", "eval_path": "sharegpt (detected)"}
+    assert resolve_job(job, EVEN, 1, formats=mixed).job.data.format == DataFormat.auto
+    # In a mixture, each source without a format of its own gets its detected one; a named one is kept.
+    sources = "data.sources=[{path: a.jsonl, name: a}, {path: b.jsonl, name: b, format: alpaca}]"
+    mixture = compose_job(["+exp=tiny_cpu", "data.path=null", "data.format=auto", sources])
+    got = resolve_job(mixture, EVEN, 1, formats={"a": "sharegpt (detected)", "b": "alpaca"}).job.data.sources
+    assert [s.format for s in got] == [DataFormat.sharegpt, DataFormat.alpaca]
