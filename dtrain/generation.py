@@ -34,7 +34,7 @@ def generate_answers(
     results = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
-        encoded = [renderer.render_prompt(p.messages) for p in chunk]
+        encoded = [renderer.render_prompt(p.conversation) for p in chunk]
         width = max(len(ids) for ids in encoded)
         # Left padding, so every row's answer starts right after its own prompt.
         input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
