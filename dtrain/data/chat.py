@@ -34,7 +34,7 @@ from dtrain.config.schema import TrainOn
 from dtrain.data.conversation import Conversation, Message
 from dtrain.data.pieces import Encoded, PieceEncoder
 from dtrain.data.sources import InvalidRecord
-from dtrain.data.template_checks import arguments_form, dropped_parts, reasoning_ignored, template_messages
+from dtrain.data.template_checks import CallForms, call_forms, dropped_parts, reasoning_ignored, template_messages
 from dtrain.data.template_text import (
     ChatTemplateError,
     Renders,
@@ -144,14 +144,17 @@ class ChatRenderer:
         self.end_of_turn_token = token
         self.end_of_turn_id = _single_token_id(tokenizer, token)
         self.pieces = PieceEncoder(tokenizer)
-        self._arguments_form: Optional[str] = None  # probed on the first conversation with tool calls
+        self._call_forms: Optional[CallForms] = None  # probed on the first conversation with tool calls
 
     def _renders(self, conversation: Conversation, source: str) -> Renders:
         """Prefix renders of a chat conversation, its messages in the form the template takes them."""
         messages = conversation.messages
-        if any(m.get("tool_calls") for m in messages) and self._arguments_form is None:
-            self._arguments_form = arguments_form(self.tokenizer)
-        messages = template_messages(messages, self._arguments_form)
+        if any(m.get("tool_calls") for m in messages):
+            if self._call_forms is None:
+                self._call_forms = call_forms(self.tokenizer)
+            messages = template_messages(messages, self._call_forms)
+        elif any("train" in m for m in messages):
+            messages = [{k: v for k, v in m.items() if k != "train"} for m in messages]
         return Renders(self.tokenizer, messages, source, conversation.tools, conversation.template_kwargs)
 
     def for_source(self, train_on: Optional[TrainOn], chat_template: Optional[str]) -> ChatRenderer:

@@ -2,8 +2,8 @@
 
 Published templates disagree on the form of a call's ``arguments``: Qwen2.5, Llama-3.1 and Mistral serialise them
 themselves (``arguments | tojson``), so a JSON string given to them comes out quoted inside quotes; DeepSeek-R1
-concatenates them (``+ arguments``), so an object makes it raise. ``arguments_form`` renders one probe call both
-ways and keeps the form the template writes as JSON. Some templates also leave out what they were given without a
+concatenates them (``+ arguments``), so an object makes it raise. ``call_forms`` renders one probe call both ways
+and keeps the form the template writes as JSON. Some templates also leave out what they were given without a
 word (Granite-3.0 renders neither tool calls nor the ``tool`` role; DeepSeek-R1-distill drops a call whose message
 has content; many ignore ``reasoning_content``): ``dropped_parts`` and ``reasoning_ignored`` read that from the
 rendered text, never from a list of template names.
@@ -12,6 +12,7 @@ rendered text, never from a list of template names.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Optional
 
 from dtrain.data.conversation import Message
@@ -22,39 +23,56 @@ OBJECT, STRING, AS_GIVEN = "object", "string", "as_given"
 _PROBE_ARGS = {"dtrain_probe_key": "dtrain probe value"}
 
 
-def arguments_form(tokenizer) -> str:
-    """How this tokenizer's template wants a call's ``arguments``: ``OBJECT`` (it serialises them: a string would be
-    re-encoded), ``STRING`` (it concatenates them: an object raises or is written as a Python dict) or ``AS_GIVEN``
-    (it writes both forms as JSON, or renders no call at all)."""
-    as_object, as_string = _render_probe(tokenizer, dict(_PROBE_ARGS)), _render_probe(tokenizer, json.dumps(_PROBE_ARGS))
+@dataclass(frozen=True)
+class CallForms:
+    """How one template wants tool calls given (``call_forms``).
+
+    Attributes:
+        arguments: ``OBJECT`` (it serialises them: a string would be re-encoded), ``STRING`` (it concatenates them:
+            an object raises or is written as a Python dict) or ``AS_GIVEN`` (it writes both forms as JSON, or no call).
+        null_content: What a tool-call turn without text gets as content: None, or "" for a template that reads the
+            content unconditionally (transformers drops None-valued keys, and Qwen3 then fails on the missing key).
+    """
+
+    arguments: str
+    null_content: Optional[str]
+
+
+def call_forms(tokenizer) -> CallForms:
+    """Render one probe call in each form and keep those the template writes as JSON without failing."""
+    renders = {(a, c): _render_probe(tokenizer, a, c) for a in (OBJECT, STRING) for c in (None, "")}
+    name = "dtrain_probe"
+    null_content = None if any(name in (renders[a, None] or "") for a in (OBJECT, STRING)) else ""
+    if null_content == "" and renders[OBJECT, ""] is None and renders[STRING, ""] is None:
+        null_content = None  # it fails either way: let the record name the template's own message
+    as_object, as_string = renders[OBJECT, null_content], renders[STRING, null_content]
     key = '"dtrain_probe_key"'
     object_ok = as_object is not None and key in as_object
     string_ok = as_string is not None and key in as_string and json.dumps(key)[1:-1] not in as_string
-    if object_ok and not string_ok:
-        return OBJECT
-    if string_ok and not object_ok:
-        return STRING
-    return AS_GIVEN
+    form = OBJECT if object_ok and not string_ok else STRING if string_ok and not object_ok else AS_GIVEN
+    return CallForms(form, null_content)
 
 
-def _render_probe(tokenizer, arguments) -> Optional[str]:
+def _render_probe(tokenizer, form: str, content: Optional[str]) -> Optional[str]:
+    arguments = dict(_PROBE_ARGS) if form == OBJECT else json.dumps(_PROBE_ARGS)
     call = {"id": "dtrain001", "type": "function", "function": {"name": "dtrain_probe", "arguments": arguments}}
-    for content in (None, ""):
-        messages = [{"role": "user", "content": "probe"}, {"role": "assistant", "content": content, "tool_calls": [call]}]
-        try:
-            return tokenizer.apply_chat_template(messages, tokenize=False)
-        except Exception:  # a template refuses a probe in many ways (raise_exception, TypeError...): try the next
-            continue
-    return None
+    messages = [{"role": "user", "content": "probe"}, {"role": "assistant", "content": content, "tool_calls": [call]}]
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False)
+    except Exception:  # a template refuses a probe in many ways (raise_exception, TypeError, undefined keys)
+        return None
 
 
-def template_messages(messages: list[Message], form: str) -> list[Message]:
-    """The messages as the template receives them: ``train`` flags removed, arguments in the template's form."""
+def template_messages(messages: list[Message], forms: CallForms) -> list[Message]:
+    """The messages as the template receives them: ``train`` flags removed, tool calls in the template's forms."""
     out = []
     for m in messages:
         m = {k: v for k, v in m.items() if k != "train"}
-        if m.get("tool_calls") and form != AS_GIVEN:
-            m["tool_calls"] = [_with_form(call, form) for call in m["tool_calls"]]
+        if m.get("tool_calls"):
+            if forms.arguments != AS_GIVEN:
+                m["tool_calls"] = [_with_form(call, forms.arguments) for call in m["tool_calls"]]
+            if m.get("content") is None:
+                m["content"] = forms.null_content
         out.append(m)
     return out
 

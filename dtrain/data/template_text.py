@@ -94,7 +94,8 @@ def content_variants(content: str) -> list[str]:
     """The forms a published template writes a message's content in, most faithful first.
 
     Gemma and Llama-3 ``trim`` it, Llama-2 ``strip()``s it, Qwen3 ``lstrip('\\n')``s it, and the reasoning templates
-    (Qwen3, DeepSeek-R1) keep only what follows ``</think>`` in turns before the last.
+    (Qwen3, DeepSeek-R1) keep only what follows ``</think>`` in turns before the last; last, the content
+    JSON-escaped, as a template that serialises it writes it.
     """
     if not content:
         return []
@@ -106,6 +107,9 @@ def content_variants(content: str) -> list[str]:
         for variant in (tail, tail.strip(), tail.lstrip("\n"), tail.lstrip(), tail.rstrip()):
             if variant not in variants:
                 variants.append(variant)
+    escaped = json.dumps(content, ensure_ascii=False)[1:-1]  # Llama-3.1 writes a tool result as a JSON string
+    if escaped not in variants:
+        variants.append(escaped)
     return variants
 
 
