@@ -73,6 +73,8 @@ class Renders:
             DataError: when the template does not compile.
         """
         key = (n, generation_prompt)
+        if key == (0, False):  # what comes before the first message (transformers refuses to render no messages)
+            return ""
         if key not in self._cache:
             self._cache[key] = self._render(self.messages[:n], generation_prompt)
         return self._cache[key]
@@ -184,17 +186,20 @@ def _closing_by_prefix(renders: Renders, text: str, index: int, start: int, end_
             ``<think>`` block only into the last assistant turn after the last user message).
     """
     own = renders(index + 1)
-    at = own.rfind(end_of_turn, start)
+    # ``text`` holds the turn where ``own`` does, or is the turn's prompt followed by the end of ``own``
+    # (``ChatRenderer._inference_text``): then offsets in ``own`` are ``shift`` past those in ``text``.
+    shift = len(own) - len(text) if own.endswith(text[start:]) and len(own) != len(text) else 0
+    at = own.rfind(end_of_turn, start + shift)
     if at < 0:
         return None
     end = at + len(end_of_turn)
-    agreed = common_prefix_length(own, text)
-    if agreed < end:
+    if own[start + shift : end] != text[start : end - shift]:
+        agreed = common_prefix_length(own, text)
         raise TemplateRewrites(
             f"message {index} renders as {own[agreed : agreed + 40]!r}... when it ends the conversation, and as "
             f"{text[agreed : agreed + 40]!r}... once later turns follow"
         )
-    return at, end
+    return at - shift, end - shift
 
 
 def message_strings(message: Message) -> list[str]:
