@@ -117,13 +117,15 @@ def templated(renderer: ChatRenderer, messages: list[dict]) -> list[dict]:
         if m.get("tool_calls"):
             m["content"] = m["content"] if m["content"] is not None else forms.null_content
             if forms.arguments == OBJECT:
-                m["tool_calls"] = [{**c, "function": {**c["function"], "arguments": _obj(c["function"]["arguments"])}} for c in m["tool_calls"]]
+                m["tool_calls"] = [_as_object(c) for c in m["tool_calls"]]
         out.append(m)
     return out
 
 
-def _obj(arguments):
-    return json.loads(arguments) if isinstance(arguments, str) else arguments
+def _as_object(tool_call: dict) -> dict:
+    arguments = tool_call["function"]["arguments"]
+    arguments = json.loads(arguments) if isinstance(arguments, str) else arguments
+    return {**tool_call, "function": {**tool_call["function"], "arguments": arguments}}
 
 
 def template_turn(tok, messages: list[dict], i: int, eot: str) -> str:
@@ -236,7 +238,8 @@ def test_qwen3_trains_reasoning_it_renders_and_qwen25_counts_it_ignored():
     qwen3 = load("qwen3", "qwen")
     notes = Counter()
     examples = ChatRenderer(qwen3, TrainOn.last_assistant).render_examples(Conversation(messages, TOOLS), SOURCE, notes)
-    assert [qwen3.decode(s) for s in trained_spans(examples[0])] == ["<think>\nThe tool says 21.\n</think>\n\nIt is 21 degrees in Paris.<|im_end|>"]
+    answer = "<think>\nThe tool says 21.\n</think>\n\nIt is 21 degrees in Paris.<|im_end|>"
+    assert [qwen3.decode(s) for s in trained_spans(examples[0])] == [answer]
     assert not notes
     qwen25 = load("qwen2.5", "qwen")
     renderer = ChatRenderer(qwen25, TrainOn.assistant)
