@@ -93,15 +93,15 @@ def dropped_parts(renders: Renders, text: str) -> list[str]:
     missing: list[str] = []
     lo = 0
     for i, m in enumerate(renders.messages):
-        if m["role"] == "assistant":
+        if m["role"] == "assistant" and m.get("tool_calls"):  # (a plain chat costs no prefix comparison here)
             lo = _header(renders, text, i)
-            for call in m.get("tool_calls") or ():
+            for call in m["tool_calls"]:
                 function = call["function"]
                 at = text.find(function["name"], lo)
                 if at < 0 or not all(_has_value(text, at, v) for v in _leaves(function["arguments"])):
                     missing.append(f"the call to {function['name']!r} in message {i}")
             content = m.get("content")
-            if m.get("tool_calls") and content and content.strip() and find_content(text, lo, content) is None:
+            if content and content.strip() and find_content(text, lo, content) is None:
                 missing.append(f"the content of message {i}")
         elif m["role"] == "tool" and m.get("content") and find_content(text, lo, m["content"]) is None:
             missing.append(f"the result in tool message {i}")
