@@ -4,10 +4,11 @@
 
 Writes ``dtrain/assets/data/tools_train.jsonl`` and ``tools_eval.jsonl`` (OpenAI chat format: record-level
 ``tools``, an assistant turn with ``tool_calls`` and null content, a ``tool`` result, the answer) and
-``dtrain/assets/tiny/chat_template_tools.jinja``. The task: "weather in <city>?" or "time in <city>?" must be
-answered by calling the right tool with the city copied into its arguments, then by reading the value the tool
-returns. Half of the eval records stop after the call, so the generation check of ``+exp=tiny_cpu_tools`` scores
-emitted calls (parsed JSON: name and arguments) as well as final answers. Same seed -> same bytes.
+``dtrain/assets/tiny/chat_template_tools.jinja``. The task: "weather in <city>?" or "time in <city>?" (38 cities)
+must be answered by calling the right tool with the city copied into its arguments, then by reading the value the
+tool returns (random numbers and times, so the answer is read, never memorised). Half of the eval records stop
+after the call, so the generation check of ``+exp=tiny_cpu_tools`` scores emitted calls (parsed JSON: name and
+arguments) as well as final answers. Same seed -> same bytes.
 """
 
 import json
@@ -33,6 +34,46 @@ TEMPLATE = (
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
+CITIES = [
+    "amsterdam",
+    "athens",
+    "berlin",
+    "bern",
+    "bogota",
+    "cairo",
+    "dakar",
+    "delhi",
+    "dublin",
+    "hanoi",
+    "havana",
+    "kabul",
+    "kyiv",
+    "lagos",
+    "lima",
+    "lisbon",
+    "london",
+    "madrid",
+    "manila",
+    "miami",
+    "milan",
+    "moscow",
+    "nairobi",
+    "oslo",
+    "ottawa",
+    "paris",
+    "prague",
+    "quito",
+    "riga",
+    "rome",
+    "seoul",
+    "sofia",
+    "tokyo",
+    "tunis",
+    "vienna",
+    "warsaw",
+    "zagreb",
+    "zurich",
+]
 TOOLS = [
     {
         "type": "function",
@@ -47,7 +88,7 @@ TOOLS = [
 
 
 def record(rng: random.Random, stop_at_call: bool) -> dict:
-    city = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 7)))
+    city = rng.choice(CITIES)
     tool = rng.choice(["weather", "time"])
     if tool == "weather":
         value = str(rng.randint(0, 39))

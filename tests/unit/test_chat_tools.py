@@ -164,10 +164,9 @@ def test_trained_turns_are_the_calls_and_answers_the_template_writes(template, n
             assert span[-1] == eot_id and not special_ids(tok) & set(span[:-1]) - {tok.convert_tokens_to_ids("[TOOL_CALLS]")}
         assert not any(text in d for text in tool_texts for d in decoded)  # results are never trained
         assert not any("Weather in" in d or "Thanks!" in d or "The weather in a city" in d for d in decoded)
-        if len(examples) == 1:  # generation sees the tokens training saw before each turn
-            for i in turns:
-                prompt = renderer.render_prompt(Conversation(conversation.messages[:i], TOOLS))
-                assert example.input_ids[: len(prompt)] == prompt and example.labels[len(prompt)] != IGNORE_INDEX
+        for i in turns:  # generation sees the tokens training saw before each turn (per-turn examples included)
+            prompt = renderer.render_prompt(Conversation(conversation.messages[:i], TOOLS))
+            assert example.input_ids[: len(prompt)] == prompt and example.labels[len(prompt)] != IGNORE_INDEX
     assert audit_masks(examples, renderer, seed=0) == len(examples)
 
 
