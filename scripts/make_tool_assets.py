@@ -74,15 +74,8 @@ CITIES = [
     "zagreb",
     "zurich",
 ]
-TOOLS = [
-    {
-        "type": "function",
-        "function": {
-            "name": name,
-            "description": f"The {name} in a city.",
-            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
-        },
-    }
+TOOLS = [  # short schemas: every record carries them, and the template writes only the names
+    {"type": "function", "function": {"name": name, "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
     for name in ("weather", "time")
 ]
 
