@@ -252,7 +252,8 @@ class ChatRenderer:
         return [self._example(renders, text, n, turns, trained, source)]
 
     def _trained(self, messages: list[Message]) -> list[int]:
-        """Indices of the trained messages: ``data.train_on``'s assistant turns, overridden by ``train`` flags."""
+        """Indices of the trained messages: ``data.train_on``'s assistant turns, overridden by ``train`` flags
+        (``train_on=all`` trains every token, flags or not)."""
         if self.train_on == TrainOn.all:
             return []
         assistant = [i for i, m in enumerate(messages) if m["role"] == "assistant"]

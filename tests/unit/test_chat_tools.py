@@ -330,3 +330,22 @@ def test_a_plain_conversation_is_its_text_and_eos_without_template():
     everything = ChatRenderer(tok, TrainOn.assistant).render(Conversation(segments=[("All of it.", True)]), SOURCE)
     assert everything.labels == everything.input_ids
     assert audit_masks([example, everything], renderer, seed=0) == 2
+
+
+def test_mistral_moving_its_tool_list_to_the_last_user_message_trains_each_turn_after_its_own_prompt():
+    tok = load("mistral_nemo", "mistral_nemo")
+    renderer = ChatRenderer(tok, TrainOn.assistant)
+    examples = renderer.render_examples(Conversation(MULTI_STEP, TOOLS), SOURCE)
+    assert [e.source for e in examples] == [f"{SOURCE}#turn{k}" for k in range(1, 5)]
+    for example in examples:  # each example's only user message before its turn carries [AVAILABLE_TOOLS]
+        text = tok.decode(example.input_ids)
+        assert text.count("[AVAILABLE_TOOLS]") == 1 and text.index("[AVAILABLE_TOOLS]") < text.rindex("[INST]")
+
+
+def test_template_kwargs_reach_the_template():
+    tok = load("qwen3", "qwen")
+    renderer = ChatRenderer(tok, TrainOn.assistant)
+    messages = [{"role": "user", "content": "Hi"}]
+    thinking_off = renderer.render_prompt(Conversation(messages, template_kwargs={"enable_thinking": False}))
+    assert tok.decode(thinking_off).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    assert tok.decode(renderer.render_prompt(Conversation(messages))).endswith("<|im_start|>assistant\n")
