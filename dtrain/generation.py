@@ -1,6 +1,14 @@
-"""The generation check: greedy answers to held-out prompts and their exact-match accuracy."""
+"""The generation check: greedy answers to held-out prompts and their exact-match accuracy.
+
+A prompt whose reference turn is a tool call is scored on the call the model emits: the first JSON object in the
+generated text with a ``name`` must name the reference's function, with the same arguments (parsed, so spacing and
+key order do not matter).
+"""
 
 from __future__ import annotations
+
+import json
+from typing import Optional
 
 import torch
 
@@ -34,7 +42,7 @@ def generate_answers(
     results = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
-        encoded = [renderer.render_prompt(p.messages) for p in chunk]
+        encoded = [renderer.render_prompt(p.conversation) for p in chunk]
         width = max(len(ids) for ids in encoded)
         # Left padding, so every row's answer starts right after its own prompt.
         input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
@@ -57,15 +65,18 @@ def generate_answers(
             if renderer.end_of_turn_id in new_tokens:
                 new_tokens = new_tokens[: new_tokens.index(renderer.end_of_turn_id)]
             text = tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
-            results.append(
-                {
-                    "source": prompt.source,
-                    "prompt": tokenizer.decode(encoded[row]),
-                    "generated": text,
-                    "reference": prompt.reference,
-                    "exact_match": text == prompt.reference.strip(),
-                }
-            )
+            result = {
+                "source": prompt.source,
+                "prompt": tokenizer.decode(encoded[row]),
+                "generated": text,
+                "reference": prompt.reference,
+                "exact_match": text == prompt.reference.strip(),
+            }
+            if prompt.reference_tool_calls:
+                expected = [_call(c.get("function", c)) for c in prompt.reference_tool_calls]
+                result["reference"] = json.dumps(expected[0] if len(expected) == 1 else expected)
+                result["exact_match"] = emitted_calls(text) == expected
+            results.append(result)
     model.train(was_training)
     return results
 
@@ -82,3 +93,29 @@ def format_samples(results: list[dict], limit: int = 5) -> str:
         question = r["prompt"].replace("\n", " ")[-60:]
         lines.append(f"  [{mark}] ...{question!r} -> {r['generated']!r} (expected {r['reference']!r})")
     return "\n".join(lines)
+
+
+def _call(function: dict) -> dict:
+    arguments = function.get("arguments", function.get("parameters", {}))
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments)
+        except json.JSONDecodeError:
+            pass
+    return {"name": function.get("name"), "arguments": arguments}
+
+
+def emitted_calls(text: str) -> Optional[list[dict]]:
+    """The tool calls in generated text: each JSON object with a ``name`` (``arguments`` or Llama's ``parameters``),
+    as ``{"name", "arguments"}``; None if it holds none."""
+    decoder, calls, at = json.JSONDecoder(), [], text.find("{")
+    while at >= 0:
+        try:
+            value, end = decoder.raw_decode(text, at)
+        except json.JSONDecodeError:
+            at = text.find("{", at + 1)
+            continue
+        if isinstance(value, dict) and isinstance(value.get("name"), str):
+            calls.append(_call(value))
+        at = text.find("{", end)
+    return calls or None

@@ -31,9 +31,12 @@ def audit_example(example: TokenizedExample, renderer: ChatRenderer) -> str | No
     if renderer.train_on == TrainOn.all:
         return None
     spans = _trained_spans(example)
+    eos = renderer.tokenizer.eos_token_id
     for k, (start, end) in enumerate(spans):
         cut_by_truncation = example.truncated and k == len(spans) - 1 and end == len(example.input_ids)
-        if example.input_ids[end - 1] != renderer.end_of_turn_id and not cut_by_truncation:
+        # A plain-text record (no chat template) ends with the tokenizer's EOS token instead.
+        plain_end = end == len(example.input_ids) and example.input_ids[end - 1] == eos
+        if example.input_ids[end - 1] != renderer.end_of_turn_id and not cut_by_truncation and not plain_end:
             return "a trained assistant span does not end with its end-of-turn token (the model would not learn to stop)"
         if renderer.end_of_turn_id in example.input_ids[start : end - 1]:
             # Message text that spells the token must stay text: trained as the token, the model learns to stop mid-answer.

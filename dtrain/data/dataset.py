@@ -20,8 +20,8 @@ from typing import Iterator, Optional, Sequence
 
 from dtrain.config.schema import DataConfig, OnInvalid, Truncation
 from dtrain.data.chat import ChatRenderer, ChatTemplateError, TokenizedExample
-from dtrain.data.conversation import Conversation
-from dtrain.data.formats import Message, resolve_format, to_conversation
+from dtrain.data.conversation import Conversation, Message
+from dtrain.data.formats import resolve_format, to_conversation
 from dtrain.data.mixture import EVAL_PATH_SOURCE, Source, data_sources, field_mapping, template_kwargs
 from dtrain.data.sources import InvalidRecord, Payload, count_records, iter_payloads, parse_payload
 from dtrain.data.store import PackedExamples, SplitWriter, TokenStore, pack_examples, read_meta, write_meta
@@ -35,11 +35,22 @@ CHUNK_RECORDS = 256
 
 @dataclass
 class GenerationPrompt:
-    """A held-out conversation cut before its last assistant turn, and the answer it should produce."""
+    """A held-out conversation cut before its last assistant turn, and the answer it should produce.
+
+    The record's tools and template arguments are kept: the prompt renders as the training examples did.
+    """
 
     source: str
     messages: list[Message]
     reference: str
+    tools: Optional[list] = None
+    template_kwargs: dict = field(default_factory=dict)
+    reference_tool_calls: Optional[list] = None
+    """The last assistant turn's tool calls, where it makes some (the generation check scores the emitted call)."""
+
+    @property
+    def conversation(self) -> Conversation:
+        return Conversation(self.messages, self.tools, self.template_kwargs)
 
 
 @dataclass
@@ -53,6 +64,8 @@ class PreparedData:
     dropped: Counter = field(default_factory=Counter)  # reason -> count, reported at start
     truncated: Counter = field(default_factory=Counter)
     split: Counter = field(default_factory=Counter)  # conversations trained as one example per assistant turn
+    notes: Counter = field(default_factory=Counter)
+    """What the chat template ignores, counted in records (reasoning it does not render), reported at start."""
     source_names: list[str] = field(default_factory=list)
     """By source index (``TokenStore.source_index``)."""
     formats: dict[str, str] = field(default_factory=dict)
@@ -97,6 +110,7 @@ def open_store(folder: Path) -> PreparedData:
         dropped=Counter(meta["dropped"]),
         truncated=Counter(meta["truncated"]),
         split=Counter(meta["split"]),
+        notes=Counter(meta.get("notes", {})),
         source_names=meta["sources"],
         formats=meta.get("formats", {}),
     )
@@ -156,7 +170,7 @@ def prepare_store(
             tally.add(out)
             for split, packed in out.packed.items():
                 writers[split].add_packed(packed, plans[out.plan].source.index)
-            prompts += [_to_prompt(src, msgs) for src, msgs in out.eval_conversations[: max(0, num_prompts - len(prompts))]]
+            prompts += [_to_prompt(src, conv) for src, conv in out.eval_conversations[: max(0, num_prompts - len(prompts))]]
             invalid = sum(n for reason, n in tally.dropped.items() if reason.startswith("invalid: "))
             if invalid > cfg.max_invalid_fraction * total_records:  # no need to read on: the run cannot start
                 _check_invalid_fraction(tally.dropped, total_records, cfg)
@@ -179,6 +193,7 @@ def prepare_store(
         "dropped": dict(tally.dropped),
         "truncated": dict(tally.truncated),
         "split": dict(tally.split),
+        "notes": dict(tally.notes),
         "records": total_records,
         "prepare": {"seconds": round(seconds, 3), "tokens_per_s": tokens_per_s, "num_proc": num_proc},
         "identity": identity,
@@ -255,8 +270,9 @@ class _ChunkOut:
     dropped: Counter = field(default_factory=Counter)
     truncated: Counter = field(default_factory=Counter)
     split: Counter = field(default_factory=Counter)
-    eval_conversations: list[tuple[str, list[Message]]] = field(default_factory=list)
-    """Held-out conversations the template accepted, in order: the generation prompts are the first of them."""
+    notes: Counter = field(default_factory=Counter)
+    eval_conversations: list[tuple[str, Conversation]] = field(default_factory=list)
+    """Held-out chat conversations the template accepted, in order: the generation prompts are the first of them."""
 
 
 class _ChunkWorker:
@@ -275,15 +291,15 @@ class _ChunkWorker:
             record = parse_payload(payload)
             try:
                 conv = to_conversation(record, self.sources[k])
-                examples = renderer.render_examples(conv.messages, record.source)
+                examples = renderer.render_examples(conv, record.source, out.notes)
             except (InvalidRecord, ChatTemplateError) as e:
                 if self.cfg.on_invalid == OnInvalid.error:
                     raise DataError(f"{e}; fix that record, or set data.on_invalid=skip to skip and count such records") from None
                 reason = e.reason if isinstance(e, InvalidRecord) else TEMPLATE_REFUSED
                 out.dropped[f"invalid: {reason}"] += 1
                 continue
-            if split == "eval" and not conv.is_plain:
-                out.eval_conversations.append((record.source, conv.messages))
+            if split == "eval" and not conv.is_plain and any(m["role"] == "assistant" for m in conv.messages):
+                out.eval_conversations.append((record.source, conv))
             if len(examples) > 1:
                 out.split[SPLIT_PER_TURN] += 1
             examples = document_windows(conv, examples, self.cfg.max_seq_len, out.truncated)
@@ -334,11 +350,13 @@ class _Tally:
     dropped: Counter = field(default_factory=Counter)
     truncated: Counter = field(default_factory=Counter)
     split: Counter = field(default_factory=Counter)
+    notes: Counter = field(default_factory=Counter)
 
     def add(self, out: _ChunkOut) -> None:
         self.dropped.update(out.dropped)
         self.truncated.update(out.truncated)
         self.split.update(out.split)
+        self.notes.update(out.notes)
 
 
 def _progress_bar(total: int, enabled: bool):
@@ -409,6 +427,12 @@ def _fit(example: TokenizedExample, renderer: ChatRenderer, cfg: DataConfig, dro
     return example
 
 
-def _to_prompt(source: str, messages: list[Message]) -> GenerationPrompt:
+def _to_prompt(source: str, conversation: Conversation) -> GenerationPrompt:
+    messages = conversation.messages
     last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-    return GenerationPrompt(source, messages[:last], messages[last]["content"])
+    answer = messages[last]
+    prompt = GenerationPrompt(source, messages[:last], answer["content"] or "")
+    if conversation.tools or conversation.template_kwargs or answer.get("tool_calls"):
+        prompt.tools, prompt.template_kwargs = conversation.tools, dict(conversation.template_kwargs)
+        prompt.reference_tool_calls = answer.get("tool_calls")
+    return prompt

@@ -327,6 +327,8 @@ class TrainLoader:
             log.warning("%d example(s) %s", count, reason)
         for reason, count in sorted(data.split.items()):
             log.warning("%d conversation(s) %s", count, reason)
+        for reason, count in sorted(data.notes.items()):
+            log.warning("%d record(s) %s", count, reason)
         if self.packing:
             log.info("packing: %d examples into %d rows of <= %d tokens", len(self.drawn), len(self.units), self.max_seq_len)
         layout = f"{'packed' if self.packing else 'padded'}, group_by_length={self.sampler.grouping.value}"
