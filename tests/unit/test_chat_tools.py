@@ -18,6 +18,8 @@ from dtrain.data.conversation import Conversation
 from dtrain.data.dataset import TEMPLATE_REFUSED
 from dtrain.data.template_checks import AS_GIVEN, OBJECT
 
+from tests.unit.test_chat_templates import trained_spans
+
 ASSETS = Path(__file__).resolve().parents[1] / "assets" / "chat_templates"
 SOURCE = "tools.jsonl:7"
 
@@ -95,17 +97,6 @@ def load(template: str, family: str):
 
 def special_ids(tok) -> set[int]:
     return {i for i, t in tok.added_tokens_decoder.items() if t.special}
-
-
-def trained_spans(example) -> list[list[int]]:
-    spans, current = [], []
-    for token, label in zip(example.input_ids, example.labels):
-        if label != IGNORE_INDEX:
-            current.append(token)
-        elif current:
-            spans.append(current)
-            current = []
-    return spans + ([current] if current else [])
 
 
 def templated(renderer: ChatRenderer, messages: list[dict]) -> list[dict]:
