@@ -105,3 +105,70 @@ def atomic_write_text(path: Path, text: str, what: str) -> None:
             tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------- a run's needs
+
+
+def checkpoint_bytes_estimate(job, shape) -> int:
+    """One checkpoint of every rank, from the planner's byte counts: the module DeepSpeed saves (only the trained
+    weights under LoRA: frozen ones are excluded) and the optimizer's fp32 master copy, m and v of the trained
+    weights (``dtrain.memory.plan``), before the first save tells the real size.
+    """
+    from dtrain.config.schema import OptimName
+    from dtrain.memory.plan import DTYPE_BYTES
+
+    dtype_bytes = DTYPE_BYTES.get(job.precision.name, 2)
+    adapters = job.peft.uses_adapters
+    trainable = shape.lora_parameters(job.peft.r) if adapters else shape.num_parameters
+    per_trained = 12 if job.optim.name == OptimName.adamw else 4 + 2 + 8 / 256
+    return int(trainable * dtype_bytes + trainable * per_trained)
+
+
+def export_bytes_estimate(job, shape) -> int:
+    """``final/``: every weight in the training dtype, or the LoRA adapter alone."""
+    from dtrain.memory.plan import DTYPE_BYTES
+
+    dtype_bytes = DTYPE_BYTES.get(job.precision.name, 2)
+    return (shape.lora_parameters(job.peft.r) if job.peft.uses_adapters else shape.num_parameters) * dtype_bytes
+
+
+def checkpoints_at_once(every_steps: int, keep_last: int, total_steps: int, start_step: int = 0) -> int:
+    """The most checkpoints on disk at one time: the kept ones plus the one being written (the final save included)."""
+    remaining = max(0, total_steps - start_step)
+    saves = (total_steps // every_steps - start_step // every_steps) + (total_steps % every_steps != 0) if every_steps else 1
+    saves = max(1, saves) if remaining else 0
+    return min(saves, keep_last + 1) if keep_last > 0 else saves
+
+
+def disk_needs(run_dir: Path, checkpoint_bytes: int, checkpoints: int, export_bytes: int, store: Optional[Path] = None) -> tuple[str, bool]:
+    """A line saying what the run will write into ``run_dir`` and whether its filesystem can hold it.
+
+    Checkpoints already in the run directory count as written (a resumed run replaces them in turn).
+
+    Returns:
+        (the line, whether the free space is enough).
+    """
+    existing = directory_bytes(run_dir / "checkpoints") + directory_bytes(run_dir / "final")
+    needed = max(0, checkpoints * checkpoint_bytes + export_bytes - existing)
+    free = free_bytes(run_dir)
+    store_part = f", token store {format_bytes(directory_bytes(store))} (written)" if store is not None and store.is_dir() else ""
+    line = (
+        f"disk: the run writes about {format_bytes(needed)} more into {run_dir} ({checkpoints} checkpoint(s) of "
+        f"{format_bytes(checkpoint_bytes)} at once, export {format_bytes(export_bytes)}{store_part}); {format_bytes(free)} free"
+    )
+    return line, free >= needed
+
+
+def report_disk_needs(run_dir: Path, checkpoint_bytes: int, checkpoints: int, export_bytes: int, store: Optional[Path] = None) -> bool:
+    """Log :func:`disk_needs` (a warning when the filesystem is too small); returns whether it fits."""
+    line, fits = disk_needs(run_dir, checkpoint_bytes, checkpoints, export_bytes, store)
+    if fits:
+        log.info("%s", line)
+    else:
+        log.warning(
+            "%s: NOT enough. The run will stop with exit code 28 (before a checkpoint save that cannot fit); free "
+            "space, lower ckpt.keep_last, or point output_dir to a larger filesystem",
+            line,
+        )
+    return fits

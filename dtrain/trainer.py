@@ -310,7 +310,9 @@ class Trainer:
 
     def close(self) -> None:
         self.metrics.close()
-        barrier()
+        barrier()  # every rank is done with the run directory before its lock goes
+        if self.run.lock is not None:
+            self.run.lock.release()
         import torch.distributed as torch_dist
 
         if torch_dist.is_initialized():
