@@ -76,6 +76,8 @@ class Holder:
     what: str = ""
 
     def describe(self) -> str:
+        if not self.host:  # not a lock file of this module (an older version's token)
+            return f"holder {self.token}"
         since = datetime.fromtimestamp(self.since, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
         job = f", job {self.job_id}" if self.job_id else ""
         return f"host {self.host}, PID {self.pid}{job}, since {since}, last heartbeat {time.time() - self.heartbeat:.0f} s ago"
