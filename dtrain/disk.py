@@ -50,12 +50,18 @@ def directory_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
 
 
+# How libraries that lose the errno word it (safetensors passes Rust's io::Error on as text).
+NO_SPACE_WORDS = ("No space left on device", "Disk quota exceeded", "StorageFull", "QuotaExceeded")
+
+
 def is_no_space(error: BaseException) -> bool:
     """Whether ``error`` (or an exception it was raised from) is ENOSPC or EDQUOT."""
     seen = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
         if isinstance(error, OSError) and error.errno in NO_SPACE_ERRNOS:
+            return True
+        if not isinstance(error, OSError) and any(w in str(error) for w in NO_SPACE_WORDS):
             return True
         error = error.__cause__ or error.__context__
     return False

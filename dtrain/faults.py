@@ -24,7 +24,7 @@ import signal
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional, Union
+from typing import Callable, Iterator, Optional, Union
 
 
 @functools.cache
@@ -66,16 +66,18 @@ def maybe_crash_in_save(step: int, rank: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def no_space(target: str, n: int, rank: Optional[int], path: Union[str, Path], data: bytes = b"") -> None:
+def no_space(
+    target: str, n: int, rank: Optional[int], path: Union[str, Path], data: bytes = b"", write: Optional[Callable[[bytes], object]] = None
+) -> None:
     """Raise OSError(ENOSPC) for the ``n``-th write of ``target`` (on ``rank``), after writing half of ``data`` to
-    ``path``: what a filesystem that fills up mid-write leaves behind."""
+    ``path`` (or through ``write``): what a filesystem that fills up mid-write leaves behind."""
     spec = _target("DTRAIN_FAULT_ENOSPC")
     if not spec or spec[0] != target or int(spec[1]) != n:
         return
     if len(spec) > 2 and rank is not None and int(spec[2]) != rank:
         return
     if data:
-        Path(path).write_bytes(data[: len(data) // 2])
+        (write or Path(path).write_bytes)(data[: len(data) // 2])
     raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (injected by DTRAIN_FAULT_ENOSPC)", str(path))
 
 
