@@ -77,7 +77,7 @@ def no_space_error(path: Union[str, Path], what: str, needed: Optional[int], fre
     free = free_bytes(path) if free is None else free
     return DiskFull(
         f"no space left on device for {what}: {path}: {format_bytes(free)} free on its filesystem, the write needs "
-        f"{'at least ' if needed is None else ''}{format_bytes(needed) if needed is not None else 'more'}. Free some space "
+        f"{format_bytes(needed) if needed is not None else 'more than that'}. Free some space "
         "(or raise the quota), or point output_dir / data.cache_dir to a larger filesystem"
     )
 
@@ -98,8 +98,19 @@ def writing(path: Union[str, Path], what: str, needed: Optional[int] = None) -> 
         raise
     except Exception as e:
         if is_no_space(e):
-            raise no_space_error(path, what, needed) from e
+            raise no_space_error(failed_path(e, path), what, needed) from e
         raise
+
+
+def failed_path(error: BaseException, default: Union[str, Path]) -> Union[str, Path]:
+    """The file a failed write names (an ``OSError``'s ``filename`` in the chain), else ``default``."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.filename:
+            return error.filename
+        error = error.__cause__ or error.__context__
+    return default
 
 
 def atomic_write_text(path: Path, text: str, what: str) -> None:
@@ -139,11 +150,10 @@ def export_bytes_estimate(job, shape) -> int:
     return (shape.lora_parameters(job.peft.r) if job.peft.uses_adapters else shape.num_parameters) * dtype_bytes
 
 
-def checkpoints_at_once(every_steps: int, keep_last: int, total_steps: int, start_step: int = 0) -> int:
-    """The most checkpoints on disk at one time: the kept ones plus the one being written (the final save included)."""
-    remaining = max(0, total_steps - start_step)
-    saves = (total_steps // every_steps - start_step // every_steps) + (total_steps % every_steps != 0) if every_steps else 1
-    saves = max(1, saves) if remaining else 0
+def checkpoints_at_once(every_steps: int, keep_last: int, total_steps: int) -> int:
+    """The most checkpoints on disk at one time in a run: the kept ones plus the one being written (the final save
+    included). A resumed run counts the ones already written (``disk_needs`` subtracts their bytes)."""
+    saves = (total_steps // every_steps + (total_steps % every_steps != 0)) if every_steps else 1
     return min(saves, keep_last + 1) if keep_last > 0 else saves
 
 

@@ -118,7 +118,7 @@ def build_run(job: JobConfig) -> Run:
     ckpt.expected_bytes = checkpoint_bytes_estimate(job, shape)  # until a checkpoint's manifest tells the real size
     state = ckpt.restore(parts.engine, found.path, universal, job.train.seed) if found is not None else TrainerState()
     if dist.is_main:
-        at_once = checkpoints_at_once(job.ckpt.every_steps, job.ckpt.keep_last, total_steps, state.step)
+        at_once = checkpoints_at_once(job.ckpt.every_steps, job.ckpt.keep_last, total_steps)
         store = getattr(data.data.train, "folder", None)
         report_disk_needs(run_dir, ckpt.expected_bytes, at_once, export_bytes_estimate(job, shape), store)
     if job.ckpt.every_steps:
