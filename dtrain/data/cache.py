@@ -262,6 +262,7 @@ def load_or_prepare(
     error = None
     if is_local_main:
         folder.parent.mkdir(parents=True, exist_ok=True)
+        _forget_failure_of(failure, token)
         try:
             problem = check_store(folder, cfg, cfg.verify_store) if (folder / META).is_file() else None
             if problem:
@@ -299,6 +300,15 @@ def _prepare_once(cfg: DataConfig, renderer: ChatRenderer, seed: int, num_prompt
         log.info("prepared %d records in %.1f s (%d tokens/s, %d processes)", meta["records"], *done.values())
     finally:
         lock.release()
+
+
+def _forget_failure_of(failure: Path, token: str) -> None:
+    """Remove what an earlier call with this token left (another job's failure is that job's to read)."""
+    try:
+        if json.loads(failure.read_text()).get("token") == token:
+            failure.unlink(missing_ok=True)
+    except (OSError, ValueError, AttributeError):
+        pass
 
 
 def _raise_failure_of(failure: Path, token: str, must_exist: bool) -> None:
