@@ -287,7 +287,7 @@ class CheckpointManager:
         # Sync point: rank 0's verdict on the free space reaches every rank, so all stop or all write.
         problem = broadcast_object(problem)
         if problem:
-            raise DiskFull(problem)
+            raise DiskFull(problem, every_rank=True)
         failure = None
         try:
             try:
@@ -331,7 +331,7 @@ class CheckpointManager:
             if self.dist.is_main:
                 shutil.rmtree(partial, ignore_errors=True)  # frees what it held; `latest` still names the last one
             kind, message = failures[0]
-            raise (DiskFull if kind == "disk" else TrainingError)(message)
+            raise (DiskFull if kind == "disk" else TrainingError)(message, every_rank=True)
         problem = None
         if self.dist.is_main:
             try:
@@ -345,7 +345,7 @@ class CheckpointManager:
         # Sync point: nobody reads or deletes checkpoints while rank 0 is renaming.
         problem = broadcast_object(problem)
         if problem:
-            raise DiskFull(problem)
+            raise DiskFull(problem, every_rank=True)
         self.last_saved_step = state.step
         size = broadcast_object(checkpoint_bytes(final) if self.dist.is_main else None)
         self.expected_bytes = size or self.expected_bytes

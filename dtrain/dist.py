@@ -16,6 +16,8 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.distributed as torch_dist
 
+from dtrain.errors import DtrainError
+
 log = logging.getLogger("dtrain")
 
 
@@ -159,7 +161,7 @@ def on_main_rank(dist: DistInfo, work: Callable[[], object], error: type[Excepti
             problem = str(e)
     problem = broadcast_object(problem)
     if problem:
-        raise error(problem)
+        raise error(problem, every_rank=True) if issubclass(error, DtrainError) else error(problem)
 
 
 def free_port() -> int:

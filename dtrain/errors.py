@@ -9,6 +9,7 @@ exceptions into one ``dtrain: error: ...`` line on stderr and the code, instead 
 
 from __future__ import annotations
 
+import os
 import sys
 from contextlib import contextmanager
 from typing import Iterator
@@ -33,9 +34,17 @@ EXIT_CODES = {
 
 
 class DtrainError(Exception):
-    """Base of the errors below; ``exit_code`` is what the entry point exits with."""
+    """Base of the errors below; ``exit_code`` is what the entry point exits with.
+
+    ``every_rank=True`` marks an error every rank raises with the same message (agreed through a collective):
+    rank 0 alone prints it, so the user reads one line, not one per rank.
+    """
 
     exit_code = EXIT_TRAINING_STOPPED
+
+    def __init__(self, *args, every_rank: bool = False):
+        super().__init__(*args)
+        self.every_rank = every_rank
 
 
 class ConfigError(DtrainError, ValueError):
@@ -92,7 +101,8 @@ def exit_on_error() -> Iterator[None]:
         print(f"dtrain: {e}; exit code {e.exit_code} (requeue)", file=sys.stderr)
         raise SystemExit(e.exit_code) from None
     except DtrainError as e:
-        print(f"dtrain: error: {e}", file=sys.stderr)
+        if not (e.every_rank and os.environ.get("RANK", "0") != "0"):
+            print(f"dtrain: error: {e}", file=sys.stderr)
         raise SystemExit(e.exit_code) from None
     except OSError as e:
         # A full disk met by a write no writer wrapped (a small file, a log): still one line and its code.

@@ -172,7 +172,7 @@ def save_model(model, tokenizer, out_dir: Path, dist: DistInfo, is_peft: bool, m
         # Sync point: nobody reads the folder (or exits) before rank 0 has finished writing it; all stop together.
         problem = broadcast_object(problem)
     if problem:
-        raise DiskFull(problem)
+        raise DiskFull(problem, every_rank=True)
     return shapes
 
 

@@ -165,7 +165,7 @@ class RunOutputs:
         # Every rank learns of a full disk and stops with it (exit code 28), not rank 0 alone.
         problem = broadcast_object(problem)
         if problem:
-            raise DiskFull(f"{problem} (the trained model in {self.run_dir / 'final'} is complete)")
+            raise DiskFull(f"{problem} (the trained model in {self.run_dir / 'final'} is complete)", every_rank=True)
         log.info(
             "done: %d steps (%d skipped), %s trained tokens of %s seen, eval loss %s, %.0f s, %.0f trained tokens/s",
             totals.steps,

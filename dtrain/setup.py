@@ -68,7 +68,7 @@ def start_run(job: JobConfig) -> tuple[DistInfo, Path, Optional[LockFile]]:
     # reaches every rank (one job's ranks never take the lock themselves, so they cannot refuse each other).
     refused = broadcast_object(refused)
     if refused:
-        raise RunDirBusy(refused)
+        raise RunDirBusy(refused, every_rank=True)
     setup_logging(dist, run_dir / "train.log")
     seed_everything(job.train.seed)
     return dist, run_dir, lock

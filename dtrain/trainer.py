@@ -275,7 +275,7 @@ class Trainer:
 
     def _stop_for_failed_write(self) -> None:
         """Every rank got here together (``agreed()``): raise rank 0's reason on all of them."""
-        raise DiskFull(broadcast_object(self.metrics.failure if self.dist.is_main else None))
+        raise DiskFull(broadcast_object(self.metrics.failure if self.dist.is_main else None), every_rank=True)
 
     def _log_step(self, record: StepRecord, progress) -> None:
         self.metrics.log(record)

@@ -274,6 +274,7 @@ def load_or_prepare(
         except (DataError, DiskFull) as e:  # tell the waiting ranks instead of leaving them at the barrier
             failure.write_text(json.dumps({"token": token, "kind": type(e).__name__, "message": str(e)}))
             error = e
+            error.every_rank = True  # the others read the same message from the failure file
     # Other ranks wait here while the local main rank prepares (a long step on big data: the process group's
     # timeout must allow it).
     barrier()
@@ -318,7 +319,7 @@ def _raise_failure_of(failure: Path, token: str, must_exist: bool) -> None:
     except ValueError:  # written by an older version: its text is the message
         left = {"token": token, "kind": "DataError", "message": failure.read_text()}
     if left is not None and left.get("token") == token:
-        raise (DiskFull if left.get("kind") == "DiskFull" else DataError)(left["message"])
+        raise (DiskFull if left.get("kind") == "DiskFull" else DataError)(left["message"], every_rank=True)
     if must_exist:
         raise DataError(left["message"] if left else f"prepared data missing from {folder_of(failure)}")
 
