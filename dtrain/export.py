@@ -18,7 +18,7 @@ from typing import Callable, Iterator, Optional
 import torch
 
 from dtrain import faults
-from dtrain.disk import free_bytes, is_no_space, no_space_error
+from dtrain.disk import failed_path, free_bytes, is_no_space, no_space_error
 from dtrain.dist import DistInfo, broadcast_object
 from dtrain.errors import ConfigError, DiskFull, ExportError
 
@@ -144,7 +144,7 @@ def save_model(model, tokenizer, out_dir: Path, dist: DistInfo, is_peft: bool, m
             while writing (nothing of it is left; an earlier ``out_dir`` stays as it was).
     """
     staging = out_dir.with_name(out_dir.name + PARTIAL_SUFFIX)
-    problem, shapes = None, {}
+    problem, shapes, needed = None, {}, None
     if dist.is_main:
         import shutil
 
@@ -164,7 +164,7 @@ def save_model(model, tokenizer, out_dir: Path, dist: DistInfo, is_peft: bool, m
         except Exception as e:  # rank 0 only: the other ranks' part (the gathers) is over
             if not (dist.is_main and (isinstance(e, DiskFull) or is_no_space(e))):
                 raise
-            problem = str(e if isinstance(e, DiskFull) else no_space_error(getattr(e, "filename", None) or out_dir, "the export", None))
+            problem = str(e if isinstance(e, DiskFull) else no_space_error(failed_path(e, out_dir), "the exported model", needed))
         if dist.is_main and problem:
             import shutil
 

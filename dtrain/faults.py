@@ -8,6 +8,8 @@ Set through environment variables (never through the config, so no experiment fi
     DTRAIN_FAULT_SIGNAL=<step>:<rank>:<name>    that rank receives signal <name> (TERM, USR1) at the start of that step
     DTRAIN_FAULT_HANG=<step>:<rank>             that rank sleeps forever at the start of that step
     DTRAIN_FAULT_OOM=<step>:<rank>              that rank raises torch.OutOfMemoryError in that step
+    DTRAIN_FAULT_PAUSE=<step>:<rank>:<file>     that rank waits at the start of that step until <file> exists (a
+                                                run kept alive while a test launches another job beside it)
     DTRAIN_FAULT_ENOSPC=<target>:<n>[:<rank>]   a write fails with OSError(ENOSPC) after writing part of its bytes:
                                                 checkpoint:<step>:<rank> (a DeepSpeed engine file of that save),
                                                 export:<n> (the n-th weights file), store:<n> (the n-th append to
@@ -59,6 +61,10 @@ def at_step_start(step: int, rank: int) -> None:
     if _hits("DTRAIN_FAULT_HANG", step, rank):
         while True:
             time.sleep(60)
+    hit = _hits("DTRAIN_FAULT_PAUSE", step, rank)
+    if hit:
+        while not Path(hit[2]).exists():
+            time.sleep(0.2)
 
 
 def maybe_crash_in_save(step: int, rank: int) -> None:
