@@ -127,6 +127,8 @@ class LockFile:
         self.path, self.what, self.heartbeat_s = Path(path), what, heartbeat_s
         self.token = token or uuid.uuid4().hex
         self.held = False
+        self.took_over: Optional[str] = None
+        """The line saying whose dead lock this one replaced (None: it was free)."""
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
 
@@ -158,13 +160,19 @@ class LockFile:
         self._held()
         return True
 
-    def take_over(self, holder: Holder, reason: str) -> bool:
-        """Replace a dead holder's lock with ours; False when another process took it over at the same time."""
+    def take_over(self, holder: Holder, reason: str, quiet: bool = False) -> bool:
+        """Replace a dead holder's lock with ours; False when another process took it over at the same time.
+
+        Args:
+            quiet: Keep the line saying so in ``took_over`` without logging it (logging is not set up yet).
+        """
         self._write(self._record())
         time.sleep(0.05)  # two takers racing: the last rename wins, and each reads back who that was
         mine = (read_holder(self.path) or holder).token == self.token
         if mine:
-            log.warning("took over the lock %s of %s from a dead holder (%s; %s)", self.path, self.what, holder.describe(), reason)
+            self.took_over = f"took over the lock {self.path} of {self.what} from a dead holder ({holder.describe()}; {reason})"
+            if not quiet:
+                log.warning("%s", self.took_over)
             self._held()
         return mine
 

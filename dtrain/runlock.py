@@ -29,7 +29,7 @@ def busy_message(run_dir: Path, holder_description: str) -> str:
 
 
 def acquire_run_lock(run_dir: Path, attempts: int = 3) -> LockFile:
-    """Take ``run_dir``'s lock for this process (rank 0), taking over a dead holder's.
+    """Take ``run_dir``'s lock for this process (rank 0), taking over a dead holder's (``took_over`` says so: log it).
 
     Raises:
         RunDirBusy: a live job holds it (the message names its host, PID, job id and since when).
@@ -44,7 +44,7 @@ def acquire_run_lock(run_dir: Path, attempts: int = 3) -> LockFile:
         reason = dead_because(holder)
         if reason is None:
             raise RunDirBusy(busy_message(run_dir, holder.describe()))
-        if lock.take_over(holder, reason):
+        if lock.take_over(holder, reason, quiet=True):  # the caller logs ``took_over`` once logging is set up
             return lock
     holder = read_holder(lock.path)
     raise RunDirBusy(busy_message(run_dir, holder.describe() if holder else "another process, racing for it"))

@@ -70,6 +70,8 @@ def start_run(job: JobConfig) -> tuple[DistInfo, Path, Optional[LockFile]]:
     if refused:
         raise RunDirBusy(refused, every_rank=True)
     setup_logging(dist, run_dir / "train.log")
+    if lock is not None and lock.took_over:
+        log.warning("%s", lock.took_over)
     seed_everything(job.train.seed)
     return dist, run_dir, lock
 

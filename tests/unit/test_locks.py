@@ -1,7 +1,6 @@
 """One writer per run directory: a live holder refuses a second job, a dead one is taken over, a heartbeat runs."""
 
 import json
-import logging
 import os
 import socket
 import subprocess
@@ -41,34 +40,34 @@ def test_a_second_job_is_refused_naming_the_holder_until_the_first_releases(tmp_
     acquire_run_lock(tmp_path).release()
 
 
-def test_a_dead_holders_lock_is_taken_over_with_a_log_line(tmp_path, caplog):
+def test_a_dead_holders_lock_is_taken_over_saying_so(tmp_path):
     pid = dead_pid()
     write_lock(tmp_path, pid=pid)  # same host, its PID gone: a SIGKILLed job
     assert run_dir_busy(tmp_path) is None
-    with caplog.at_level(logging.WARNING, logger="dtrain"):
-        lock = acquire_run_lock(tmp_path)
-    assert f"took over the lock {tmp_path / LOCK_NAME}" in caplog.text and f"PID {pid} is gone" in caplog.text
+    lock = acquire_run_lock(tmp_path)
+    assert lock.took_over.startswith(f"took over the lock {tmp_path / LOCK_NAME} of output_dir {tmp_path} from a dead holder")
+    assert f"PID {pid} is gone" in lock.took_over
     assert read_holder(tmp_path / LOCK_NAME).token == lock.token
     lock.release()
 
 
-def test_another_hosts_holder_is_dead_only_once_its_heartbeat_is_stale(tmp_path, caplog):
+def test_another_hosts_holder_is_dead_only_once_its_heartbeat_is_stale(tmp_path):
     write_lock(tmp_path, host="node-b", pid=123, job_id="77", heartbeat=time.time() - 30)
     with pytest.raises(RunDirBusy, match=r"host node-b, PID 123, job 77, since .*last heartbeat 30 s ago"):
         acquire_run_lock(tmp_path)
     write_lock(tmp_path, host="node-b", pid=123, heartbeat=time.time() - 3600)
-    with caplog.at_level(logging.WARNING, logger="dtrain"):
-        acquire_run_lock(tmp_path).release()
-    assert "heartbeat is 3600 s old" in caplog.text
+    lock = acquire_run_lock(tmp_path)
+    lock.release()
+    assert "heartbeat is 3600 s old" in lock.took_over
 
 
-def test_a_requeued_slurm_job_takes_over_its_earlier_attempts_lock(tmp_path, monkeypatch, caplog):
+def test_a_requeued_slurm_job_takes_over_its_earlier_attempts_lock(tmp_path, monkeypatch):
     monkeypatch.setenv("SLURM_JOB_ID", "9")
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
     write_lock(tmp_path, host="node-b", pid=5, job_id="9", restart="0")  # fresh heartbeat, but the job was requeued
-    with caplog.at_level(logging.WARNING, logger="dtrain"):
-        acquire_run_lock(tmp_path).release()
-    assert "earlier attempt of this SLURM job 9" in caplog.text
+    lock = acquire_run_lock(tmp_path)
+    lock.release()
+    assert "earlier attempt of this SLURM job 9" in lock.took_over
 
 
 def test_the_holder_keeps_a_heartbeat_and_releases_only_its_own_lock(tmp_path):
