@@ -288,7 +288,28 @@ class CheckpointManager:
         problem = broadcast_object(problem)
         if problem:
             raise DiskFull(problem, every_rank=True)
-        failure = None
+        failure = self._write(engine, tokenizer, state, partial)
+        # Sync point: every rank's engine files and RNG state are on disk (or every rank learns whose write failed)
+        # before rank 0 declares the save complete.
+        failures = [f for f in all_gather_objects(failure) if f]
+        if failures:
+            if self.dist.is_main:
+                shutil.rmtree(partial, ignore_errors=True)  # frees what it held; `latest` still names the last one
+            kind, message = failures[0]
+            raise (DiskFull if kind == "disk" else TrainingError)(message, every_rank=True)
+        problem = self._commit_and_prune(partial, final, state.step) if self.dist.is_main else None
+        # Sync point: nobody reads or deletes checkpoints while rank 0 is renaming.
+        problem = broadcast_object(problem)
+        if problem:
+            raise DiskFull(problem, every_rank=True)
+        self.last_saved_step = state.step
+        size = broadcast_object(checkpoint_bytes(final) if self.dist.is_main else None)
+        self.expected_bytes = size or self.expected_bytes
+        log.info("checkpoint %s complete (%s)", final, format_bytes(size))
+        return final
+
+    def _write(self, engine, tokenizer, state: TrainerState, partial: Path) -> Optional[tuple[str, str]]:
+        """This rank's files of the checkpoint into ``partial``; returns why a write failed (None: all written)."""
         try:
             try:
                 with faults.engine_writes_fail(engine, state.step, self.dist.rank):
@@ -303,54 +324,38 @@ class CheckpointManager:
             except Exception as e:
                 if not looks_like_failed_write(e):
                     raise
-                failure = self._write_failure(e, partial, state.step)
                 # The ranks whose files were written wait in DeepSpeed's closing barrier: meet them there.
                 barrier()
-            if failure is None:
-                _write_json(partial / f"rng_rank{self.dist.rank:05d}.json", capture_rng())
-                faults.maybe_crash_in_save(state.step, self.dist.rank)
-                if self.dist.is_main:
-                    payload = {
-                        "format": FORMAT_VERSION,
-                        "config_hash": config_hash(self.key),
-                        "config_key": self.key,
-                        "world_size": self.dist.world_size,
-                        "layout": self.layout,
-                        **asdict(state),
-                    }
-                    _write_json(partial / STATE_FILE, payload)
-                    tokenizer.save_pretrained(partial / "tokenizer")
+                return self._write_failure(e, partial, state.step)
+            _write_json(partial / f"rng_rank{self.dist.rank:05d}.json", capture_rng())
+            faults.maybe_crash_in_save(state.step, self.dist.rank)
+            if self.dist.is_main:
+                payload = {
+                    "format": FORMAT_VERSION,
+                    "config_hash": config_hash(self.key),
+                    "config_key": self.key,
+                    "world_size": self.dist.world_size,
+                    "layout": self.layout,
+                    **asdict(state),
+                }
+                _write_json(partial / STATE_FILE, payload)
+                tokenizer.save_pretrained(partial / "tokenizer")
         except OSError as e:
             if not is_no_space(e):
                 raise
-            failure = self._write_failure(e, partial, state.step)
-        # Sync point: every rank's engine files and RNG state are on disk (or every rank learns whose write failed)
-        # before rank 0 declares the save complete.
-        failures = [f for f in all_gather_objects(failure) if f]
-        if failures:
-            if self.dist.is_main:
-                shutil.rmtree(partial, ignore_errors=True)  # frees what it held; `latest` still names the last one
-            kind, message = failures[0]
-            raise (DiskFull if kind == "disk" else TrainingError)(message, every_rank=True)
-        problem = None
-        if self.dist.is_main:
-            try:
-                self._commit(partial, final)
-            except OSError as e:  # the manifest or the pointer did not fit: the folder stays .partial
-                if not is_no_space(e):
-                    raise
-                problem = str(no_space_error(e.filename or partial, f"the manifest of checkpoint step {state.step}", None))
-            if problem is None:
-                self._prune(keep=final)
-        # Sync point: nobody reads or deletes checkpoints while rank 0 is renaming.
-        problem = broadcast_object(problem)
-        if problem:
-            raise DiskFull(problem, every_rank=True)
-        self.last_saved_step = state.step
-        size = broadcast_object(checkpoint_bytes(final) if self.dist.is_main else None)
-        self.expected_bytes = size or self.expected_bytes
-        log.info("checkpoint %s complete (%s)", final, format_bytes(size))
-        return final
+            return self._write_failure(e, partial, state.step)
+        return None
+
+    def _commit_and_prune(self, partial: Path, final: Path, step: int) -> Optional[str]:
+        """Rank 0: make the save visible and drop old ones; returns why it could not (None: done)."""
+        try:
+            self._commit(partial, final)
+        except OSError as e:  # the manifest or the pointer did not fit: the folder stays .partial
+            if not is_no_space(e):
+                raise
+            return str(no_space_error(e.filename or partial, f"the manifest of checkpoint step {step}", None))
+        self._prune(keep=final)
+        return None
 
     def _space_problem(self, partial: Path, step: int) -> Optional[str]:
         """Why checkpoint ``step`` cannot be written (None: it fits), judged on rank 0 before anything is written."""
