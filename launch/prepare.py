@@ -23,8 +23,8 @@ from omegaconf import DictConfig
 from dtrain.config import register_configs, to_job_config
 from dtrain.config.checks import check_data_sources
 from dtrain.data import open_store
-from dtrain.data.cache import check_identity, claim_store, store_folder, store_identity, write_store
-from dtrain.data.store import META, damaged_message, read_meta, store_problems
+from dtrain.data.cache import check_identity, check_store, claim_store, store_folder, store_identity, write_store
+from dtrain.data.store import META, read_meta
 from dtrain.errors import ConfigError, DataError, exit_on_error
 from dtrain.setup import load_renderer
 
@@ -42,6 +42,11 @@ def main(cfg: DictConfig) -> None:
         folder = store_folder(*args)
         if folder is None:
             raise ConfigError("nowhere to write the store: set data.prepared_path=<folder> (or data.cache_dir)")
+        checksums = verify_checksums or job.data.verify_store
+        # A damaged data.cache_dir entry whose raw data is here is moved aside and prepared again below.
+        problem = check_store(folder, job.data, checksums) if (folder / META).is_file() else None
+        if problem:
+            raise DataError(problem)
         lock = claim_store(folder, token=uuid.uuid4().hex) if not (folder / META).is_file() else None
         if lock is not None:
             try:
@@ -50,12 +55,7 @@ def main(cfg: DictConfig) -> None:
                 lock.release()
         else:
             check_identity(folder, store_identity(*args))
-            print(f"already prepared: {folder}")
-        problems = store_problems(folder, checksums=verify_checksums or job.data.verify_store)
-        if problems:
-            raise DataError(damaged_message(folder, problems))
-        if verify_checksums or job.data.verify_store:
-            print(f"verified: every file of {folder} has the size and CRC-32 its meta.json records")
+            print(f"already prepared: {folder}" + (" (verified: every file's size and CRC-32 match its meta.json)" if checksums else ""))
         data, meta = open_store(folder), read_meta(folder)
     sources = {}
     for name_index, name in enumerate(data.source_names):
