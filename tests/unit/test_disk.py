@@ -187,9 +187,10 @@ def test_the_planner_estimate_is_the_module_and_adam_states():
     from dtrain.memory.plan import ModelShape
 
     shape = ModelShape(num_parameters=1000, hidden=8, intermediate=16, layers=2, heads=2, kv_heads=2, head_dim=4, vocab=32)
-    full = compose_job(["+exp=tiny_cpu", "precision=fp32"])
+    full = compose_job(["+exp=tiny_cpu", "precision=fp32", "zero=zero2"])
     assert disk.checkpoint_bytes_estimate(full, shape) == 1000 * (4 + 12)
     assert disk.export_bytes_estimate(full, shape) == 4000
-    lora = compose_job(["+exp=tiny_cpu", "precision=bf16", "peft=lora"])
+    assert disk.checkpoint_bytes_estimate(compose_job(["+exp=tiny_cpu", "precision=fp32", "zero=zero3"]), shape) == 1000 * 12
+    lora = compose_job(["+exp=tiny_cpu", "precision=bf16", "peft=lora", "zero=zero2"])
     trained = shape.lora_parameters(lora.peft.r)
     assert disk.checkpoint_bytes_estimate(lora, shape) == trained * (2 + 12) and disk.export_bytes_estimate(lora, shape) == trained * 2
