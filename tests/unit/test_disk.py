@@ -127,10 +127,14 @@ def test_an_export_that_fills_the_disk_leaves_no_final_folder(tmp_path, inject, 
     assert {p.name: p.stat().st_size for p in final.iterdir()} == before
 
 
-def test_a_store_that_fills_the_disk_is_not_published(tmp_path, inject, tiny_tokenizer):
+def test_a_store_that_fills_the_disk_is_not_published(tmp_path, inject, tiny_tokenizer, monkeypatch):
+    import itertools
+
+    import dtrain.data.store
     from dtrain.data.cache import write_store
 
     job = compose_job(["+exp=tiny_cpu", f"data.prepared_path={tmp_path / 'store'}"])
+    monkeypatch.setattr(dtrain.data.store, "_APPENDS", itertools.count(1))  # other tests of this process appended too
     inject("store:1")
     with pytest.raises(DiskFull, match=rf"for the token store: {tmp_path / 'store'}.tmp\d+/train.ids: .* free"):
         write_store(job.data, ChatRenderer(tiny_tokenizer, job.data.train_on), 0, 4, tmp_path / "store")
