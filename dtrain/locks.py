@@ -153,10 +153,14 @@ class LockFile:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             return False
-        with os.fdopen(fd, "w") as f:
-            f.write(self._record())
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(self._record())
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError:  # a full disk: no empty lock file left behind
+            self.path.unlink(missing_ok=True)
+            raise
         self._held()
         return True
 

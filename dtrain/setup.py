@@ -25,9 +25,10 @@ from dtrain.config.schema import JobConfig, ReshardMode
 from dtrain.data import ChatRenderer, PreparedData, mixture_weights, resolve_chat_template
 from dtrain.data.audit import audit_masks
 from dtrain.data.cache import load_or_prepare
+from dtrain.disk import failed_path, is_no_space, no_space_error
 from dtrain.dist import DistInfo, barrier, broadcast_object, init_distributed, on_main_rank, setup_logging
 from dtrain.ds_config import write_ds_config
-from dtrain.errors import ConfigError, RunDirBusy
+from dtrain.errors import ConfigError, DiskFull, RunDirBusy
 from dtrain.locks import LockFile
 from dtrain.model import load_tokenizer
 from dtrain.reshard import convert_to_universal, layout_changes, layout_of, needs_conversion
@@ -59,16 +60,20 @@ def start_run(job: JobConfig) -> tuple[DistInfo, Path, Optional[LockFile]]:
     run_dir = Path(job.output_dir).resolve()
     lock, refused = None, None
     if dist.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
         try:
+            run_dir.mkdir(parents=True, exist_ok=True)
             lock = acquire_run_lock(run_dir)
         except RunDirBusy as e:
-            refused = str(e)
+            refused = ("busy", str(e))
+        except OSError as e:
+            if not is_no_space(e):
+                raise
+            refused = ("disk", str(no_space_error(failed_path(e, run_dir), "the run directory's lock", None)))
     # Sync point: the run directory exists and is this job's before any rank opens a file in it; a refusal
     # reaches every rank (one job's ranks never take the lock themselves, so they cannot refuse each other).
     refused = broadcast_object(refused)
     if refused:
-        raise RunDirBusy(refused, every_rank=True)
+        raise (RunDirBusy if refused[0] == "busy" else DiskFull)(refused[1], every_rank=True)
     setup_logging(dist, run_dir / "train.log")
     if lock is not None and lock.took_over:
         log.warning("%s", lock.took_over)
