@@ -164,6 +164,12 @@ def on_main_rank(dist: DistInfo, work: Callable[[], object], error: type[Excepti
         raise error(problem, every_rank=True) if issubclass(error, DtrainError) else error(problem)
 
 
+def leave_process_group() -> None:
+    """Tear the process group down on this rank (an exit with one still up can abort in gloo's threads)."""
+    if torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
+
+
 def free_port() -> int:
     """A TCP port free on this machine now, for a launch's ``--master_port`` (two local launches must differ)."""
     import socket

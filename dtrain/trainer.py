@@ -20,7 +20,7 @@ import torch
 
 from dtrain.config.schema import JobConfig, Precision
 from dtrain.data.loader import BatchStats, SourceLosses, StepBatch, eval_batches
-from dtrain.dist import all_gather_objects, all_reduce_sum, barrier, broadcast_object
+from dtrain.dist import all_gather_objects, all_reduce_sum, barrier, broadcast_object, leave_process_group
 from dtrain.errors import DiskFull, Preempted
 from dtrain.guard import StepGuard, step_failures
 from dtrain.memory.meters import GradientMeter, measure_activations
@@ -322,10 +322,7 @@ class Trainer:
         barrier()  # every rank is done with the run directory before its lock goes
         if self.run.lock is not None:
             self.run.lock.release()
-        import torch.distributed as torch_dist
-
-        if torch_dist.is_initialized():
-            torch_dist.destroy_process_group()
+        leave_process_group()
 
 
 def _plain(job: JobConfig) -> dict:
