@@ -34,8 +34,9 @@ import torch
 
 from dtrain import faults
 from dtrain.config.schema import CheckpointConfig, JobConfig
-from dtrain.dist import DistInfo, barrier, broadcast_object
-from dtrain.errors import ConfigError
+from dtrain.disk import format_bytes, free_bytes, is_no_space, looks_like_failed_write, no_space_error
+from dtrain.dist import DistInfo, all_gather_objects, barrier, broadcast_object
+from dtrain.errors import ConfigError, DiskFull, TrainingError
 from dtrain.reshard import UNIVERSAL_DIR, UNIVERSAL_INFO, repair_optimizer_steps, saved_layout
 
 log = logging.getLogger("dtrain")
@@ -188,6 +189,14 @@ def check_complete(path: Path) -> Optional[str]:
     return None
 
 
+def checkpoint_bytes(path: Path) -> Optional[int]:
+    """The size of a complete checkpoint from its manifest (None without a readable one)."""
+    try:
+        return sum(json.loads((path / MANIFEST).read_text())["files"].values())
+    except (OSError, ValueError, KeyError):
+        return None
+
+
 def list_checkpoints(root: Path) -> tuple[list[Path], list[Path]]:
     """(complete-looking folders, partial folders) under ``root``, oldest first."""
     if not root.is_dir():
@@ -270,42 +279,114 @@ class CheckpointManager:
         self.layout = layout or {}
         self.exclude_frozen = exclude_frozen
         self.last_saved_step: Optional[int] = None
+        self.expected_bytes: Optional[int] = None
+        """What the next save will need: the last checkpoint's size, or the planner's estimate before the first."""
 
     def save(self, engine, tokenizer, state: TrainerState) -> Path:
-        """Write ``step_<N>`` for ``state.step``; visible (manifest + pointer) only after every rank has written."""
+        """Write ``step_<N>`` for ``state.step``; visible (manifest + pointer) only after every rank has written.
+
+        Raises:
+            DiskFull: on every rank, before writing when the filesystem cannot hold another checkpoint of the
+                last one's size, or after a write failed for space (the ``.partial`` folder is removed).
+        """
         tag = f"step_{state.step:08d}"
         final = self.root / tag
         partial = self.root / f"{tag}{PARTIAL_SUFFIX}"
+        problem = None
         if self.dist.is_main:
             self.root.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(partial, ignore_errors=True)  # leftover of a save that died at this same step
-        barrier()
-        # client_state: what DeepSpeed's universal converter needs, so any checkpoint can resume on another layout.
-        engine.save_checkpoint(
-            str(self.root), tag=partial.name, save_latest=False, client_state=UNIVERSAL_INFO, exclude_frozen_parameters=self.exclude_frozen
-        )
-        _write_json(partial / f"rng_rank{self.dist.rank:05d}.json", capture_rng())
-        faults.maybe_crash_in_save(state.step, self.dist.rank)
-        if self.dist.is_main:
-            payload = {
-                "format": FORMAT_VERSION,
-                "config_hash": config_hash(self.key),
-                "config_key": self.key,
-                "world_size": self.dist.world_size,
-                "layout": self.layout,
-                **asdict(state),
-            }
-            _write_json(partial / STATE_FILE, payload)
-            tokenizer.save_pretrained(partial / "tokenizer")
-        # Sync point: every rank's engine files and RNG state are on disk before rank 0 declares the save complete.
-        barrier()
-        if self.dist.is_main:
-            self._commit(partial, final)
-            self._prune(keep=final)
-        barrier()  # nobody reads or deletes checkpoints while rank 0 is renaming
+            problem = self._space_problem(partial, state.step)
+        # Sync point: rank 0's verdict on the free space reaches every rank, so all stop or all write.
+        problem = broadcast_object(problem)
+        if problem:
+            raise DiskFull(problem, every_rank=True)
+        failure = self._write(engine, tokenizer, state, partial)
+        # Sync point: every rank's engine files and RNG state are on disk (or every rank learns whose write failed)
+        # before rank 0 declares the save complete.
+        failures = [f for f in all_gather_objects(failure) if f]
+        if failures:
+            if self.dist.is_main:
+                shutil.rmtree(partial, ignore_errors=True)  # frees what it held; `latest` still names the last one
+            kind, message = failures[0]
+            raise (DiskFull if kind == "disk" else TrainingError)(message, every_rank=True)
+        problem = self._commit_and_prune(partial, final, state.step) if self.dist.is_main else None
+        # Sync point: nobody reads or deletes checkpoints while rank 0 is renaming.
+        problem = broadcast_object(problem)
+        if problem:
+            raise DiskFull(problem, every_rank=True)
         self.last_saved_step = state.step
-        log.info("checkpoint %s complete", final)
+        size = broadcast_object(checkpoint_bytes(final) if self.dist.is_main else None)
+        self.expected_bytes = size or self.expected_bytes
+        log.info("checkpoint %s complete (%s)", final, format_bytes(size))
         return final
+
+    def _write(self, engine, tokenizer, state: TrainerState, partial: Path) -> Optional[tuple[str, str]]:
+        """This rank's files of the checkpoint into ``partial``; returns why a write failed (None: all written)."""
+        try:
+            try:
+                with faults.engine_writes_fail(engine, state.step, self.dist.rank):
+                    # client_state: what DeepSpeed's universal converter needs, so any checkpoint can resume on another layout.
+                    engine.save_checkpoint(
+                        str(self.root),
+                        tag=partial.name,
+                        save_latest=False,
+                        client_state=UNIVERSAL_INFO,
+                        exclude_frozen_parameters=self.exclude_frozen,
+                    )
+            except Exception as e:
+                if not looks_like_failed_write(e):
+                    raise
+                # The ranks whose files were written wait in DeepSpeed's closing barrier: meet them there.
+                barrier()
+                return self._write_failure(e, partial, state.step)
+            _write_json(partial / f"rng_rank{self.dist.rank:05d}.json", capture_rng())
+            faults.maybe_crash_in_save(state.step, self.dist.rank)
+            if self.dist.is_main:
+                payload = {
+                    "format": FORMAT_VERSION,
+                    "config_hash": config_hash(self.key),
+                    "config_key": self.key,
+                    "world_size": self.dist.world_size,
+                    "layout": self.layout,
+                    **asdict(state),
+                }
+                _write_json(partial / STATE_FILE, payload)
+                tokenizer.save_pretrained(partial / "tokenizer")
+        except OSError as e:
+            if not is_no_space(e):
+                raise
+            return self._write_failure(e, partial, state.step)
+        return None
+
+    def _commit_and_prune(self, partial: Path, final: Path, step: int) -> Optional[str]:
+        """Rank 0: make the save visible and drop old ones; returns why it could not (None: done)."""
+        try:
+            self._commit(partial, final)
+        except OSError as e:  # the manifest or the pointer did not fit: the folder stays .partial
+            if not is_no_space(e):
+                raise
+            return str(no_space_error(e.filename or partial, f"the manifest of checkpoint step {step}", None))
+        self._prune(keep=final)
+        return None
+
+    def _space_problem(self, partial: Path, step: int) -> Optional[str]:
+        """Why checkpoint ``step`` cannot be written (None: it fits), judged on rank 0 before anything is written."""
+        if not self.expected_bytes:
+            return None
+        free = free_bytes(self.root)
+        if free >= self.expected_bytes:
+            return None
+        return str(no_space_error(partial, f"checkpoint step {step} (the size of the last one)", self.expected_bytes, free))
+
+    def _write_failure(self, error: BaseException, partial: Path, step: int) -> tuple[str, str]:
+        """("disk" or "other", the message) for a failed write of checkpoint ``step`` on this rank."""
+        path = getattr(error, "filename", None) or partial
+        free = free_bytes(self.root)
+        if is_no_space(error) or (self.expected_bytes and free < self.expected_bytes):
+            message = str(no_space_error(path, f"checkpoint step {step} (rank {self.dist.rank})", self.expected_bytes, free))
+            return "disk", message + f"; the checkpoint {self.root / POINTER} names is complete and kept"
+        return "other", f"writing checkpoint step {step} failed on rank {self.dist.rank} ({path}): {error}"
 
     def _commit(self, partial: Path, final: Path) -> None:
         files = {str(f.relative_to(partial)): f.stat().st_size for f in sorted(partial.rglob("*")) if f.is_file()}
@@ -399,6 +480,7 @@ class CheckpointManager:
                 state.step,
             )
         self.last_saved_step = state.step
+        self.expected_bytes = checkpoint_bytes(path) or self.expected_bytes
         log.info(
             "resumed from %s%s: step %d (epoch %d, batch %d of the epoch)",
             path,

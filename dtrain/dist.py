@@ -16,6 +16,8 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.distributed as torch_dist
 
+from dtrain.errors import DtrainError
+
 log = logging.getLogger("dtrain")
 
 
@@ -159,7 +161,13 @@ def on_main_rank(dist: DistInfo, work: Callable[[], object], error: type[Excepti
             problem = str(e)
     problem = broadcast_object(problem)
     if problem:
-        raise error(problem)
+        raise error(problem, every_rank=True) if issubclass(error, DtrainError) else error(problem)
+
+
+def leave_process_group() -> None:
+    """Tear the process group down on this rank (an exit with one still up can abort in gloo's threads)."""
+    if torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
 
 
 def free_port() -> int:

@@ -9,6 +9,7 @@ exceptions into one ``dtrain: error: ...`` line on stderr and the code, instead 
 
 from __future__ import annotations
 
+import os
 import sys
 from contextlib import contextmanager
 from typing import Iterator
@@ -16,6 +17,8 @@ from typing import Iterator
 EXIT_OK = 0
 EXIT_BAD_INPUT = 2
 EXIT_TRAINING_STOPPED = 3
+EXIT_RUN_DIR_BUSY = 16
+EXIT_DISK_FULL = 28
 EXIT_PREEMPTED = 75
 EXIT_HUNG = 86
 
@@ -23,15 +26,25 @@ EXIT_CODES = {
     EXIT_OK: "done",
     EXIT_BAD_INPUT: "bad config or data: nothing was trained (the message names the key, file, line or sample and the fix)",
     EXIT_TRAINING_STOPPED: "training stopped: too many non-finite steps, out of memory, a rank died, or a failed export check",
+    EXIT_RUN_DIR_BUSY: "output_dir is in use by another job (the message names it: host, PID, job id, since when); nothing was written",
+    EXIT_DISK_FULL: "no space left on the filesystem (or over quota): the message names the path, the bytes free and needed",
     EXIT_PREEMPTED: "preempted: a complete checkpoint was saved on a signal; requeue to resume (EX_TEMPFAIL)",
     EXIT_HUNG: "a rank made no progress for train.step_timeout_minutes (a dead peer or a hung collective)",
 }
 
 
 class DtrainError(Exception):
-    """Base of the errors below; ``exit_code`` is what the entry point exits with."""
+    """Base of the errors below; ``exit_code`` is what the entry point exits with.
+
+    ``every_rank=True`` marks an error every rank raises with the same message (agreed through a collective):
+    rank 0 alone prints it, so the user reads one line, not one per rank.
+    """
 
     exit_code = EXIT_TRAINING_STOPPED
+
+    def __init__(self, *args, every_rank: bool = False):
+        super().__init__(*args)
+        self.every_rank = every_rank
 
 
 class ConfigError(DtrainError, ValueError):
@@ -58,6 +71,21 @@ class ExportError(DtrainError, RuntimeError):
     exit_code = EXIT_TRAINING_STOPPED
 
 
+class DiskFull(DtrainError):
+    """A write that cannot finish for lack of space (ENOSPC, EDQUOT, or a free-space check before it started).
+
+    What was being written is left incomplete-looking (a ``.partial`` or temporary name, never the final one).
+    """
+
+    exit_code = EXIT_DISK_FULL
+
+
+class RunDirBusy(DtrainError):
+    """Another live job holds ``output_dir``'s lock: two writers would mix their checkpoints and metrics."""
+
+    exit_code = EXIT_RUN_DIR_BUSY
+
+
 class Preempted(DtrainError):
     """Raised after the preemption checkpoint is complete on every rank."""
 
@@ -73,5 +101,14 @@ def exit_on_error() -> Iterator[None]:
         print(f"dtrain: {e}; exit code {e.exit_code} (requeue)", file=sys.stderr)
         raise SystemExit(e.exit_code) from None
     except DtrainError as e:
-        print(f"dtrain: error: {e}", file=sys.stderr)
+        if not (e.every_rank and os.environ.get("RANK", "0") != "0"):
+            print(f"dtrain: error: {e}", file=sys.stderr)
         raise SystemExit(e.exit_code) from None
+    except OSError as e:
+        # A full disk met by a write no writer wrapped (a small file, a log): still one line and its code.
+        from dtrain.disk import is_no_space, no_space_error
+
+        if not is_no_space(e):
+            raise
+        print(f"dtrain: error: {no_space_error(e.filename or '.', 'a write', None)}", file=sys.stderr)
+        raise SystemExit(EXIT_DISK_FULL) from None

@@ -17,11 +17,14 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
-from dtrain.dist import DistInfo, barrier
-from dtrain.errors import ConfigError, ExportError
+from dtrain import faults
+from dtrain.disk import failed_path, free_bytes, is_no_space, no_space_error
+from dtrain.dist import DistInfo, broadcast_object
+from dtrain.errors import ConfigError, DiskFull, ExportError
 
 log = logging.getLogger("dtrain")
 
+PARTIAL_SUFFIX = ".partial"
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -72,19 +75,30 @@ def write_sharded_safetensors(
     """Write tensors into HF-named safetensors shards of at most ``max_shard_bytes`` (a bigger tensor gets its own).
 
     Drains ``tensors`` on every rank (it may be a collective); only rank 0 writes. Returns name -> shape.
+
+    Raises:
+        DiskFull: (rank 0, after draining ``tensors``, so no rank is left in a gather) a shard did not fit; the
+            shards written so far are removed.
     """
     from safetensors.torch import save_file
 
     shapes: dict[str, tuple[int, ...]] = {}
     shard: dict[str, torch.Tensor] = {}
     shard_bytes, written, weight_map, total = 0, [], {}, 0
+    failed: Optional[BaseException] = None
 
     def flush() -> None:
-        nonlocal shard, shard_bytes
-        if shard:
+        nonlocal shard, shard_bytes, failed
+        if shard and failed is None:
             tmp = out_dir / f"shard-{len(written):05d}.tmp"
-            save_file(shard, str(tmp), metadata={"format": "pt"})
             written.append((tmp, list(shard)))
+            try:
+                save_file(shard, str(tmp), metadata={"format": "pt"})
+                faults.no_space("export", len(written), None, tmp, tmp.read_bytes())
+            except Exception as e:
+                if not is_no_space(e):
+                    raise
+                failed = e
         shard, shard_bytes = {}, 0
 
     for name, tensor in tensors:
@@ -93,13 +107,18 @@ def write_sharded_safetensors(
         size = tensor.numel() * tensor.element_size()
         if shard and shard_bytes + size > max_shard_bytes:
             flush()
-        shard[name] = tensor.contiguous()
-        shard_bytes += size
+        if failed is None:
+            shard[name] = tensor.contiguous()
+            shard_bytes += size
         total += size
         shapes[name] = tuple(tensor.shape)
     if not is_main:
         return shapes
     flush()
+    if failed is not None:
+        for tmp, _ in written:
+            tmp.unlink(missing_ok=True)
+        raise no_space_error(getattr(failed, "filename", None) or out_dir, "the exported model", total) from failed
     for old in list(out_dir.glob("model*.safetensors")) + list(out_dir.glob(SAFE_INDEX)):
         old.unlink()  # shards of an earlier export with another shard count must not linger
     if len(written) == 1:
@@ -116,10 +135,54 @@ def write_sharded_safetensors(
 def save_model(model, tokenizer, out_dir: Path, dist: DistInfo, is_peft: bool, max_shard_bytes: int) -> dict[str, tuple[int, ...]]:
     """Write ``out_dir`` so it loads with plain ``transformers`` (full) or ``peft`` (adapter) plus the tokenizer.
 
-    Collective: every rank calls it; only rank 0 writes. Returns the written tensors' shapes (rank 0).
+    Collective: every rank calls it; only rank 0 writes. The folder is written as ``<out_dir>.partial`` and renamed
+    once complete, so a folder named ``out_dir`` is always a whole export. Returns the written tensors' shapes
+    (rank 0).
+
+    Raises:
+        DiskFull: on every rank, when the filesystem cannot hold the export (checked before writing) or filled up
+            while writing (nothing of it is left; an earlier ``out_dir`` stays as it was).
     """
+    staging = out_dir.with_name(out_dir.name + PARTIAL_SUFFIX)
+    problem, shapes, needed = None, {}, None
     if dist.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        import shutil
+
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        needed, free = export_bytes(model, is_peft), free_bytes(staging)
+        if free < needed:
+            problem = str(no_space_error(out_dir, "the exported model", needed, free))
+    # Sync point: every rank learns whether the export fits before the gathers start.
+    problem = broadcast_object(problem)
+    if problem is None:
+        try:
+            shapes = _write_model(model, tokenizer, staging, dist, is_peft, max_shard_bytes)
+            if dist.is_main:
+                _publish(staging, out_dir)
+                log.info("saved %s to %s", "LoRA adapter + tokenizer" if is_peft else "model + tokenizer", out_dir)
+        except Exception as e:  # rank 0 only: the other ranks' part (the gathers) is over
+            if not (dist.is_main and (isinstance(e, DiskFull) or is_no_space(e))):
+                raise
+            problem = str(e if isinstance(e, DiskFull) else no_space_error(failed_path(e, out_dir), "the exported model", needed))
+        if dist.is_main and problem:
+            import shutil
+
+            shutil.rmtree(staging, ignore_errors=True)
+        # Sync point: nobody reads the folder (or exits) before rank 0 has finished writing it; all stop together.
+        problem = broadcast_object(problem)
+    if problem:
+        raise DiskFull(problem, every_rank=True)
+    return shapes
+
+
+def export_bytes(model, trainable_only: bool) -> int:
+    """The bytes of the tensors an export writes (ZeRO-3 partitioned parameters by their full size)."""
+    params = [p for p in model.parameters() if p.requires_grad or not trainable_only]
+    return sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in params)
+
+
+def _write_model(model, tokenizer, out_dir: Path, dist: DistInfo, is_peft: bool, max_shard_bytes: int) -> dict[str, tuple[int, ...]]:
     if is_peft:
         state = gather_parameters(model, dist, trainable_only=True)
         shapes = {}
@@ -130,6 +193,8 @@ def save_model(model, tokenizer, out_dir: Path, dist: DistInfo, is_peft: bool, m
 
             shapes = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(model, state_dict=state).items()}
             model.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
+            weights = out_dir / ADAPTER_WEIGHTS
+            faults.no_space("export", 1, None, weights, weights.read_bytes() if weights.is_file() else b"")
     else:
         shapes = write_sharded_safetensors(iter_full_parameters(model, dist, trainable_only=False), out_dir, max_shard_bytes, dist.is_main)
         if dist.is_main:
@@ -140,9 +205,21 @@ def save_model(model, tokenizer, out_dir: Path, dist: DistInfo, is_peft: bool, m
                 model.generation_config.save_pretrained(out_dir)
     if dist.is_main:
         tokenizer.save_pretrained(out_dir)
-        log.info("saved %s to %s", "LoRA adapter + tokenizer" if is_peft else "model + tokenizer", out_dir)
-    barrier()  # nobody reads the folder (or exits) before rank 0 has finished writing it
     return shapes
+
+
+def _publish(staging: Path, out_dir: Path) -> None:
+    """Rename the complete ``staging`` folder to ``out_dir``, replacing an earlier export only now."""
+    import shutil
+
+    if out_dir.exists():
+        old = out_dir.with_name(out_dir.name + ".replaced")
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(out_dir, old)
+        os.rename(staging, out_dir)
+        shutil.rmtree(old)
+    else:
+        os.rename(staging, out_dir)
 
 
 # ---------------------------------------------------------------------------------------------- verification

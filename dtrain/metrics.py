@@ -16,7 +16,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Optional, Union
 
+from dtrain import faults
 from dtrain.config.schema import WandbConfig, WandbMode
+from dtrain.disk import is_no_space, no_space_error
 
 log = logging.getLogger("dtrain")
 
@@ -124,7 +126,7 @@ def read_metrics(path: Path) -> RunMetrics:
     steps, evals = [], []
     if path.is_file():
         for line in path.read_text().splitlines():
-            record = record_from_dict(json.loads(line)) if line.strip() else None
+            record = record_from_dict(json.loads(line)) if line.strip() and _parses(line) else None
             if isinstance(record, StepRecord):
                 steps.append(record)
             elif isinstance(record, EvalRecord):
@@ -184,11 +186,21 @@ class MetricsLogger:
         if tensorboard:
             self._sinks.append(_TensorBoardSink(run_dir / "tensorboard", purge_step=resume_step))
 
+    failure: Optional[str] = None
+    """Why ``metrics.jsonl`` stopped (a full disk): the trainer stops every rank at the next step boundary."""
+
     def log(self, record: Record) -> None:
-        """Send one record to every sink."""
+        """Send one record to every sink; a full disk is remembered in ``failure`` (rank 0 cannot stop the other
+        ranks alone) and the file is not written to again."""
         values = record_to_dict(record)
-        for sink in self._sinks:
-            sink.write(values)
+        for sink in list(self._sinks):
+            try:
+                sink.write(values)
+            except Exception as e:
+                if not is_no_space(e):
+                    raise
+                self.failure = str(no_space_error(getattr(e, "filename", None) or sink.path, "metrics.jsonl", len(json.dumps(values)) + 1))
+                self._sinks.remove(sink)
 
     def summary(self, values: dict[str, Any]) -> None:
         for sink in self._sinks:
@@ -207,16 +219,24 @@ def _numbers(values: dict[str, Any]) -> dict[str, float]:
 
 class _JsonlSink:
     def __init__(self, path: Path):
+        self.path = path
         self._file = path.open("a", buffering=1)
+        self._records = 0
 
     def write(self, values: dict[str, Any]) -> None:
-        self._file.write(json.dumps(values) + "\n")
+        line = json.dumps(values) + "\n"
+        self._records += 1
+        faults.no_space("metrics", self._records, None, self.path, line.encode(), lambda b: self._file.write(b.decode()))
+        self._file.write(line)
 
     def summary(self, values: dict[str, Any]) -> None:
         pass  # summary.json is the file's counterpart
 
     def close(self) -> None:
-        self._file.close()
+        try:
+            self._file.close()
+        except OSError as e:  # the last buffered bytes did not fit: the torn line is dropped on resume
+            log.warning("closing %s: %s", self.path, e)
 
 
 class _WandbSink:
@@ -254,16 +274,30 @@ class _TensorBoardSink:
         self._writer.close()
 
 
+def _parses(line: str) -> bool:
+    try:
+        json.loads(line)
+        return True
+    except ValueError:
+        return False
+
+
 def _drop_records_after(path: Path, step: int) -> None:
     lines = [line for line in path.read_text().splitlines() if line.strip()]
+    torn = bool(lines) and not _parses(lines[-1])
+    if torn:  # a record cut short (a full disk, a kill mid-write)
+        log.info("metrics.jsonl: dropped a record cut short: %r", lines[-1][:80])
+        lines = lines[:-1]
     kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
     if len(kept) < len(lines):
         log.info(
             "metrics.jsonl: dropped %d record(s) after step %d (written after the checkpoint we resume from)", len(lines) - len(kept), step
         )
-        tmp = path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        tmp.replace(path)
+    elif not torn:
+        return
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.replace(path)
 
 
 def _start_wandb(

@@ -20,8 +20,9 @@ from dtrain.config.schema import JobConfig
 from dtrain.data.chat import ChatRenderer
 from dtrain.data.dataset import PreparedData
 from dtrain.data.loader import probe_batch
-from dtrain.dist import DistInfo, all_gather_objects, on_main_rank
-from dtrain.errors import ExportError
+from dtrain.disk import atomic_write_text
+from dtrain.dist import DistInfo, all_gather_objects, broadcast_object, on_main_rank
+from dtrain.errors import DiskFull, ExportError
 from dtrain.export import parse_size, save_model, verify_export
 from dtrain.generation import exact_match_accuracy, format_samples, generate_answers
 from dtrain.memory.meters import engine_state_bytes, peak_memory_bytes
@@ -152,12 +153,19 @@ class RunOutputs:
             "accuracy_after": exact_match_accuracy(after) if after else None,
             "num_prompts": len(after),
         }
+        problem = None
         if self.dist.is_main:
-            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
             try:
+                atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n", "summary.json")
                 summary["report"] = str(render_report([self.run_dir], self.run_dir / "report.png"))
+            except DiskFull as e:  # the model is exported, but the user must hear of the full disk
+                problem = str(e)
             except Exception as e:  # a plotting problem must not fail a finished run
                 log.warning("could not draw report.png (%s); retry with python launch/report.py run_dir=%s", e, self.run_dir)
+        # Every rank learns of a full disk and stops with it (exit code 28), not rank 0 alone.
+        problem = broadcast_object(problem)
+        if problem:
+            raise DiskFull(f"{problem} (the trained model in {self.run_dir / 'final'} is complete)", every_rank=True)
         log.info(
             "done: %d steps (%d skipped), %s trained tokens of %s seen, eval loss %s, %.0f s, %.0f trained tokens/s",
             totals.steps,

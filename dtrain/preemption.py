@@ -29,7 +29,8 @@ class PreemptionFlag:
     def _handle(self, signum, frame) -> None:
         self.signal_name = signal.Signals(signum).name
 
-    def agreed(self) -> bool:
-        """True on every rank when any rank has received a signal (a sync point: all ranks call it)."""
-        (votes,) = all_reduce_sum([1.0 if self.signal_name else 0.0], self.device)
-        return votes > 0
+    def agreed(self, failed: bool = False) -> tuple[bool, bool]:
+        """(any rank received a signal, any rank passed ``failed=True``), the same on every rank: a sync point that
+        all ranks call. ``failed`` carries a rank's reason to stop (rank 0's metrics file hit a full disk)."""
+        signals, failures = all_reduce_sum([1.0 if self.signal_name else 0.0, 1.0 if failed else 0.0], self.device)
+        return signals > 0, failures > 0

@@ -11,6 +11,7 @@ import textwrap
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from dtrain.disk import writing
 from dtrain.metrics import PHASES, StepRecord, read_metrics
 
 MiB = 2**20
@@ -74,8 +75,15 @@ def render_report(run_dirs: list[Path], out: Path) -> Path:
     fig.suptitle(" vs ".join(str(d) for d, _ in runs), fontsize=11)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=80)
-    plt.close(fig)
+    tmp = out.with_name(f"{out.stem}.tmp{out.suffix}")
+    try:
+        # Under a temporary name: a full disk leaves no half-drawn report.png behind.
+        with writing(out, "the run report"):
+            fig.savefig(tmp, dpi=80)
+            tmp.replace(out)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
     return out
 
 

@@ -19,9 +19,11 @@ import torch
 from dtrain.checkpoint import CKPT_DIRNAME, CheckpointManager, TrainerState, find_checkpoint
 from dtrain.config.schema import JobConfig, Precision
 from dtrain.data.loader import TrainLoader
+from dtrain.disk import checkpoint_bytes_estimate, checkpoints_at_once, export_bytes_estimate, report_disk_needs
 from dtrain.dist import DistInfo, broadcast_object
 from dtrain.ds_config import build_ds_config
 from dtrain.engine import EngineParts, build_engine, read_model_shape
+from dtrain.locks import LockFile
 from dtrain.memory.meters import gpu_capacity_bytes_here, peak_memory_bytes
 from dtrain.memory.plan import MemoryPlan, ModelShape, format_plans, plan_for_run
 from dtrain.oom import oom_report
@@ -52,6 +54,8 @@ class Run:
     ckpt: CheckpointManager
     state: TrainerState
     resumed: bool
+    lock: Optional[LockFile] = None
+    """The run directory's lock (rank 0; released by ``Trainer.close`` or at exit)."""
 
     @property
     def engine(self) -> Any:
@@ -78,7 +82,7 @@ def build_run(job: JobConfig) -> Run:
     Raises:
         ConfigError, DataError: Bad config or data, found before any model is loaded.
     """
-    dist, run_dir = start_run(job)
+    dist, run_dir, lock = start_run(job)
     data = load_data(job, dist)
     # Rank 0's machine decides precision=auto for all: ranks that chose differently could not train together.
     machine = broadcast_object(machine_facts() if dist.is_main else None)
@@ -112,7 +116,12 @@ def build_run(job: JobConfig) -> Run:
     log.info("memory plan per %s (launch/plan.py prices the alternatives):\n%s", "GPU" if on_gpu else "rank", format_plans([memory_plan]))
     device_name = torch.cuda.get_device_name() if on_gpu else None
     parts = build_engine(job, ds_config, shape, total_steps, dist.device, len(data.data.source_names))
+    ckpt.expected_bytes = checkpoint_bytes_estimate(job, shape)  # until a checkpoint's manifest tells the real size
     state = ckpt.restore(parts.engine, found.path, universal, job.train.seed) if found is not None else TrainerState()
+    if dist.is_main:
+        at_once = checkpoints_at_once(job.ckpt.every_steps, job.ckpt.keep_last, total_steps)
+        store = getattr(data.data.train, "folder", None)
+        report_disk_needs(run_dir, ckpt.expected_bytes, at_once, export_bytes_estimate(job, shape), store)
     if job.ckpt.every_steps:
         log.info("checkpoints: every %d steps into %s, keeping the last %d", job.ckpt.every_steps, ckpt.root, job.ckpt.keep_last)
     return Run(
@@ -129,4 +138,5 @@ def build_run(job: JobConfig) -> Run:
         ckpt,
         state,
         resumed=found is not None,
+        lock=lock,
     )

@@ -25,12 +25,15 @@ from dtrain.config.schema import JobConfig, ReshardMode
 from dtrain.data import ChatRenderer, PreparedData, mixture_weights, resolve_chat_template
 from dtrain.data.audit import audit_masks
 from dtrain.data.cache import load_or_prepare
+from dtrain.disk import failed_path, is_no_space, no_space_error
 from dtrain.dist import DistInfo, barrier, broadcast_object, init_distributed, on_main_rank, setup_logging
 from dtrain.ds_config import write_ds_config
-from dtrain.errors import ConfigError
+from dtrain.errors import ConfigError, DiskFull, RunDirBusy
+from dtrain.locks import LockFile
 from dtrain.model import load_tokenizer
 from dtrain.reshard import convert_to_universal, layout_changes, layout_of, needs_conversion
 from dtrain.resolve import ResolvedJob
+from dtrain.runlock import acquire_run_lock
 
 log = logging.getLogger("dtrain")
 
@@ -41,22 +44,41 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def start_run(job: JobConfig) -> tuple[DistInfo, Path]:
-    """Check the job, join the process group, make the run directory and start logging (every rank).
+def start_run(job: JobConfig) -> tuple[DistInfo, Path, Optional[LockFile]]:
+    """Check the job, join the process group, lock the run directory and start logging (every rank).
+
+    Returns:
+        This rank, the run directory, and its lock (held by rank 0 until the job ends; None elsewhere).
 
     Raises:
         ConfigError: The job cannot run; nothing was started.
+        RunDirBusy: Another live job writes into ``output_dir`` (every rank raises; nothing was written).
     """
     # WORLD_SIZE is the launcher's: the process group does not exist yet, and nothing should start for a job that fails.
     check_job(job, cuda_available=torch.cuda.is_available(), world_size=int(os.environ.get("WORLD_SIZE", "1")))
     dist = init_distributed(job.train.dist_timeout_minutes)
     run_dir = Path(job.output_dir).resolve()
+    lock, refused = None, None
     if dist.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    barrier()  # the run directory exists before any rank opens a file in it
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            lock = acquire_run_lock(run_dir)
+        except RunDirBusy as e:
+            refused = ("busy", str(e))
+        except OSError as e:
+            if not is_no_space(e):
+                raise
+            refused = ("disk", str(no_space_error(failed_path(e, run_dir), "the run directory's lock", None)))
+    # Sync point: the run directory exists and is this job's before any rank opens a file in it; a refusal
+    # reaches every rank (one job's ranks never take the lock themselves, so they cannot refuse each other).
+    refused = broadcast_object(refused)
+    if refused:
+        raise (RunDirBusy if refused[0] == "busy" else DiskFull)(refused[1], every_rank=True)
     setup_logging(dist, run_dir / "train.log")
+    if lock is not None and lock.took_over:
+        log.warning("%s", lock.took_over)
     seed_everything(job.train.seed)
-    return dist, run_dir
+    return dist, run_dir, lock
 
 
 @dataclass

@@ -22,7 +22,9 @@ from typing import Any, Optional
 
 from dtrain.config.schema import JobConfig, SweepConfig, SweepDirection
 from dtrain.dist import free_port
+from dtrain.errors import EXIT_RUN_DIR_BUSY
 from dtrain.metrics import StepRecord, read_metrics
+from dtrain.runlock import run_dir_busy
 
 RESULT_FILE = "sweep_result.json"
 LAUNCHER_LOG = "launcher.log"
@@ -92,6 +94,11 @@ def run_job(job: JobConfig, task_overrides: list[str], run_dir: Path, sweep_name
     run_dir.mkdir(parents=True, exist_ok=True)
     overrides = job_overrides(task_overrides)
     tags = swept_tags(task_overrides, swept)
+    busy = run_dir_busy(run_dir)
+    if busy:  # another live job writes there (a sweep started twice into one directory): refused, not launched
+        row = job_result(run_dir, overrides, EXIT_RUN_DIR_BUSY, 0.0, tags)
+        row["error"] = f"dtrain: error: {busy}"
+        return row
     cmd = launcher_command(job.sweep, overrides, run_dir, sweep_name, tags)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     # The master port must differ between concurrent jobs on one node (e.g. a local joblib launcher).

@@ -20,8 +20,8 @@ import torch
 
 from dtrain.config.schema import JobConfig, Precision
 from dtrain.data.loader import BatchStats, SourceLosses, StepBatch, eval_batches
-from dtrain.dist import all_gather_objects, all_reduce_sum, barrier
-from dtrain.errors import Preempted
+from dtrain.dist import all_gather_objects, all_reduce_sum, barrier, broadcast_object, leave_process_group
+from dtrain.errors import DiskFull, Preempted
 from dtrain.guard import StepGuard, step_failures
 from dtrain.memory.meters import GradientMeter, measure_activations
 from dtrain.metrics import EvalRecord, MetricsLogger, StepRecord
@@ -86,7 +86,10 @@ class Trainer:
                 for batch in batches:
                     if state.step >= total:
                         break
-                    if self.preemption.agreed():
+                    preempted, failed = self.preemption.agreed(failed=self.metrics.failure is not None)
+                    if failed:
+                        self._stop_for_failed_write()
+                    if preempted:
                         self._stop_for_preemption(watchdog)
                     watchdog.beat(f"step {state.step + 1}")
                     with step_failures(state.step + 1, self.dist.rank, lambda: self.run.oom_report(state.step + 1)) as fault:
@@ -104,6 +107,8 @@ class Trainer:
             progress.close()
             watchdog.beat("final eval, checkpoint and export")
             eval_loss = self.evaluate()
+            if self.preemption.agreed(failed=self.metrics.failure is not None)[1]:
+                self._stop_for_failed_write()
             if self.run.ckpt.last_saved_step != state.step:
                 self.save_checkpoint()
             self.outputs.export()
@@ -268,6 +273,10 @@ class Trainer:
             self.save_checkpoint()
         raise Preempted(f"stopped at step {self.state.step} on a preemption signal; checkpoint saved in {self.run.ckpt.root}")
 
+    def _stop_for_failed_write(self) -> None:
+        """Every rank got here together (``agreed()``): raise rank 0's reason on all of them."""
+        raise DiskFull(broadcast_object(self.metrics.failure if self.dist.is_main else None), every_rank=True)
+
     def _log_step(self, record: StepRecord, progress) -> None:
         self.metrics.log(record)
         if record.skipped:
@@ -310,11 +319,10 @@ class Trainer:
 
     def close(self) -> None:
         self.metrics.close()
-        barrier()
-        import torch.distributed as torch_dist
-
-        if torch_dist.is_initialized():
-            torch_dist.destroy_process_group()
+        barrier()  # every rank is done with the run directory before its lock goes
+        if self.run.lock is not None:
+            self.run.lock.release()
+        leave_process_group()
 
 
 def _plain(job: JobConfig) -> dict:

@@ -195,6 +195,9 @@ class DataConfig:
     prepared_path: Optional[str] = None
     """A token store written by ``launch/prepare.py`` (or to be written there, when missing); wins over
     ``cache_dir``. A store prepared from other settings is refused, naming them."""
+    verify_store: bool = False
+    """Re-read every file of the token store at start and compare its checksum with ``meta.json`` (a pass over
+    the whole store; ``launch/prepare.py --verify`` does the same ahead of training). File sizes are always checked."""
     packing: Optional[bool] = None
     """Pack several examples per row up to ``max_seq_len`` (no padding, no attention across examples; a
     micro-batch is then that many rows). null (default): pack when the data is mixed-length, i.e. padded

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -23,8 +24,10 @@ from dtrain.data.chat import ChatRenderer
 from dtrain.data.dataset import PreparedData, open_store, prepare_data, prepare_store
 from dtrain.data.mixture import data_sources
 from dtrain.data.sources import DATA_SUFFIXES
-from dtrain.data.store import META, read_meta
-from dtrain.errors import DataError
+from dtrain.data.store import META, damaged_message, read_meta, store_problems
+from dtrain.disk import format_bytes, free_bytes, writing
+from dtrain.errors import DataError, DiskFull
+from dtrain.locks import LockFile, dead_because, read_holder
 
 log = logging.getLogger("dtrain")
 
@@ -133,14 +136,34 @@ def _forget_absent_files(stored: dict, current: dict) -> dict:
     return out
 
 
+def raw_bytes(cfg: DataConfig) -> int:
+    """Bytes of the raw data files behind ``cfg`` (0 for what is not on this machine, e.g. a hub id)."""
+    files = [f for s in data_sources(cfg) for f in _file_identity(s.path)]
+    files += _file_identity(cfg.eval_path) if cfg.eval_path else []
+    return sum(f[1] for f in files if len(f) > 1)
+
+
+# A store takes about this many bytes per byte of JSON (int32 ids + a mask byte per token, ~4 characters a token).
+STORE_BYTES_PER_RAW_BYTE = 1.5
+
+
 def write_store(cfg: DataConfig, renderer: ChatRenderer, seed: int, num_prompts: int, folder: Path, progress: bool = False) -> dict:
     """Prepare the store into a temporary sibling of ``folder`` and rename it into place (atomic: a store that is
-    there is complete). Returns its ``meta.json`` content."""
+    there is complete). Returns its ``meta.json`` content.
+
+    Raises:
+        DiskFull: The filesystem filled up (or a quota was reached) while writing; nothing is left behind.
+    """
     identity = store_identity(cfg, renderer, seed, num_prompts)
     tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
+    estimate = int(STORE_BYTES_PER_RAW_BYTE * raw_bytes(cfg))
+    free = free_bytes(folder.parent)
+    if free < estimate:
+        log.warning("preparing %s may not fit: about %s needed, %s free", folder, format_bytes(estimate), format_bytes(free))
     try:
-        meta = prepare_store(cfg, renderer, seed, max(num_prompts, PROMPTS_KEPT), tmp, progress=progress, identity=identity)
+        with writing(tmp, "the token store", estimate or None):
+            meta = prepare_store(cfg, renderer, seed, max(num_prompts, PROMPTS_KEPT), tmp, progress=progress, identity=identity)
         folder.parent.mkdir(parents=True, exist_ok=True)
         try:
             os.replace(tmp, folder)
@@ -151,25 +174,60 @@ def write_store(cfg: DataConfig, renderer: ChatRenderer, seed: int, num_prompts:
     return meta
 
 
-def _claim(lock: Path, token: str) -> bool:
-    """True if this process is to tokenise: it created the lock, or took over one left by another job."""
+def claim_store(folder: Path, token: str, poll_s: float = 1.0) -> Optional[LockFile]:
+    """The store's lock if this process is to prepare ``folder``; None when it need not (it is there now, or
+    another node of this job, holding ``token``, prepares it: wait at the job's barrier).
+
+    A live process of another job preparing it is waited for (its store is read once published, never half
+    written); a lock whose holder died is taken over with a warning.
+    """
+    lock = LockFile(folder.with_name(f"{folder.name}.lock"), f"token store {folder}", token=token)
+    waiting = False
+    while not (folder / META).is_file():
+        if lock.try_create():
+            if (folder / META).is_file():  # published between the first look and the claim
+                lock.release()
+                return None
+            return lock
+        holder = read_holder(lock.path)
+        if holder is None:  # released just now: look again
+            continue
+        if holder.token == token:
+            return None  # another node of this job is preparing it
+        reason = dead_because(holder)
+        if reason is not None:
+            if lock.take_over(holder, reason):
+                return lock
+            continue
+        if not waiting:
+            log.info("another job is preparing %s (%s); waiting for it", folder, holder.describe())
+            waiting = True
+        time.sleep(poll_s)
+    return None
+
+
+def _raw_data_present(cfg: DataConfig) -> bool:
+    paths = [s.path for s in data_sources(cfg)] + ([cfg.eval_path] if cfg.eval_path else [])
+    return all(Path(p).expanduser().exists() for p in paths)
+
+
+def check_store(folder: Path, cfg: DataConfig, checksums: bool) -> Optional[str]:
+    """Why the store in ``folder`` cannot be read (None: it can). A damaged ``data.cache_dir`` entry whose raw data
+    is here is moved aside, to be prepared again (logged), and reads as missing."""
+    problems = store_problems(folder, checksums)
+    if not problems:
+        if checksums:
+            log.info("token store %s verified: every file has the size and checksum meta.json records", folder)
+        return None
+    if cfg.prepared_path or not _raw_data_present(cfg):
+        return damaged_message(folder, problems)
+    log.warning("the token store %s is damaged (%s): preparing it again from the raw data", folder, "; ".join(problems))
     try:
-        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        try:
-            holder = lock.read_text()
-        except FileNotFoundError:  # released just now: the entry is (being) published
-            return False
-        if holder == token:
-            return False  # another node of this job is tokenising
-        tmp = lock.with_name(f"{lock.name}.{os.getpid()}")
-        tmp.write_text(token)
-        os.replace(tmp, lock)
-        log.warning("took over %s, left by another job (holder %s)", lock, holder)
-        return True
-    with os.fdopen(fd, "w") as f:
-        f.write(token)
-    return True
+        os.rename(folder, folder.with_name(f"{folder.name}.damaged{os.getpid()}"))
+    except OSError:  # another node moved it first
+        pass
+    shutil.rmtree(folder.with_name(f"{folder.name}.damaged{os.getpid()}"), ignore_errors=True)
+    return None
 
 
 def load_or_prepare(
@@ -185,14 +243,17 @@ def load_or_prepare(
     """The prepared data, memory-mapped from its store; prepared first (by one local main rank) when missing.
 
     Every rank must call this (it contains one barrier). With neither ``data.prepared_path`` nor
-    ``data.cache_dir`` set, every rank prepares the data into a temporary store of its own.
+    ``data.cache_dir`` set, every rank prepares the data into a temporary store of its own. A store found is
+    checked first (file sizes; checksums with ``data.verify_store``).
 
     Args:
         job_token: The same string on every rank of this job and on no other job (rank 0 broadcasts one): a
             node that finds the lock holding it waits instead of preparing the same data again.
 
     Raises:
-        DataError: Bad data (named by file and line), or a ``data.prepared_path`` prepared from other settings.
+        DataError: Bad data (named by file and line), a ``data.prepared_path`` prepared from other settings, or a
+            damaged store that cannot be rebuilt here.
+        DiskFull: The store did not fit.
     """
     folder = store_folder(cfg, renderer, seed, num_prompts)
     if folder is None:
@@ -201,36 +262,30 @@ def load_or_prepare(
         data = prepare_data(replace(cfg, num_proc=cfg.num_proc or 1), renderer, seed, num_prompts)
         log_formats(data)
         return data
+    token = job_token or f"pid{os.getpid()}"
     failure = folder.with_name(f"{folder.name}.error")
     error = None
-    lock = folder.with_name(f"{folder.name}.lock")
-    if is_local_main and not (folder / META).is_file():
+    if is_local_main:
         folder.parent.mkdir(parents=True, exist_ok=True)
-        if not _claim(lock, job_token or f"pid{os.getpid()}"):
-            log.info("another node of this job is preparing %s; waiting for it", folder)
-        elif (folder / META).is_file():  # published between the first look and the claim
-            lock.unlink(missing_ok=True)
-        else:
-            log.info("preparing the token store %s (not there yet)", folder)
-            failure.unlink(missing_ok=True)
-            try:
-                meta = write_store(cfg, renderer, seed, num_prompts, folder, progress=True)
-                done = meta["prepare"]
-                log.info("prepared %d records in %.1f s (%d tokens/s, %d processes)", meta["records"], *done.values())
-            except DataError as e:  # tell the waiting ranks instead of leaving them at the barrier
-                failure.write_text(str(e))
-                error = e
-            finally:
-                lock.unlink(missing_ok=True)
-    elif is_local_main:
-        log.info("token store %s (prepared before)", folder)
+        _forget_failure_of(failure, token)
+        try:
+            problem = check_store(folder, cfg, cfg.verify_store) if (folder / META).is_file() else None
+            if problem:
+                raise DataError(problem)
+            if (folder / META).is_file():
+                log.info("token store %s (prepared before)", folder)
+            else:
+                _prepare_once(cfg, renderer, seed, num_prompts, folder, token, failure)
+        except (DataError, DiskFull) as e:  # tell the waiting ranks instead of leaving them at the barrier
+            failure.write_text(json.dumps({"token": token, "kind": type(e).__name__, "message": str(e)}))
+            error = e
+            error.every_rank = True  # the others read the same message from the failure file
     # Other ranks wait here while the local main rank prepares (a long step on big data: the process group's
     # timeout must allow it).
     barrier()
     if error is not None:
         raise error
-    if not (folder / META).is_file():
-        raise DataError(failure.read_text() if failure.is_file() else f"prepared data missing from {folder}")
+    _raise_failure_of(failure, token, must_exist=not (folder / META).is_file())
     check_identity(folder, store_identity(cfg, renderer, seed, num_prompts))
     data = open_store(folder)
     data.prompts = data.prompts[:num_prompts]
@@ -242,3 +297,44 @@ def log_formats(data: PreparedData) -> None:
     """The start-up log's line of each source's record format (``(detected)`` where ``data.format=auto`` found it)."""
     if data.formats:
         log.info("record formats: %s", ", ".join(f"{name}: {fmt}" for name, fmt in data.formats.items()))
+
+
+def _prepare_once(cfg: DataConfig, renderer: ChatRenderer, seed: int, num_prompts: int, folder: Path, token: str, failure: Path) -> None:
+    lock = claim_store(folder, token)
+    if lock is None:
+        if not (folder / META).is_file():
+            log.info("another node of this job is preparing %s; waiting for it", folder)
+        return
+    try:
+        log.info("preparing the token store %s (not there yet)", folder)
+        failure.unlink(missing_ok=True)
+        meta = write_store(cfg, renderer, seed, num_prompts, folder, progress=True)
+        done = meta["prepare"]
+        log.info("prepared %d records in %.1f s (%d tokens/s, %d processes)", meta["records"], *done.values())
+    finally:
+        lock.release()
+
+
+def _forget_failure_of(failure: Path, token: str) -> None:
+    """Remove what an earlier call with this token left (another job's failure is that job's to read)."""
+    try:
+        if json.loads(failure.read_text()).get("token") == token:
+            failure.unlink(missing_ok=True)
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+def _raise_failure_of(failure: Path, token: str, must_exist: bool) -> None:
+    """Raise what the preparing rank of this job left in ``failure`` (a missing store without one: DataError)."""
+    try:
+        left = json.loads(failure.read_text()) if failure.is_file() else None
+    except ValueError:  # written by an older version: its text is the message
+        left = {"token": token, "kind": "DataError", "message": failure.read_text()}
+    if left is not None and left.get("token") == token:
+        raise (DiskFull if left.get("kind") == "DiskFull" else DataError)(left["message"], every_rank=True)
+    if must_exist:
+        raise DataError(left["message"] if left else f"prepared data missing from {folder_of(failure)}")
+
+
+def folder_of(failure: Path) -> Path:
+    return failure.with_name(failure.name.removesuffix(".error"))

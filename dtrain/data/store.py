@@ -16,7 +16,10 @@ file                   dtype    per
 ``<split>.name_off``   int64    example + 1: where each name starts
 =====================  =======  ==========================================================================
 
-plus ``meta.json`` (counts, sizes, the prompts and the drop/truncation tallies). Labels are stored as a mask
+plus ``meta.json`` (counts, the prompts, the drop/truncation tallies, and each file's size and CRC-32, computed
+while it was written). Opening a split checks its files' sizes (a store cut short by an interrupted copy or a full
+disk is refused, naming the file); :func:`store_problems` with ``checksums=True`` re-reads every byte
+(``launch/prepare.py --verify``, ``data.verify_store=true``). Labels are stored as a mask
 because a label is always its own input token or ignored (the mask audit checks it). Nothing here is pickled,
 and no token array is ever read whole or turned into Python objects: each example is read when it is accessed,
 through the page cache the ranks of a node share (``TokenStore``).
@@ -24,8 +27,10 @@ through the page cache the ranks of a node share (``TokenStore``).
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
+import zlib
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
@@ -33,13 +38,18 @@ from typing import Iterator, Sequence, Union, overload
 
 import numpy as np
 
+from dtrain import faults
 from dtrain.data.chat import IGNORE_INDEX, TokenizedExample
+from dtrain.errors import DataError
 
 META = "meta.json"
 TOKEN_ARRAYS = {"ids": np.int32, "trained": np.uint8}
 EXAMPLE_ARRAYS = {"trained_n": np.int32, "source": np.int16, "last_turn": np.int32, "truncated": np.uint8}
 NAME_ARRAYS = {"names": np.uint8}
 OFFSET_ARRAYS = ("offsets", "name_off")
+SPLITS = ("train", "eval")
+_APPENDS = itertools.count(1)
+"""Appends to token stores by this process, for ``DTRAIN_FAULT_ENOSPC=store:<n>``."""
 
 
 @dataclass
@@ -92,6 +102,9 @@ class SplitWriter:
         self.folder, self.split = folder, split
         names = (*TOKEN_ARRAYS, *EXAMPLE_ARRAYS, *NAME_ARRAYS, *OFFSET_ARRAYS)
         self.files = {name: (folder / f"{split}.{name}").open("wb") for name in names}
+        # Each file's size and CRC-32 as its bytes go out: meta.json gets them without a second pass over the data.
+        self.sizes = dict.fromkeys(names, 0)
+        self.crcs = dict.fromkeys(names, 0)
         self.num_examples = self.num_tokens = self.name_bytes = 0
         self.max_token_id = -1
         self.num_trained = 0
@@ -99,13 +112,21 @@ class SplitWriter:
         self._write("name_off", np.zeros(1, np.int64))
 
     def _write(self, name: str, values: np.ndarray) -> None:
-        self.files[name].write(np.ascontiguousarray(values).tobytes())
+        data = np.ascontiguousarray(values).tobytes()
+        self.files[name].write(data)
+        self.sizes[name] += len(data)
+        self.crcs[name] = zlib.crc32(data, self.crcs[name])
+
+    @property
+    def bytes_written(self) -> int:
+        return sum(self.sizes.values())
 
     def add_packed(self, packed: PackedExamples, source_index: int) -> None:
         """Append examples already laid out as arrays (``pack_examples``: done by the worker that prepared them)."""
         n = len(packed.lengths)
         if n == 0:
             return
+        faults.no_space("store", next(_APPENDS), None, self.folder / f"{self.split}.ids")
         self._write("ids", packed.ids)
         self._write("trained", packed.trained)
         self._write("offsets", self.num_tokens + np.cumsum(packed.lengths))
@@ -126,7 +147,8 @@ class SplitWriter:
         """Flush the files; returns this split's entry of ``meta.json``."""
         for f in self.files.values():
             f.close()
-        return {"examples": self.num_examples, "tokens": self.num_tokens, "max_token_id": self.max_token_id}
+        files = {name: {"bytes": self.sizes[name], "crc32": self.crcs[name]} for name in self.files}
+        return {"examples": self.num_examples, "tokens": self.num_tokens, "max_token_id": self.max_token_id, "files": files}
 
 
 class TokenStore(Sequence[TokenizedExample]):
@@ -142,8 +164,15 @@ class TokenStore(Sequence[TokenizedExample]):
     """
 
     def __init__(self, folder: Union[str, Path], split: str):
+        """
+        Raises:
+            DataError: A file of the split is missing or has another size than ``meta.json`` records.
+        """
         folder = Path(folder)
         meta = json.loads((folder / META).read_text())[split]
+        problems = split_problems(folder, split, meta)
+        if problems:
+            raise DataError(damaged_message(folder, problems))
         n, self.num_tokens = meta["examples"], meta["tokens"]
         self.folder, self.split, self.max_token_id = folder, split, meta["max_token_id"]
 
@@ -210,3 +239,44 @@ def write_meta(folder: Path, meta: dict) -> None:
 
 def read_meta(folder: Path) -> dict:
     return json.loads((folder / META).read_text())
+
+
+# ---------------------------------------------------------------------------------------------- integrity
+
+
+def file_crc32(path: Path, chunk_bytes: int = 1 << 24) -> int:
+    crc = 0
+    with path.open("rb") as f:
+        while chunk := f.read(chunk_bytes):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def split_problems(folder: Path, split: str, entry: dict, checksums: bool = False) -> list[str]:
+    """What is wrong with one split's files against its ``meta.json`` entry (sizes; with ``checksums`` the bytes)."""
+    problems = []
+    for name, expected in (entry.get("files") or {}).items():  # a store written before checksums: nothing to check
+        path = folder / f"{split}.{name}"
+        if not path.is_file():
+            problems.append(f"{path} is missing")
+            continue
+        size = path.stat().st_size
+        if size != expected["bytes"]:
+            problems.append(f"{path} has {size} bytes, meta.json says {expected['bytes']} (cut short: an interrupted copy, a full disk?)")
+        elif checksums and (crc := file_crc32(path)) != expected["crc32"]:
+            problems.append(f"{path} has CRC-32 {crc:08x}, meta.json says {expected['crc32']:08x} (its bytes changed after it was written)")
+    return problems
+
+
+def store_problems(folder: Path, checksums: bool = False) -> list[str]:
+    """What is wrong with the token store in ``folder``: missing or resized files, and with ``checksums`` changed bytes."""
+    meta = read_meta(folder)
+    return [p for split in SPLITS for p in split_problems(folder, split, meta.get(split) or {}, checksums)]
+
+
+def damaged_message(folder: Path, problems: list[str]) -> str:
+    return (
+        f"the token store {folder} is damaged: {'; '.join(problems)}. Copy it again or prepare it again "
+        "(python launch/prepare.py with the run's settings; a data.cache_dir entry is rebuilt by itself when the raw "
+        "data is there)"
+    )

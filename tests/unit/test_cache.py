@@ -128,3 +128,82 @@ def test_the_format_field_mapping_and_template_arguments_key_the_store(tiny_toke
     jobs = [compose_job([*base, *m]) for m in mixtures]
     assert jobs[1].data.sources[0].roles == {"bot": "assistant"} and jobs[2].data.sources[0].chat_template_kwargs == {"x": 1}
     assert len({cache.cache_key(j.data, renderer, 0, 4) for j in jobs}) == 3
+
+
+def test_the_store_records_sizes_and_checksums_and_refuses_a_damaged_copy(tmp_path, tiny_tokenizer):
+    import zlib
+
+    from dtrain.data.store import read_meta, store_problems
+
+    store = tmp_path / "store"
+    job = compose_job(["+exp=tiny_cpu", f"data.prepared_path={store}"])
+    first = load(job, tiny_tokenizer)
+    files = read_meta(store)["train"]["files"]
+    assert set(files) == {"ids", "trained", "offsets", "trained_n", "source", "last_turn", "truncated", "names", "name_off"}
+    for name, recorded in files.items():  # computed while writing, equal to a pass over the finished file
+        data = (store / f"train.{name}").read_bytes()
+        assert recorded == {"bytes": len(data), "crc32": zlib.crc32(data)}
+
+    ids = store / "train.ids"
+    original = ids.read_bytes()
+    flipped = bytearray(original)
+    flipped[len(flipped) // 2] ^= 0x01
+    ids.write_bytes(bytes(flipped))  # same size: opening passes, the checksum does not
+    assert list(load(job, tiny_tokenizer).train[:3]) != [] and store_problems(store) == []
+    crc, recorded = zlib.crc32(bytes(flipped)), files["ids"]["crc32"]
+    assert store_problems(store, checksums=True) == [
+        f"{ids} has CRC-32 {crc:08x}, meta.json says {recorded:08x} (its bytes changed after it was written)"
+    ]
+    verifying = compose_job(["+exp=tiny_cpu", f"data.prepared_path={store}", "data.verify_store=true"])
+    with pytest.raises(DataError, match=r"the token store .* is damaged: .*train.ids has CRC-32"):
+        load(verifying, tiny_tokenizer)
+
+    ids.write_bytes(original[:-100])  # a copy cut short: refused on open, naming file and sizes
+    with pytest.raises(DataError, match=rf"{ids} has {len(original) - 100} bytes, meta.json says {len(original)} \(cut short"):
+        load(job, tiny_tokenizer)
+    ids.write_bytes(original)
+    assert list(load(verifying, tiny_tokenizer).train) == list(first.train)
+
+
+def test_a_damaged_cache_entry_is_rebuilt_from_the_raw_data(tmp_path, tiny_tokenizer, caplog):
+    job = compose_job(["+exp=tiny_cpu", f"data.cache_dir={tmp_path}"])
+    expected = list(load(job, tiny_tokenizer).train)
+    (entry,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    ids = entry / "train.ids"
+    ids.write_bytes(ids.read_bytes()[:-100])
+    with caplog.at_level("WARNING", logger="dtrain"):
+        again = load(job, tiny_tokenizer)
+    assert f"the token store {entry} is damaged ({ids} has" in caplog.text and "preparing it again from the raw data" in caplog.text
+    assert list(again.train) == expected and [p.name for p in tmp_path.iterdir()] == [entry.name]
+
+
+def test_a_store_another_live_job_prepares_is_waited_for(tmp_path, tiny_tokenizer, monkeypatch, caplog):
+    import json
+    import os
+    import socket
+    import threading
+    import time
+
+    job = compose_job(["+exp=tiny_cpu", f"data.cache_dir={tmp_path}"])
+    renderer = ChatRenderer(tiny_tokenizer, job.data.train_on)
+    folder = tmp_path / cache.cache_key(job.data, renderer, job.train.seed, 4)
+    lock = folder.with_name(f"{folder.name}.lock")
+    holder = {"host": socket.gethostname(), "pid": os.getpid(), "token": "job-A", "since": time.time(), "heartbeat": time.time()}
+    lock.write_text(json.dumps(holder))  # a live process of job A is writing the store
+
+    write_store = cache.write_store
+
+    def job_a_publishes():
+        time.sleep(0.5)
+        write_store(job.data, renderer, job.train.seed, 4, folder)
+        lock.unlink()
+
+    publisher = threading.Thread(target=job_a_publishes)
+    publisher.start()
+    calls = []
+    monkeypatch.setattr(cache, "write_store", lambda *a, **k: calls.append(a))
+    with caplog.at_level("INFO", logger="dtrain"):
+        data = cache.load_or_prepare(job.data, renderer, job.train.seed, 4, is_local_main=True, job_token="job-B", barrier=lambda: None)
+    publisher.join()
+    assert calls == [] and len(data.train) > 0  # job B read job A's store once published, and prepared nothing
+    assert f"another job is preparing {folder} (host {socket.gethostname()}, PID {os.getpid()}" in caplog.text

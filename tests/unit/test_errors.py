@@ -71,3 +71,17 @@ def test_entry_points_report_bad_input_the_same_way(tmp_path):
         assert out.returncode == EXIT_BAD_INPUT, (cmd, out.stderr[-2000:])
         assert "dtrain: error:" in out.stderr and message in out.stderr, (cmd, out.stderr[-2000:])
         assert "Traceback" not in out.stderr, (cmd, out.stderr[-2000:])
+
+
+def test_an_error_every_rank_raises_is_printed_by_rank_0_only(capsys, monkeypatch):
+    from dtrain.errors import EXIT_DISK_FULL, DiskFull
+
+    for rank, printed in (("1", ""), ("0", "dtrain: error: full\n")):
+        monkeypatch.setenv("RANK", rank)
+        with pytest.raises(SystemExit) as stop, exit_on_error():
+            raise DiskFull("full", every_rank=True)
+        assert stop.value.code == EXIT_DISK_FULL and capsys.readouterr().err == printed
+    monkeypatch.setenv("RANK", "1")  # an error of this rank alone is always printed
+    with pytest.raises(SystemExit), exit_on_error():
+        raise TrainingError("out of memory on rank 1")
+    assert capsys.readouterr().err == "dtrain: error: out of memory on rank 1\n"

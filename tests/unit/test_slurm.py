@@ -400,12 +400,9 @@ def test_exit_codes_are_read_from_dtrain_errors():
     text = SBATCH.read_text()
     function = text[text.index("read_exit_codes() {") :]
     function = function[: function.index("\n}\n") + 3]
-    script = (
-        f'{function}\nread_exit_codes dtrain/errors.py\necho "$EXIT_OK $EXIT_BAD_INPUT $EXIT_TRAINING_STOPPED $EXIT_PREEMPTED $EXIT_HUNG"'
-    )
+    names = [name for name in vars(errors) if name.startswith("EXIT_") and name != "EXIT_CODES"]
+    script = f"{function}\nread_exit_codes dtrain/errors.py\necho {' '.join('$' + name for name in names)}"
     out = subprocess.run([BASH, "-c", script], cwd=REPO, capture_output=True, text=True, check=True)
-    assert out.stdout.split() == [
-        str(c) for c in (errors.EXIT_OK, errors.EXIT_BAD_INPUT, errors.EXIT_TRAINING_STOPPED, errors.EXIT_PREEMPTED, errors.EXIT_HUNG)
-    ]
+    assert out.stdout.split() == [str(getattr(errors, name)) for name in names]
     assert sorted(errors.EXIT_CODES) == sorted(int(c) for c in out.stdout.split())
     assert "EXIT_PREEMPTED=" not in text  # no second definition to drift apart

@@ -52,9 +52,9 @@ def test_preemption_signal_sets_the_agreed_flag(sig):
     saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
     try:
         flag = PreemptionFlag(torch.device("cpu"))
-        assert not flag.agreed()
+        assert flag.agreed() == (False, False) and flag.agreed(failed=True) == (False, True)
         os.kill(os.getpid(), sig)
-        assert flag.agreed() and flag.signal_name == sig.name
+        assert flag.agreed() == (True, False) and flag.signal_name == sig.name
     finally:
         for s, handler in saved.items():
             signal.signal(s, handler)

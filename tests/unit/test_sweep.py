@@ -118,3 +118,19 @@ def test_sweep_without_multirun_flag_says_how(tmp_path):
 
     out = subprocess.run([sys.executable, "launch/sweep.py", "+exp=tiny_cpu"], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert out.returncode == EXIT_BAD_INPUT and "dtrain: error: launch/sweep.py runs sweeps: add -m" in out.stderr
+
+
+def test_a_job_into_a_run_directory_another_job_holds_is_refused_without_a_launch(tmp_path, monkeypatch):
+    import subprocess
+
+    from dtrain.config import compose_job
+    from dtrain.errors import EXIT_RUN_DIR_BUSY
+    from dtrain.runlock import acquire_run_lock
+    from dtrain.sweep import run_job
+
+    lock = acquire_run_lock(tmp_path)  # a live job (this process) writes into the job's directory
+    monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: pytest.fail("launched into a busy run directory"))
+    row = run_job(compose_job(["+exp=tiny_cpu"]), ["train.lr=1e-3"], tmp_path, "sweep", ["train.lr"], REPO)
+    lock.release()
+    assert row["status"] == f"failed (exit {EXIT_RUN_DIR_BUSY})" and row["exit_code"] == 16
+    assert row["error"].startswith(f"dtrain: error: output_dir {tmp_path} is in use by another job (host ")
