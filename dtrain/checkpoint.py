@@ -34,7 +34,7 @@ import torch
 
 from dtrain import faults
 from dtrain.config.schema import CheckpointConfig, JobConfig
-from dtrain.disk import format_bytes, free_bytes, is_no_space, looks_like_failed_write, no_space_error
+from dtrain.disk import format_bytes, free_bytes, is_no_space, looks_like_failed_write, no_space_error, plan_disk_use
 from dtrain.dist import DistInfo, all_gather_objects, barrier, broadcast_object
 from dtrain.errors import ConfigError, DiskFull, TrainingError
 from dtrain.reshard import UNIVERSAL_DIR, UNIVERSAL_INFO, repair_optimizer_steps, saved_layout
@@ -281,6 +281,11 @@ class CheckpointManager:
         self.last_saved_step: Optional[int] = None
         self.expected_bytes: Optional[int] = None
         """What the next save will need: the last checkpoint's size, or the planner's estimate before the first."""
+
+    def plan_disk_use(self, job: JobConfig, shape, total_steps: int, store: Optional[Path]) -> None:
+        """Take the planner's checkpoint size until a save tells the real one; rank 0 logs the run's disk needs
+        (``dtrain.disk.plan_disk_use``: checkpoints kept at once, the export, the store) and warns when they do not fit."""
+        self.expected_bytes = plan_disk_use(job, shape, total_steps, self.root.parent, store, self.dist.is_main)
 
     def save(self, engine, tokenizer, state: TrainerState) -> Path:
         """Write ``step_<N>`` for ``state.step``; visible (manifest + pointer) only after every rank has written.

@@ -190,3 +190,13 @@ def report_disk_needs(run_dir: Path, checkpoint_bytes: int, checkpoints: int, ex
             line,
         )
     return fits
+
+
+def plan_disk_use(job, shape, total_steps: int, run_dir: Path, store: Optional[Path], is_main: bool) -> int:
+    """The bytes one checkpoint is expected to take before the first save tells (``checkpoint_bytes_estimate``); rank
+    0 also logs the run's disk needs (checkpoints kept at once, the export, the store) and warns when they do not fit."""
+    expected = checkpoint_bytes_estimate(job, shape)
+    if is_main:
+        at_once = checkpoints_at_once(job.ckpt.every_steps, job.ckpt.keep_last, total_steps)
+        report_disk_needs(run_dir, expected, at_once, export_bytes_estimate(job, shape), store)
+    return expected

@@ -12,24 +12,25 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 
 from dtrain.checkpoint import CKPT_DIRNAME, CheckpointManager, TrainerState, find_checkpoint
 from dtrain.config.schema import JobConfig, Precision
-from dtrain.data.loader import TrainLoader
-from dtrain.disk import checkpoint_bytes_estimate, checkpoints_at_once, export_bytes_estimate, report_disk_needs
+from dtrain.data import TrainLoader
 from dtrain.dist import DistInfo, broadcast_object
 from dtrain.ds_config import build_ds_config
 from dtrain.engine import EngineParts, build_engine, read_model_shape
-from dtrain.locks import LockFile
 from dtrain.memory.meters import gpu_capacity_bytes_here, peak_memory_bytes
 from dtrain.memory.plan import MemoryPlan, ModelShape, format_plans, plan_for_run
 from dtrain.oom import oom_report
 from dtrain.resolve import machine_facts, resolve_job
 from dtrain.setup import RunData, checkpoint_manager, load_data, prepare_resume, start_run, write_run_files
 from dtrain.throughput import peak_flops
+
+if TYPE_CHECKING:  # the type only: the lock is taken in dtrain.setup.start_run
+    from dtrain.locks import LockFile
 
 log = logging.getLogger("dtrain")
 
@@ -116,12 +117,8 @@ def build_run(job: JobConfig) -> Run:
     log.info("memory plan per %s (launch/plan.py prices the alternatives):\n%s", "GPU" if on_gpu else "rank", format_plans([memory_plan]))
     device_name = torch.cuda.get_device_name() if on_gpu else None
     parts = build_engine(job, ds_config, shape, total_steps, dist.device, len(data.data.source_names))
-    ckpt.expected_bytes = checkpoint_bytes_estimate(job, shape)  # until a checkpoint's manifest tells the real size
+    ckpt.plan_disk_use(job, shape, total_steps, getattr(data.data.train, "folder", None))
     state = ckpt.restore(parts.engine, found.path, universal, job.train.seed) if found is not None else TrainerState()
-    if dist.is_main:
-        at_once = checkpoints_at_once(job.ckpt.every_steps, job.ckpt.keep_last, total_steps)
-        store = getattr(data.data.train, "folder", None)
-        report_disk_needs(run_dir, ckpt.expected_bytes, at_once, export_bytes_estimate(job, shape), store)
     if job.ckpt.every_steps:
         log.info("checkpoints: every %d steps into %s, keeping the last %d", job.ckpt.every_steps, ckpt.root, job.ckpt.keep_last)
     return Run(

@@ -13,7 +13,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from dtrain.errors import RunDirBusy
+from dtrain.disk import failed_path, is_no_space, no_space_error
+from dtrain.dist import DistInfo, broadcast_object
+from dtrain.errors import DiskFull, RunDirBusy
 from dtrain.locks import STALE_S, LockFile, dead_because, read_holder
 
 LOCK_NAME = "dtrain.lock"
@@ -48,6 +50,35 @@ def acquire_run_lock(run_dir: Path, attempts: int = 3) -> LockFile:
             return lock
     holder = read_holder(lock.path)
     raise RunDirBusy(busy_message(run_dir, holder.describe() if holder else "another process, racing for it"))
+
+
+def claim_run_directory(run_dir: Path, dist: DistInfo) -> Optional[LockFile]:
+    """Make ``run_dir`` and take its lock on rank 0; every rank learns the outcome (a collective: every rank calls it).
+
+    Returns:
+        The lock on rank 0 (``took_over`` set when a dead job's was taken: log it), None on the other ranks.
+
+    Raises:
+        RunDirBusy: Another live job holds the directory (on every rank; nothing was written).
+        DiskFull: The lock file could not be written for space (on every rank).
+    """
+    lock, refused = None, None
+    if dist.is_main:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            lock = acquire_run_lock(run_dir)
+        except RunDirBusy as e:
+            refused = ("busy", str(e))
+        except OSError as e:
+            if not is_no_space(e):
+                raise
+            refused = ("disk", str(no_space_error(failed_path(e, run_dir), "the run directory's lock", None)))
+    # Sync point: the run directory exists and is this job's before any rank opens a file in it; a refusal
+    # reaches every rank (one job's ranks never take the lock themselves, so they cannot refuse each other).
+    refused = broadcast_object(refused)
+    if refused:
+        raise (RunDirBusy if refused[0] == "busy" else DiskFull)(refused[1], every_rank=True)
+    return lock
 
 
 def run_dir_busy(run_dir: Path) -> Optional[str]:

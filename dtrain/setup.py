@@ -14,7 +14,7 @@ import random
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 import torch
@@ -22,18 +22,17 @@ import torch
 from dtrain.checkpoint import CheckpointManager, FoundCheckpoint, resume_key
 from dtrain.config.checks import check_job
 from dtrain.config.schema import JobConfig, ReshardMode
-from dtrain.data import ChatRenderer, PreparedData, mixture_weights, resolve_chat_template
-from dtrain.data.audit import audit_masks
-from dtrain.data.cache import load_or_prepare
-from dtrain.disk import failed_path, is_no_space, no_space_error
+from dtrain.data import ChatRenderer, PreparedData, audit_masks, load_or_prepare, mixture_weights, resolve_chat_template
 from dtrain.dist import DistInfo, barrier, broadcast_object, init_distributed, on_main_rank, setup_logging
 from dtrain.ds_config import write_ds_config
-from dtrain.errors import ConfigError, DiskFull, RunDirBusy
-from dtrain.locks import LockFile
+from dtrain.errors import ConfigError
 from dtrain.model import load_tokenizer
 from dtrain.reshard import convert_to_universal, layout_changes, layout_of, needs_conversion
 from dtrain.resolve import ResolvedJob
-from dtrain.runlock import acquire_run_lock
+from dtrain.runlock import claim_run_directory
+
+if TYPE_CHECKING:  # the type only: dtrain.runlock takes the lock
+    from dtrain.locks import LockFile
 
 log = logging.getLogger("dtrain")
 
@@ -58,22 +57,7 @@ def start_run(job: JobConfig) -> tuple[DistInfo, Path, Optional[LockFile]]:
     check_job(job, cuda_available=torch.cuda.is_available(), world_size=int(os.environ.get("WORLD_SIZE", "1")))
     dist = init_distributed(job.train.dist_timeout_minutes)
     run_dir = Path(job.output_dir).resolve()
-    lock, refused = None, None
-    if dist.is_main:
-        try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            lock = acquire_run_lock(run_dir)
-        except RunDirBusy as e:
-            refused = ("busy", str(e))
-        except OSError as e:
-            if not is_no_space(e):
-                raise
-            refused = ("disk", str(no_space_error(failed_path(e, run_dir), "the run directory's lock", None)))
-    # Sync point: the run directory exists and is this job's before any rank opens a file in it; a refusal
-    # reaches every rank (one job's ranks never take the lock themselves, so they cannot refuse each other).
-    refused = broadcast_object(refused)
-    if refused:
-        raise (RunDirBusy if refused[0] == "busy" else DiskFull)(refused[1], every_rank=True)
+    lock = claim_run_directory(run_dir, dist)
     setup_logging(dist, run_dir / "train.log")
     if lock is not None and lock.took_over:
         log.warning("%s", lock.took_over)

@@ -1,16 +1,23 @@
-"""Recovery on 2 CPU ranks through the deepspeed launcher, fp32: exact resume, preemption, kills, bad steps.
+"""Recovery on 2 CPU ranks through the deepspeed launcher, fp32: exact resume through every fault a run meets.
 
-Faults are the real thing (a signal, a SIGKILL, an Inf loss), triggered at a chosen step and rank through the
-``DTRAIN_FAULT_*`` variables of ``dtrain/faults.py``.
+Faults are the real thing (a signal, a SIGKILL, an Inf loss, a full disk, a second job in the run directory),
+triggered at a chosen step and rank through the ``DTRAIN_FAULT_*`` variables of ``dtrain/faults.py``. One
+uninterrupted run is the reference; one chain of relaunches meets a preemption, a full disk in a checkpoint save, a
+killed rank that leaves its lock behind, a rank killed while writing a checkpoint and a full disk during the export,
+and still trains exactly the reference's steps and weights.
 """
 
 import json
 import re
+import socket
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+
+from dtrain.errors import EXIT_DISK_FULL, EXIT_PREEMPTED, EXIT_RUN_DIR_BUSY
 
 from tests.conftest import launch_train, read_jsonl
 
@@ -29,14 +36,14 @@ def chain_overrides(pretrained: Path) -> list[str]:
         "peft=lora",
         "precision=fp32",
         "zero=zero2",
-        "train.max_steps=20",
+        "train.max_steps=12",
         "train.micro_batch_size=2",
         "train.warmup_ratio=0",
         "train.lr=1e-2",
         "train.eval_every=0",
         "generate.num_prompts=0",
         "generate.before_training=false",
-        "ckpt.every_steps=4",
+        "ckpt.every_steps=2",
         "ckpt.keep_last=2",
     ]
 
@@ -49,53 +56,112 @@ def checkpoint_names(run_dir: Path) -> list[str]:
     return sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.is_dir())
 
 
-def test_exact_resume_after_preemption_kill_and_crashed_save(tmp_path, tiny_pretrained):
-    overrides = chain_overrides(tiny_pretrained)
-    straight, chain = tmp_path / "straight", tmp_path / "chain"
+def latest(run_dir: Path) -> str:
+    return (run_dir / "checkpoints" / "latest").read_text().strip()
 
-    out = launch_train(overrides, straight, env=SECRETS)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert checkpoint_names(straight) == ["step_00000016", "step_00000020"]  # 5 saves, keep_last=2
-    assert (straight / "checkpoints" / "latest").read_text().strip() == "step_00000020"
-    for f in straight.rglob("*"):  # secrets come from the environment only and never reach a run file
+
+def errors(out: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in (out.stdout + out.stderr).splitlines() if "dtrain: error:" in line]
+
+
+def model_states(checkpoint: Path) -> dict[str, torch.Tensor]:
+    (states,) = checkpoint.glob("*model_states.pt")
+    return torch.load(states, map_location="cpu", weights_only=False)["module"]
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, tiny_pretrained):
+    """The uninterrupted run (secrets in its environment); while it waits at step 3, a second job is launched into its
+    run directory. Returns (run_dir, exit code, log, the second job's process)."""
+    import threading
+
+    base = tmp_path_factory.mktemp("recovery")
+    run_dir, go = base / "straight", base / "go"
+    env = {**SECRETS, "DTRAIN_FAULT_PAUSE": f"3:0:{go}"}
+    first: dict = {}
+    job = threading.Thread(target=lambda: first.update(out=launch_train(chain_overrides(tiny_pretrained), run_dir, env=env)))
+    job.start()
+    try:
+        deadline = time.monotonic() + 300
+        while not ((run_dir / "metrics.jsonl").is_file() and len(step_records(run_dir)) >= 2):
+            assert job.is_alive() and time.monotonic() < deadline, "the first run ended before step 3"
+            time.sleep(0.5)
+        second = launch_train(chain_overrides(tiny_pretrained), run_dir, timeout=300)
+    finally:
+        go.touch()
+        job.join(timeout=600)
+    out = first["out"]
+    return run_dir, out.returncode, out.stdout + out.stderr, second
+
+
+def test_a_second_job_in_the_run_directory_is_refused_and_the_first_finishes_intact(straight):
+    run_dir, code, log, second = straight
+    assert second.returncode == EXIT_RUN_DIR_BUSY, second.stdout[-3000:] + second.stderr[-3000:]
+    (line,) = errors(second)
+    assert f"output_dir {run_dir} is in use by another job (host {socket.gethostname()}, PID " in line and "since 20" in line
+    assert "Traceback" not in second.stderr
+
+    assert code == 0, log[-5000:]
+    assert [r["step"] for r in step_records(run_dir)] == list(range(1, 13))  # each step once: nobody cut or appended
+    assert (run_dir / "train.log").read_text().count("starting fresh") == 1  # the refused job wrote no log line there
+    assert checkpoint_names(run_dir) == ["step_00000010", "step_00000012"] and latest(run_dir) == "step_00000012"
+    assert (run_dir / "final" / "adapter_model.safetensors").is_file() and not (run_dir / "dtrain.lock").exists()
+    for f in run_dir.rglob("*"):  # secrets come from the environment only and never reach a run file
         if f.is_file() and f.stat().st_size < 10**6:
             text = f.read_bytes()
             assert not any(s.encode() in text for s in SECRETS.values()), f
 
-    # 1) SIGTERM on rank 1 during step 6: every rank stops at the same boundary, saves step 6, exits 75.
-    out = launch_train(overrides, chain, env={"DTRAIN_FAULT_SIGNAL": "6:1:TERM"})
-    assert out.returncode == 75, out.stdout[-3000:] + out.stderr[-3000:]
+
+def test_exact_resume_through_preemption_full_disks_kills_and_a_crashed_save(straight, tiny_pretrained, tmp_path):
+    reference = straight[0]
+    overrides, chain = chain_overrides(tiny_pretrained), tmp_path / "chain"
+
+    # 1) SIGTERM on rank 1 during step 5: every rank stops at the same boundary, saves step 5, exits 75.
+    out = launch_train(overrides, chain, env={"DTRAIN_FAULT_SIGNAL": "5:1:TERM"})
+    assert out.returncode == EXIT_PREEMPTED, out.stdout[-3000:] + out.stderr[-3000:]
     assert "exit code 75 (requeue)" in out.stderr
-    assert checkpoint_names(chain) == ["step_00000004", "step_00000006"]
+    assert checkpoint_names(chain) == ["step_00000004", "step_00000005"]
 
-    # 2) Relaunch (resume=auto); rank 1 is SIGKILLed at the start of step 14: the job dies, step 12 is complete.
-    out = launch_train(overrides, chain, env={"DTRAIN_FAULT_KILL": "14:1"})
-    assert out.returncode not in (0, 75)
-    assert "resumed from" in out.stdout and "step_00000006: step 6" in out.stdout
-    assert checkpoint_names(chain) == ["step_00000008", "step_00000012"]
+    # 2) Relaunch; the disk fills while rank 1 writes checkpoint 6: every rank stops, step 5 stays latest.
+    out = launch_train(overrides, chain, env={"DTRAIN_FAULT_ENOSPC": "checkpoint:6:1"})
+    assert out.returncode == EXIT_DISK_FULL, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "resumed from" in out.stdout and "step_00000005: step 5" in out.stdout
+    (line,) = errors(out)
+    assert "no space left on device for checkpoint step 6 (rank 1): " in line and "step_00000006.partial/" in line
+    assert "free on its filesystem, the write needs " in line and "Traceback" not in out.stderr
+    assert checkpoint_names(chain) == ["step_00000004", "step_00000005"] and latest(chain) == "step_00000005"
 
-    # 3) Relaunch; rank 1 is SIGKILLed while writing checkpoint 16: that folder stays .partial, never "latest".
-    out = launch_train(overrides, chain, env={"DTRAIN_FAULT_KILL_IN_SAVE": "16:1"})
-    assert out.returncode not in (0, 75)
-    assert "step_00000012: step 12" in out.stdout
-    assert "step_00000016.partial" in checkpoint_names(chain)
-    assert not (chain / "checkpoints" / "step_00000016.partial" / "COMPLETE.json").exists()
-    assert (chain / "checkpoints" / "latest").read_text().strip() == "step_00000012"
+    # 3) Relaunch; rank 0 (the lock's holder) is SIGKILLed at the start of step 9: its lock stays behind.
+    out = launch_train(overrides, chain, env={"DTRAIN_FAULT_KILL": "9:0"})
+    assert out.returncode not in (0, EXIT_PREEMPTED, EXIT_RUN_DIR_BUSY, EXIT_DISK_FULL), out.stdout[-3000:] + out.stderr[-3000:]
+    assert "step_00000005: step 5" in out.stdout and (chain / "dtrain.lock").is_file()
+    assert checkpoint_names(chain) == ["step_00000006", "step_00000008"]
 
-    # 4) Relaunch: the partial save is reported and ignored; training resumes at 12 and finishes.
-    out = launch_train(overrides, chain)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert "ignoring incomplete checkpoint" in out.stdout + out.stderr and "step_00000012: step 12" in out.stdout
-    assert checkpoint_names(chain) == ["step_00000016", "step_00000020"]
+    # 4) The resubmission takes the dead job's lock over; rank 1 is SIGKILLed while writing checkpoint 10: that folder
+    # stays .partial, never "latest".
+    out = launch_train(overrides, chain, env={"DTRAIN_FAULT_KILL_IN_SAVE": "10:1"})
+    assert out.returncode not in (0, EXIT_PREEMPTED), out.stdout[-3000:] + out.stderr[-3000:]
+    assert f"took over the lock {chain / 'dtrain.lock'}" in out.stdout and "step_00000008: step 8" in out.stdout
+    assert "step_00000010.partial" in checkpoint_names(chain) and latest(chain) == "step_00000008"
+    assert not (chain / "checkpoints" / "step_00000010.partial" / "COMPLETE.json").exists()
 
-    # Same batches, losses, gradient norms and learning rates at every step, bit for bit, and the same adapter.
-    a, b = step_records(straight), step_records(chain)
-    assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, 21))
+    # 5) Relaunch: the partial save is reported and ignored; training resumes at 8 and finishes; the disk fills
+    # during the export: exit 28, nothing that looks like a finished export.
+    out = launch_train(overrides, chain, env={"DTRAIN_FAULT_ENOSPC": "export:1"})
+    assert out.returncode == EXIT_DISK_FULL, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "ignoring incomplete checkpoint" in out.stdout + out.stderr and "step_00000008: step 8" in out.stdout
+    (line,) = errors(out)
+    assert f"no space left on device for the exported model: {chain / 'final.partial' / 'adapter_model.safetensors'}: " in line
+    assert not (chain / "final").exists() and not (chain / "final.partial").exists() and not (chain / "dtrain.lock").exists()
+    assert checkpoint_names(chain) == ["step_00000010", "step_00000012"] and latest(chain) == "step_00000012"
+
+    # Same batches, losses, gradient norms and learning rates at every step, bit for bit, and the same weights.
+    a, b = step_records(reference), step_records(chain)
+    assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, 13))
     for ra, rb in zip(a, b):
         assert all(ra[k] == rb[k] for k in STEP_FIELDS), (ra, rb)
-    adapter_a = load_file(straight / "final" / "adapter_model.safetensors")
-    adapter_b = load_file(chain / "final" / "adapter_model.safetensors")
-    assert adapter_a.keys() == adapter_b.keys() and all(torch.equal(adapter_a[k], adapter_b[k]) for k in adapter_a)
+    ours, theirs = model_states(chain / "checkpoints" / "step_00000012"), model_states(reference / "checkpoints" / "step_00000012")
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
 def _tensors(obj, prefix=""):

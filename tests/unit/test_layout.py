@@ -11,8 +11,13 @@ MAX_PACKAGE_IMPORTS = 12
 
 
 def package_imports(path: Path) -> set[str]:
+    """The package modules ``path`` imports at run time (an ``if TYPE_CHECKING:`` block names types only)."""
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
+            node.body = []
     names = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "dtrain":
             names |= {f"dtrain.{a.name}" for a in node.names} if node.module == "dtrain" else {node.module}
         elif isinstance(node, ast.Import):
