@@ -13,6 +13,9 @@ import pytest
 from dtrain.dist import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+TIMEOUT_SCALE = float(os.environ.get("DTRAIN_TEST_TIMEOUT_SCALE", "1"))
+"""Multiplies every launch's timeout: ``make test-precision-branches`` runs the bf16 branch on CPUs that emulate bf16
+(several times slower), where the demo's 300 steps outlast the usual 10 minutes."""
 TINY_DIR = REPO_ROOT / "dtrain" / "assets" / "tiny"
 
 
@@ -65,7 +68,7 @@ def launch_train(
         launcher = [sys.executable, "-u", "-m", "deepspeed.launcher.launch", f"--world_info={world}", "--master_addr=127.0.0.1"]
         cmd = [*launcher, f"--master_port={port}", "--log_level=info", *script]
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled", **(env or {})}
-    return subprocess.run(cmd, cwd=REPO_ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, cwd=REPO_ROOT, env=full_env, capture_output=True, text=True, timeout=timeout * TIMEOUT_SCALE)
 
 
 def launch_two_nodes(
@@ -92,7 +95,7 @@ def launch_two_nodes(
         )
         for rank in (0, 1)
     ]
-    logs = [node.communicate(timeout=timeout)[0] for node in nodes]
+    logs = [node.communicate(timeout=timeout * TIMEOUT_SCALE)[0] for node in nodes]
     return [(node.returncode, log) for node, log in zip(nodes, logs)]
 
 
