@@ -151,12 +151,15 @@ def prepare(data: Path, store: Path, procs: int, model: Path, overrides: tuple =
     return summary
 
 
-def prepare_shapes(shapes: list[str], n: int, procs: int, model: Path, root: Path) -> list[dict]:
-    """Tokens/s of preparing ``n`` conversations of each record shape with ``procs`` processes (vs plain chats)."""
+def prepare_shapes(shapes: list[str], n: int, procs: int, model: Path, root: Path, template: str | None = None) -> list[dict]:
+    """Tokens/s of preparing ``n`` conversations of each record shape with ``procs`` processes (vs plain chats);
+    ``template``: render every shape with this chat template (default: each shape's own, see ``write_corpus``)."""
     rows = []
     for shape in shapes:
         data = root / (f"chats_{n}.jsonl" if shape == "chats" else f"shape_{shape}_{n}.jsonl")  # chats: the sweep's corpus
         overrides = write_corpus(shape, data, n)
+        if template:
+            overrides = [f"data.chat_template={template}"]
         summary = prepare(data, root / f"shape_store_{shape}", procs, model, tuple(overrides), fail=False)
         if "error" in summary:
             rows.append({"shape": shape, "conversations": n, "error": summary["error"]})
@@ -285,6 +288,12 @@ def main() -> None:
     )
     parser.add_argument("--shapes", default="chats", help=f"record shapes whose preparation tokens/s to compare: any of {','.join(SHAPES)}")
     parser.add_argument("--shapes-only", action="store_true", help="only compare the record shapes (no process or size sweep)")
+    parser.add_argument(
+        "--shapes-template",
+        default=None,
+        help=f"render every shape with this chat template, e.g. {TOOL_TEMPLATE} (default: chats and sharegpt with the tiny "
+        "model's ChatML template, tool shapes with Qwen2.5's)",
+    )
     args = parser.parse_args()
     if args.smoke:
         args.sizes, args.procs, args.max_prepared = "200,600", "1,2", 200
@@ -298,7 +307,9 @@ def main() -> None:
     procs = [int(p) for p in args.procs.split(",")] if args.procs else sorted({1, *[2**k for k in range(1, 8) if 2**k < cores], cores})
     root = Path(tempfile.mkdtemp(prefix="dtrain-bench-corpus-"))
     model = make_tiny_pretrained(root / "model")
-    shape_rows = prepare_shapes(shapes, sizes[0], procs[-1], model, root) if len(shapes) > 1 or args.shapes_only else []
+    shape_rows = (
+        prepare_shapes(shapes, sizes[0], procs[-1], model, root, args.shapes_template) if len(shapes) > 1 or args.shapes_only else []
+    )
     shape_table = table(
         shape_rows,
         [
