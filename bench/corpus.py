@@ -60,6 +60,7 @@ def write_chats(path: Path, n: int, seed: int = 0) -> None:
 
 SHAPES = ("chats", "sharegpt", "tools", "sharegpt_tools")
 TOOL_TEMPLATE = "tests/assets/chat_templates/qwen2.5.jinja"
+TOOL_MAX_SEQ_LEN = 4096
 TOOLS = [
     {
         "type": "function",
@@ -117,7 +118,8 @@ def write_corpus(shape: str, path: Path, n: int, seed: int = 0) -> list[str]:
                 ]
                 record = {"tools": json.dumps(TOOLS), "conversations": [{"from": a, "value": v} for a, v in turns]}
                 f.write(json.dumps(record) + "\n")
-    return [f"data.chat_template={TOOL_TEMPLATE}"] if "tools" in shape else []
+    # Qwen2.5's tool prompt (its instructions and the schemas) takes the records past the 2048 tokens of plain chats.
+    return [f"data.chat_template={TOOL_TEMPLATE}", f"data.max_seq_len={TOOL_MAX_SEQ_LEN}"] if "tools" in shape else []
 
 
 _PREPARED: dict[tuple, tuple[Path, dict]] = {}
@@ -136,10 +138,11 @@ def prepare(data: Path, store: Path, procs: int, model: Path, overrides: tuple =
     cmd += [
         "data.format=auto",
         "data.eval_fraction=0.001",
-        "data.max_seq_len=2048",
         f"data.num_proc={procs}",
         f"data.prepared_path={store}",
     ]
+    if not any(o.startswith("data.max_seq_len=") for o in overrides):
+        cmd.append("data.max_seq_len=2048")
     out = subprocess.run([*cmd, *overrides], cwd=REPO_ROOT, capture_output=True, text=True)
     if out.returncode:
         if not fail:
@@ -151,12 +154,15 @@ def prepare(data: Path, store: Path, procs: int, model: Path, overrides: tuple =
     return summary
 
 
-def prepare_shapes(shapes: list[str], n: int, procs: int, model: Path, root: Path) -> list[dict]:
-    """Tokens/s of preparing ``n`` conversations of each record shape with ``procs`` processes (vs plain chats)."""
+def prepare_shapes(shapes: list[str], n: int, procs: int, model: Path, root: Path, template: str | None = None) -> list[dict]:
+    """Tokens/s of preparing ``n`` conversations of each record shape with ``procs`` processes (vs plain chats);
+    ``template``: render every shape with this chat template (default: each shape's own, see ``write_corpus``)."""
     rows = []
     for shape in shapes:
         data = root / (f"chats_{n}.jsonl" if shape == "chats" else f"shape_{shape}_{n}.jsonl")  # chats: the sweep's corpus
         overrides = write_corpus(shape, data, n)
+        if template:
+            overrides = [f"data.chat_template={template}", f"data.max_seq_len={TOOL_MAX_SEQ_LEN}"]
         summary = prepare(data, root / f"shape_store_{shape}", procs, model, tuple(overrides), fail=False)
         if "error" in summary:
             rows.append({"shape": shape, "conversations": n, "error": summary["error"]})
@@ -285,6 +291,12 @@ def main() -> None:
     )
     parser.add_argument("--shapes", default="chats", help=f"record shapes whose preparation tokens/s to compare: any of {','.join(SHAPES)}")
     parser.add_argument("--shapes-only", action="store_true", help="only compare the record shapes (no process or size sweep)")
+    parser.add_argument(
+        "--shapes-template",
+        default=None,
+        help=f"render every shape with this chat template, e.g. {TOOL_TEMPLATE} (default: chats and sharegpt with the tiny "
+        "model's ChatML template, tool shapes with Qwen2.5's)",
+    )
     args = parser.parse_args()
     if args.smoke:
         args.sizes, args.procs, args.max_prepared = "200,600", "1,2", 200
@@ -298,7 +310,9 @@ def main() -> None:
     procs = [int(p) for p in args.procs.split(",")] if args.procs else sorted({1, *[2**k for k in range(1, 8) if 2**k < cores], cores})
     root = Path(tempfile.mkdtemp(prefix="dtrain-bench-corpus-"))
     model = make_tiny_pretrained(root / "model")
-    shape_rows = prepare_shapes(shapes, sizes[0], procs[-1], model, root) if len(shapes) > 1 or args.shapes_only else []
+    shape_rows = (
+        prepare_shapes(shapes, sizes[0], procs[-1], model, root, args.shapes_template) if len(shapes) > 1 or args.shapes_only else []
+    )
     shape_table = table(
         shape_rows,
         [

@@ -125,11 +125,20 @@ def find_content(text: str, lo: int, content: str) -> Optional[tuple[int, int]]:
 
 
 def common_prefix_length(a: str, b: str) -> int:
+    """How many leading characters ``a`` and ``b`` share."""
+    # Slice comparisons (in C), halving the unsure span: a character loop in Python took a sixth of preparing a
+    # tool-calling corpus, where every render repeats the tool prompt (bench/corpus.py --shapes).
     n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
+    if a[:n] == b[:n]:
+        return n
+    lo, hi = 0, n  # a[:lo] == b[:lo] and a[:hi] != b[:hi]
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if a[lo:mid] == b[lo:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
 
 
 def locate_turn(renders: Renders, text: str, index: int, end_of_turn: str) -> Turn:
