@@ -180,14 +180,15 @@ def test_full_finetuning_under_zero1_and_zero3_follows_the_zero2_reference(tmp_p
     """ZeRO-1, -2 and -3 are memory layouts of one computation: in fp32, from seeded random weights, the ZeRO-1 and
     ZeRO-3 runs follow the shared 2-rank ZeRO-2 reference (``tests/integration/conftest.py``) for 12 steps, losses
     within 1e-5 and gradient norms within 1e-4 (the ZeRO-3 run also takes its loss from the chunked head). Step 1's
-    loss within 1e-9 says the weights are the same: ZeRO-3 builds them inside ``zero.Init``, and before
-    ``dtrain/init_weights.py`` it drew a different model from the same seed than ZeRO-1/2."""
+    loss within 1e-6 (the chunked head sums in another order: 8e-8 measured) says the initial weights are the same:
+    ZeRO-3 builds them inside ``zero.Init``, and before ``dtrain/init_weights.py`` it drew another model from the same
+    seed than ZeRO-1/2."""
     run_dir = tmp_path / zero
     out = launch_train([*TWO_RANK_RUN, f"zero={zero}", "export.verify=logits", *STAGE_RUNS[zero]], run_dir)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     got, want = read_metrics(run_dir).steps, read_metrics(two_rank_reference).steps
     assert [r.step for r in got] == [r.step for r in want] == list(range(1, 13))
-    assert got[0].loss == pytest.approx(want[0].loss, rel=1e-9)
+    assert got[0].loss == pytest.approx(want[0].loss, rel=1e-6)
     for mine, ref in zip(got, want):
         assert (mine.tokens, mine.batch_fingerprint) == (ref.tokens, ref.batch_fingerprint), mine.step
         assert mine.loss == pytest.approx(ref.loss, rel=1e-5, abs=1e-5), mine.step

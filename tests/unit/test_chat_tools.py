@@ -340,3 +340,31 @@ def test_template_kwargs_reach_the_template():
     thinking_off = renderer.render_prompt(Conversation(messages, template_kwargs={"enable_thinking": False}))
     assert tok.decode(thinking_off).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
     assert tok.decode(renderer.render_prompt(Conversation(messages))).endswith("<|im_start|>assistant\n")
+
+
+@pytest.mark.parametrize("template, family", list(TEMPLATES.items()))
+def test_prefix_renders_equal_apply_chat_template_and_take_the_prepared_path(template, family):
+    """``Renders`` prepares a conversation once and renders its prefixes through the compiled template: every prefix,
+    with and without the generation prompt, must be exactly what ``apply_chat_template`` writes (tools, reasoning,
+    null content, template arguments included)."""
+    from dtrain.data.template_text import Renders
+
+    tok = load(template, family)
+    reasoning = [*MULTI_STEP[:-1], {"role": "assistant", "content": "You are welcome.", "reasoning_content": "Be polite."}]
+    for messages in [*CONVERSATIONS.values(), reasoning]:
+        messages = [{**m, "content": m["content"] or ""} for m in messages] if template == "qwen3" else messages
+        renders, refused = Renders(tok, messages, SOURCE, TOOLS, {"enable_thinking": False}), []
+        for n in range(len(messages), 0, -1):
+            for prompt in (False, True):
+                try:
+                    want = tok.apply_chat_template(
+                        messages[:n], tools=TOOLS, tokenize=False, add_generation_prompt=prompt, enable_thinking=False
+                    )
+                except Exception:  # a prefix the template refuses on its own (Mistral: a tool result must follow a call)
+                    with pytest.raises(ChatTemplateError):
+                        renders(n, prompt)
+                    refused.append((n, prompt))
+                    continue
+                assert renders(n, prompt) == want, (template, n, prompt)
+        if (len(messages), False) not in refused:  # a whole the template renders: checked, then the prepared path taken
+            assert renders._prefix_render is not None, template
