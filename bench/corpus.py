@@ -179,6 +179,8 @@ def prepare_shapes(shapes: list[str], n: int, procs: int, model: Path, root: Pat
 
 def replicate(store: Path, copies: int, out: Path) -> None:
     """A store of ``copies`` x the train split of ``store`` (names suffixed per copy); eval and prompts kept."""
+    from dtrain.data.store import file_crc32
+
     out.mkdir()
     meta = json.loads((store / "meta.json").read_text())
     n, tokens = meta["train"]["examples"], meta["train"]["tokens"]
@@ -205,7 +207,9 @@ def replicate(store: Path, copies: int, out: Path) -> None:
                 f.write(data)
     for name in STORE_FILES:
         (out / f"eval.{name}").write_bytes((store / f"eval.{name}").read_bytes())
-    meta["train"] = {**meta["train"], "examples": n * copies, "tokens": tokens * copies}
+    # The store records each file's size and CRC-32 (dtrain/data/store.py): the replicated files' own, read once here.
+    files = {name: {"bytes": (out / f"train.{name}").stat().st_size, "crc32": file_crc32(out / f"train.{name}")} for name in STORE_FILES}
+    meta["train"] = {**meta["train"], "examples": n * copies, "tokens": tokens * copies, "files": files}
     (out / "meta.json").write_text(json.dumps(meta))
 
 

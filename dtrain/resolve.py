@@ -76,6 +76,14 @@ def machine_facts(cpuinfo: Path = Path("/proc/cpuinfo")) -> MachineFacts:
     return MachineFacts(cpu_bf16=next((f for f in CPU_BF16_FLAGS if f in flags), None))
 
 
+def agreed_machine_facts(dist) -> MachineFacts:
+    """Rank 0's machine facts on every rank (a collective): ranks that chose precision=auto differently could not
+    train together."""
+    from dtrain.dist import broadcast_object
+
+    return broadcast_object(machine_facts() if dist.is_main else None)
+
+
 def choose_precision(machine: MachineFacts) -> tuple[Precision, str]:
     """``precision=auto``: the fastest precision this machine computes natively, and why.
 

@@ -18,18 +18,18 @@ import torch
 
 from dtrain.checkpoint import CKPT_DIRNAME, CheckpointManager, TrainerState, find_checkpoint
 from dtrain.config.schema import JobConfig, Precision
-from dtrain.data import TrainLoader
-from dtrain.dist import DistInfo, broadcast_object
+from dtrain.data.loader import TrainLoader
 from dtrain.ds_config import build_ds_config
 from dtrain.engine import EngineParts, build_engine, read_model_shape
 from dtrain.memory.meters import gpu_capacity_bytes_here, peak_memory_bytes
 from dtrain.memory.plan import MemoryPlan, ModelShape, format_plans, plan_for_run
 from dtrain.oom import oom_report
-from dtrain.resolve import machine_facts, resolve_job
+from dtrain.resolve import agreed_machine_facts, resolve_job
 from dtrain.setup import RunData, checkpoint_manager, load_data, prepare_resume, start_run, write_run_files
 from dtrain.throughput import peak_flops
 
-if TYPE_CHECKING:  # the type only: the lock is taken in dtrain.setup.start_run
+if TYPE_CHECKING:  # types only: the lock is taken in dtrain.setup.start_run, this rank joined there
+    from dtrain.dist import DistInfo
     from dtrain.locks import LockFile
 
 log = logging.getLogger("dtrain")
@@ -86,7 +86,7 @@ def build_run(job: JobConfig) -> Run:
     dist, run_dir, lock = start_run(job)
     data = load_data(job, dist)
     # Rank 0's machine decides precision=auto for all: ranks that chose differently could not train together.
-    machine = broadcast_object(machine_facts() if dist.is_main else None)
+    machine = agreed_machine_facts(dist)
     found = find_checkpoint(run_dir / CKPT_DIRNAME, job.ckpt, dist)
     layout = found.layout if found else None
     resolved = resolve_job(job, data.data.train.lengths, dist.world_size, machine, layout, formats=data.data.formats)

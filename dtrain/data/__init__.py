@@ -5,7 +5,6 @@ from dtrain.data.batching import StepSampler, collate
 from dtrain.data.cache import load_or_prepare
 from dtrain.data.chat import IGNORE_INDEX, ChatRenderer, TokenizedExample, resolve_chat_template
 from dtrain.data.dataset import GenerationPrompt, PreparedData, open_store, prepare_data
-from dtrain.data.loader import TrainLoader
 from dtrain.data.mixture import data_sources, mixture_weights
 from dtrain.data.sources import load_records
 from dtrain.data.store import TokenStore
@@ -20,7 +19,6 @@ __all__ = [
     "StepSampler",
     "TokenStore",
     "TokenizedExample",
-    "TrainLoader",
     "audit_masks",
     "collate",
     "data_sources",
