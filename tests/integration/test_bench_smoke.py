@@ -48,12 +48,14 @@ def test_throughput_bench(tmp_path):
     assert all(s >= 0 for s in shares) and 0.5 < sum(shares) <= 1.0 + 1e-9
 
 
+@pytest.mark.extended  # packing is checked by the unit, loss-invariance and mixture tests
 def test_packing_bench(tmp_path):
     (packed,) = run_bench("packing", tmp_path)["runs"]
     check_run(packed, 2)
     assert packed["name"] == "packed" and packed["padding_efficiency"] == 1.0  # one packed row per micro-batch
 
 
+@pytest.mark.extended  # on CPU it times sdpa only, the throughput bench's path
 def test_attention_bench(tmp_path):
     (sdpa,) = run_bench("attention", tmp_path)["runs"]
     check_run(sdpa, 2)

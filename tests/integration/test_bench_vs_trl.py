@@ -15,6 +15,7 @@ from tests.conftest import REPO_ROOT
 pytestmark = pytest.mark.integration
 
 
+@pytest.mark.extended  # a peer's trainer, imported and run: kept out of the default suite for its time (40 s)
 def test_vs_trl_smoke(tmp_path):
     pytest.importorskip("trl", reason="pip install -e '.[bench]'")
     out = tmp_path / "vs_trl.json"

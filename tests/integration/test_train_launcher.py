@@ -163,7 +163,14 @@ def check_merged_export(run_dir, peft_model, probe):
     torch.testing.assert_close(merged_logits[real], adapter_logits[real], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("peft_method, zero, precision", CASES, ids=["-".join(c) for c in CASES])
+EXTENDED_CASES = {("lora", "zero3", "bf16")}  # LoRA under ZeRO-3 also trains in the SP, QLoRA and elastic tests
+
+
+@pytest.mark.parametrize(
+    "peft_method, zero, precision",
+    [pytest.param(*c, marks=pytest.mark.extended) if c in EXTENDED_CASES else c for c in CASES],
+    ids=["-".join(c) for c in CASES],
+)
 def test_two_rank_training_run(tmp_path, tiny_pretrained, peft_method, zero, precision):
     run_and_check(tmp_path, tiny_pretrained, peft_method, zero, precision)
 
