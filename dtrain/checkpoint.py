@@ -34,7 +34,7 @@ import torch
 
 from dtrain import faults
 from dtrain.config.schema import CheckpointConfig, JobConfig
-from dtrain.disk import format_bytes, free_bytes, is_no_space, looks_like_failed_write, no_space_error, plan_disk_use
+from dtrain.disk import format_bytes, free_bytes, is_no_space, looks_like_failed_write, no_space_error, plan_disk_use, publish_folder
 from dtrain.dist import DistInfo, all_gather_objects, barrier, broadcast_object
 from dtrain.errors import ConfigError, DiskFull, TrainingError
 from dtrain.reshard import UNIVERSAL_DIR, UNIVERSAL_INFO, repair_optimizer_steps, saved_layout
@@ -396,14 +396,7 @@ class CheckpointManager:
     def _commit(self, partial: Path, final: Path) -> None:
         files = {str(f.relative_to(partial)): f.stat().st_size for f in sorted(partial.rglob("*")) if f.is_file()}
         _write_json(partial / MANIFEST, {"files": files})
-        if final.exists():  # a fresh run (resume=never) saving over an old step: swap, then drop the old one
-            old = final.with_name(final.name + ".replaced")
-            shutil.rmtree(old, ignore_errors=True)
-            os.rename(final, old)
-            os.rename(partial, final)
-            shutil.rmtree(old)
-        else:
-            os.rename(partial, final)
+        publish_folder(partial, final)  # a fresh run (resume=never) saving over an old step swaps it
         tmp = self.root / f"{POINTER}.tmp"
         tmp.write_text(final.name + "\n")
         os.replace(tmp, self.root / POINTER)

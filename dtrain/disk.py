@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -122,6 +123,19 @@ def atomic_write_text(path: Path, text: str, what: str) -> None:
             tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def publish_folder(staging: Path, target: Path) -> None:
+    """Rename the complete ``staging`` folder to ``target``; an earlier ``target`` is replaced only at that moment
+    (moved aside, the new one renamed in, then the old one removed), so a complete folder is always there."""
+    if target.exists():
+        old = target.with_name(target.name + ".replaced")
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(target, old)
+        os.rename(staging, target)
+        shutil.rmtree(old)
+    else:
+        os.rename(staging, target)
 
 
 # ---------------------------------------------------------------------------------------------- a run's needs

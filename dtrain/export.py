@@ -18,7 +18,7 @@ from typing import Callable, Iterator, Optional
 import torch
 
 from dtrain import faults
-from dtrain.disk import failed_path, free_bytes, is_no_space, no_space_error
+from dtrain.disk import failed_path, free_bytes, is_no_space, no_space_error, publish_folder
 from dtrain.dist import DistInfo, broadcast_object
 from dtrain.errors import ConfigError, DiskFull, ExportError
 
@@ -159,7 +159,7 @@ def save_model(model, tokenizer, out_dir: Path, dist: DistInfo, is_peft: bool, m
         try:
             shapes = _write_model(model, tokenizer, staging, dist, is_peft, max_shard_bytes)
             if dist.is_main:
-                _publish(staging, out_dir)
+                publish_folder(staging, out_dir)
                 log.info("saved %s to %s", "LoRA adapter + tokenizer" if is_peft else "model + tokenizer", out_dir)
         except Exception as e:  # rank 0 only: the other ranks' part (the gathers) is over
             if not (dist.is_main and (isinstance(e, DiskFull) or is_no_space(e))):
@@ -206,20 +206,6 @@ def _write_model(model, tokenizer, out_dir: Path, dist: DistInfo, is_peft: bool,
     if dist.is_main:
         tokenizer.save_pretrained(out_dir)
     return shapes
-
-
-def _publish(staging: Path, out_dir: Path) -> None:
-    """Rename the complete ``staging`` folder to ``out_dir``, replacing an earlier export only now."""
-    import shutil
-
-    if out_dir.exists():
-        old = out_dir.with_name(out_dir.name + ".replaced")
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(out_dir, old)
-        os.rename(staging, out_dir)
-        shutil.rmtree(old)
-    else:
-        os.rename(staging, out_dir)
 
 
 # ---------------------------------------------------------------------------------------------- verification
