@@ -8,15 +8,16 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, NoReturn, Optional, Sequence
 
 import torch
 import torch.distributed as torch_dist
 
-from dtrain.errors import DtrainError
+from dtrain.errors import DtrainError, exit_on_error
 
 log = logging.getLogger("dtrain")
 
@@ -168,6 +169,48 @@ def leave_process_group() -> None:
     """Tear the process group down on this rank (an exit with one still up can abort in gloo's threads)."""
     if torch_dist.is_initialized():
         torch_dist.destroy_process_group()
+
+
+@contextmanager
+def exit_rank_on_error() -> Iterator[None]:
+    """:func:`dtrain.errors.exit_on_error` for a training rank: the one-line message, then :func:`end_rank`.
+
+    A rank that stops on an error leaves by ``os._exit``, not through the interpreter's teardown. That teardown
+    destroys the process groups DeepSpeed still references, and gloo's (or NCCL's) C++ destructors can abort while a
+    peer is leaving too (SIGABRT, "terminate called without an active exception"): the launcher then reports -6 for
+    the rank, and the job exits 250 instead of the error's own code (2: bad data, 28: disk full, ...).
+    """
+    try:
+        with exit_on_error():
+            yield
+    except SystemExit as stop:
+        end_rank(stop.code if isinstance(stop.code, int) else 1)
+
+
+def end_rank(code: int) -> NoReturn:
+    """Leave this process now with ``code``: the exit handlers run, the interpreter's teardown does not.
+
+    The ``atexit`` handlers are what an error exit still needs: they release the run directory's lock
+    (``dtrain/locks.py``) and flush the log handlers; a W&B run is finished first, with the error's code. What is
+    skipped is the finalisation of objects and modules, where the process groups' destructors can abort. Nothing else
+    is left to do: checkpoints are committed or left as ``.partial`` folders a resume ignores, and peers still in a
+    collective fail on the closed connection or are ended by the launcher.
+    """
+    import atexit
+
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        try:
+            wandb.finish(exit_code=code)
+        except Exception as e:  # a W&B failure must not replace the error's exit code
+            log.warning("W&B did not finish cleanly: %s", e)
+    atexit._run_exitfuncs()  # exceptions in a handler are printed, as at a normal exit
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 def free_port() -> int:

@@ -15,7 +15,7 @@ import hydra
 from omegaconf import DictConfig
 
 from dtrain.config import register_configs, to_job_config
-from dtrain.errors import ConfigError, DtrainError, Preempted, exit_on_error
+from dtrain.errors import ConfigError, Preempted, exit_on_error
 
 MULTIRUN_FLAGS = ("-m", "--multirun")
 
@@ -35,23 +35,20 @@ def strip_launcher_args(argv: list[str]) -> list[str]:
 
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from dtrain.dist import leave_process_group
+    from dtrain.dist import exit_rank_on_error
     from dtrain.trainer import Trainer
 
     job = to_job_config(cfg)
-    # dtrain's errors become one line and their exit code (dtrain/errors.py), not a traceback from every rank.
-    with exit_on_error():
+    # dtrain's errors become one line and their exit code (dtrain/errors.py), not a traceback from every rank; the
+    # rank then leaves without the teardown that can abort in the process group's threads (dtrain/dist.py).
+    with exit_rank_on_error():
+        trainer = Trainer(job)
         try:
-            trainer = Trainer(job)
-            try:
-                summary = trainer.train()
-            except Preempted:  # checkpoint complete on every rank: the scheduler may requeue the job
-                trainer.close()
-                raise
+            summary = trainer.train()
+        except Preempted:  # checkpoint complete on every rank: the scheduler may requeue the job
             trainer.close()
-        except DtrainError:
-            leave_process_group()  # an exit with the group up can abort (SIGABRT) and hide the exit code
             raise
+        trainer.close()
     if trainer.dist.is_main:
         print(f"\ntrained model: {summary['final_dir']}")
         if summary.get("report"):

@@ -85,3 +85,32 @@ def test_an_error_every_rank_raises_is_printed_by_rank_0_only(capsys, monkeypatc
     with pytest.raises(SystemExit), exit_on_error():
         raise TrainingError("out of memory on rank 1")
     assert capsys.readouterr().err == "dtrain: error: out of memory on rank 1\n"
+
+
+def test_a_training_rank_leaves_with_the_errors_code_after_flushing_and_without_the_teardown(tmp_path):
+    """A rank's error exit skips the interpreter's teardown (where gloo's destructors can abort the rank, -6, and
+    hide the code) but not what the rank wrote (block-buffered stdout, the log, the one error line) nor its exit
+    handlers (the run directory's lock is released by one)."""
+    script = tmp_path / "rank.py"
+    script.write_text(
+        "import atexit, logging, sys\n"
+        "import torch.distributed as td\n"
+        "from dtrain.dist import exit_rank_on_error\n"
+        "from dtrain.errors import DiskFull\n"
+        f"td.init_process_group('gloo', init_method='file://{tmp_path / 'rendezvous'}', rank=0, world_size=1)\n"
+        "class Group:  # stands for a process group whose destructor runs in the teardown\n"
+        "    def __del__(self): print('interpreter teardown ran')\n"
+        "group = Group()\n"
+        "atexit.register(lambda: print('exit handler ran'))\n"
+        "logging.basicConfig(filename=sys.argv[1], level=logging.INFO)\n"
+        "logging.getLogger('dtrain').info('a log line before the error')\n"
+        "print('written before the error')\n"
+        "with exit_rank_on_error():\n"
+        "    raise DiskFull('no space left on device for a checkpoint')\n"
+    )
+    log_file = tmp_path / "rank.log"
+    out = subprocess.run([sys.executable, str(script), str(log_file)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 28, out.stderr[-2000:]
+    assert out.stdout == "written before the error\nexit handler ran\n"
+    assert out.stderr.splitlines()[-1] == "dtrain: error: no space left on device for a checkpoint"
+    assert "a log line before the error" in log_file.read_text()
