@@ -23,7 +23,7 @@ from dtrain.metrics import PHASES, read_metrics
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Every run: no generation check, no periodic eval, no export check: only the training steps are measured.
-QUIET = ["generate.num_prompts=0", "generate.before_training=false", "train.eval_every=0", "export.verify=none"]
+QUIET = ["generate.num_prompts=0", "generate.before_training=false", "train.eval_every=0", "export.verify=none", "report=false"]
 
 
 @dataclass

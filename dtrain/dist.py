@@ -190,6 +190,9 @@ def exit_rank_on_error() -> Iterator[None]:
 def end_rank(code: int) -> NoReturn:
     """Leave this process now with ``code``: the exit handlers run, the interpreter's teardown does not.
 
+    A training rank ends here after an error (:func:`exit_rank_on_error`) and after a finished run, once the trainer
+    has closed its files and left the process group.
+
     The ``atexit`` handlers are what an error exit still needs: they release the run directory's lock
     (``dtrain/locks.py``) and flush the log handlers; a W&B run is finished first, with the error's code. What is
     skipped is the finalisation of objects and modules, where the process groups' destructors can abort. Nothing else

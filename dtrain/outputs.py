@@ -157,7 +157,8 @@ class RunOutputs:
         if self.dist.is_main:
             try:
                 atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n", "summary.json")
-                summary["report"] = str(render_report([self.run_dir], self.run_dir / "report.png"))
+                if self.job.report:
+                    summary["report"] = str(render_report([self.run_dir], self.run_dir / "report.png"))
             except DiskFull as e:  # the model is exported, but the user must hear of the full disk
                 problem = str(e)
             except Exception as e:  # a plotting problem must not fail a finished run

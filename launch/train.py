@@ -35,12 +35,13 @@ def strip_launcher_args(argv: list[str]) -> list[str]:
 
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from dtrain.dist import exit_rank_on_error
+    from dtrain.dist import end_rank, exit_rank_on_error
     from dtrain.trainer import Trainer
 
     job = to_job_config(cfg)
-    # dtrain's errors become one line and their exit code (dtrain/errors.py), not a traceback from every rank; the
-    # rank then leaves without the teardown that can abort in the process group's threads (dtrain/dist.py).
+    # dtrain's errors become one line and their exit code (dtrain/errors.py), not a traceback from every rank. Each
+    # rank leaves by end_rank, after an error as after success: without the interpreter's teardown, which can abort in
+    # the process group's threads and adds a second or two to every launch (dtrain/dist.py).
     with exit_rank_on_error():
         trainer = Trainer(job)
         try:
@@ -53,6 +54,7 @@ def main(cfg: DictConfig) -> None:
         print(f"\ntrained model: {summary['final_dir']}")
         if summary.get("report"):
             print(f"run report (loss, lr, grad norm, throughput, memory, samples): {summary['report']}")
+    end_rank(0)
 
 
 if __name__ == "__main__":

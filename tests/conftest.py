@@ -47,6 +47,7 @@ def launch_train(
     timeout: int = 600,
     env: dict[str, str] | None = None,
     via_command: bool = False,
+    report: bool = False,
 ) -> subprocess.CompletedProcess:
     """Run ``launch/train.py`` on ``num_ranks`` CPU ranks through DeepSpeed's launcher, for real; return the process.
 
@@ -55,9 +56,10 @@ def launch_train(
     command line the ``deepspeed`` command builds for one node. The ``deepspeed`` command itself only adds a second
     Python start-up in front of it (3-9 s a launch on this machine), so the tests whose subject is the user's command
     (the demo, the golden curve) pass ``via_command=True``. ``env`` adds variables (e.g. the ``DTRAIN_FAULT_*``
-    injections of ``dtrain/faults.py``).
+    injections of ``dtrain/faults.py``). ``report.png`` is drawn only where a test reads it (``report=True``): it
+    adds 1-3 s to a launch.
     """
-    script = ["launch/train.py", f"output_dir={run_dir}", *overrides]
+    script = ["launch/train.py", f"output_dir={run_dir}", *overrides, *([] if report else ["report=false"])]
     port = str(free_port())
     if via_command:
         cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(num_ranks), "--master_port", port, *script]
@@ -86,7 +88,7 @@ def launch_two_nodes(
     rendezvous = ["--num_gpus", "1", "--master_addr", "127.0.0.1", "--master_port", str(port)]
     nodes = [
         subprocess.Popen(
-            [*launcher, "--node_rank", str(rank), *rendezvous, "launch/train.py", f"output_dir={run_dir}", *overrides],
+            [*launcher, "--node_rank", str(rank), *rendezvous, "launch/train.py", f"output_dir={run_dir}", *overrides, "report=false"],
             cwd=REPO_ROOT,
             env=full_env,
             stdout=subprocess.PIPE,

@@ -457,6 +457,9 @@ class JobConfig:
     export: ExportConfig = field(default_factory=ExportConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    report: bool = True
+    """Draw ``<output_dir>/report.png`` at the end of the run (curves, memory, samples: 1-3 s on rank 0). Off for many
+    short runs (tests, sweeps of smoke runs); ``python launch/report.py run_dir=...`` draws it later from the files."""
     tensorboard: bool = False
     """Also write every metric as TensorBoard events under ``<output_dir>/tensorboard`` (``pip install 'dtrain[tensorboard]'``)."""
     preview: PreviewConfig = field(default_factory=PreviewConfig)

@@ -18,7 +18,7 @@ def shm_segments() -> set[str]:
 def test_demo_learns_the_bundled_task(tmp_path):
     run_dir = tmp_path / "tiny_cpu"
     segments_before = shm_segments()
-    out = launch_train(["+exp=tiny_cpu"], run_dir, via_command=True)  # `make demo` runs the deepspeed command
+    out = launch_train(["+exp=tiny_cpu"], run_dir, via_command=True, report=True)  # `make demo` runs the deepspeed command
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     before, after = read_jsonl(run_dir / "samples_before.jsonl"), read_jsonl(run_dir / "samples.jsonl")

@@ -75,6 +75,7 @@ def test_outputs_of_a_run_whose_eval_examples_are_longer_than_the_probe(tmp_path
             "export.verify=logits",
         ],
         run_dir,
+        report=True,
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     probe = load_file(str(run_dir / "probe.safetensors"))

@@ -21,6 +21,7 @@ RUN = [
     "generate.num_prompts=2",
     "generate.before_training=false",
     "generate.max_new_tokens=2",
+    "report=false",
 ]
 
 

@@ -104,7 +104,8 @@ def run_and_check(tmp_path, tiny_pretrained, peft_method, zero, precision) -> li
     assert [r["step"] for r in evals] == [4, 8] and evals[1]["eval_loss"] < evals[0]["eval_loss"]
 
     assert json.loads((run_dir / "ds_config.json").read_text())["zero_optimization"]["stage"] == int(zero[4])
-    assert (run_dir / "config.yaml").is_file()
+    assert (run_dir / "config.yaml").is_file() and "report: false" in (run_dir / "config.yaml").read_text()
+    assert not (run_dir / "report.png").exists() and "run report" not in out.stdout  # report=false (launch_train)
     if zero.startswith("zero3"):  # loaded partitioned: rank 0 never held the whole model
         held, total = (int(x.replace(",", "")) for x in re.search(r"this rank holds ([\d,]+) of ([\d,]+)", out.stdout).groups())
         assert held < 0.6 * total

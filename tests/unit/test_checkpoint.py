@@ -246,3 +246,20 @@ def test_cpu_adam_step_counts_become_tensors_for_torch_adamw():
     assert repair_optimizer_steps(SimpleNamespace(optimizer=SimpleNamespace(optimizer=opt))) == (0, 1)
     opt.step()
     assert torch.equal(param, reference) and float(opt.state[param]["step"]) == 8.0
+
+
+def test_a_layout_change_is_refused_under_reshard_never_and_a_global_batch_change_always(tmp_path):
+    """What elastic resume may not do, refused before any model loads (the launched resumes are in
+    tests/integration/test_elastic_resume.py): another layout under ``ckpt.reshard=never``; another global batch."""
+    from dtrain.reshard import layout_of
+    from dtrain.setup import checkpoint_manager, prepare_resume
+
+    two_ranks = DistInfo(rank=0, local_rank=0, world_size=2, device=torch.device("cpu"), local_world_size=2)
+    saved = compose_job(["+exp=tiny_cpu", "zero=zero3", f"output_dir={tmp_path}"])
+    checkpoint = FoundCheckpoint(tmp_path / "step_00000007", {"step": 7, "config_key": resume_key(saved, 2), "layout": layout_of(saved, 2)})
+    never = compose_job(["+exp=tiny_cpu", "zero=zero2", "ckpt.reshard=never", f"output_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match=r"another layout \(zero.stage 3 -> 2\) and ckpt.reshard=never; set ckpt.reshard=auto"):
+        prepare_resume(checkpoint, never, two_ranks)
+    halved = compose_job(["+exp=tiny_cpu", "zero=zero3", "train.micro_batch_size=8", f"output_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match="global_batch_size: 32 -> 16"):
+        checkpoint_manager(tmp_path, halved, two_ranks, checkpoint)
