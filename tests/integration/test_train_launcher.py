@@ -131,7 +131,7 @@ def run_and_check(tmp_path, tiny_pretrained, peft_method, zero, precision) -> li
     real = probe["attention_mask"].bool()
     tol = 5e-2 if precision == "bf16" else 1e-5
     torch.testing.assert_close(logits[real], probe["logits"][real], atol=tol, rtol=tol)
-    if peft_method == "lora" and precision == "fp32":
+    if (peft_method, zero) == ("lora", "zero1"):  # the merge reads final/ and the base: any stage's run will do
         check_merged_export(run_dir, model, probe)
     return [r["loss"] for r in steps]
 
