@@ -145,7 +145,7 @@ def mixture_overrides(tiny_pretrained, root) -> list[str]:
         # A ChatML template that renders tools, tool calls and results (and plain chats as the tiny template does).
         f"data.chat_template={REPO_ROOT / 'dtrain' / 'assets' / 'tiny' / 'chat_template_tools.jinja'}",
         "data.max_seq_len=384",
-        "data.cache_dir=null",
+        f"data.cache_dir={root / 'cache'}",  # prepared by the first launch, read by the other two
         "train.micro_batch_size=16",
         "train.max_steps=6",
         "train.eval_every=6",
