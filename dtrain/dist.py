@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -17,7 +18,7 @@ from typing import Callable, Iterator, NoReturn, Optional, Sequence
 import torch
 import torch.distributed as torch_dist
 
-from dtrain.errors import DtrainError, exit_on_error
+from dtrain.errors import DtrainError, PeerLost, exit_on_error
 
 log = logging.getLogger("dtrain")
 
@@ -179,11 +180,21 @@ def exit_rank_on_error() -> Iterator[None]:
     destroys the process groups DeepSpeed still references, and gloo's (or NCCL's) C++ destructors can abort while a
     peer is leaving too (SIGABRT, "terminate called without an active exception"): the launcher then reports -6 for
     the rank, and the job exits 250 instead of the error's own code (2: bad data, 28: disk full, ...).
+
+    A rank that stopped only because a peer was lost (:class:`dtrain.errors.PeerLost`) waits a few seconds before
+    it leaves (after its message, before its exit handlers), so that the launcher, polling once a second, finds the
+    lost peer's exit first and reports that code: the cause, not this consequence.
     """
+    grace_s = 0.0
     try:
         with exit_on_error():
-            yield
+            try:
+                yield
+            except PeerLost as lost:
+                grace_s = lost.grace_s
+                raise
     except SystemExit as stop:
+        time.sleep(grace_s)
         end_rank(stop.code if isinstance(stop.code, int) else 1)
 
 

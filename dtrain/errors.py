@@ -65,6 +65,18 @@ class TrainingError(DtrainError, RuntimeError):
     exit_code = EXIT_TRAINING_STOPPED
 
 
+class PeerLost(TrainingError):
+    """A collective failed because another rank died or lost its connection: a consequence, not the cause.
+
+    The cause is that rank's own error (a hang, a crash, a kill). A training rank that raises this waits
+    ``grace_s`` before it exits (:func:`dtrain.dist.exit_rank_on_error`), so that DeepSpeed's launcher, which exits
+    with the code of the first failed rank it polls (once a second), reports the cause's code (86: hung, 2: bad
+    data, ...) rather than this 3.
+    """
+
+    grace_s = 5.0
+
+
 class ExportError(DtrainError, RuntimeError):
     """The exported model is missing tensors or does not reproduce the engine's logits."""
 

@@ -11,7 +11,7 @@ from typing import Callable, Iterator
 import torch
 
 from dtrain import faults
-from dtrain.errors import TrainingError
+from dtrain.errors import PeerLost, TrainingError
 
 SPIKE_WINDOW = 50
 SPIKE_MIN_HISTORY = 10
@@ -78,7 +78,7 @@ def step_failures(step: int, rank: int, oom_report: Callable[[], str]) -> Iterat
     except RuntimeError as e:
         if not is_collective_failure(e):
             raise
-        raise TrainingError(
+        raise PeerLost(
             f"rank {rank}: a collective failed in step {step} because another rank died or lost its connection "
             f"(its own error is above): {str(e).splitlines()[0][:300]}"
         ) from e

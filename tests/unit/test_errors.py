@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -114,3 +115,26 @@ def test_a_training_rank_leaves_with_the_errors_code_after_flushing_and_without_
     assert out.stdout == "written before the error\nexit handler ran\n"
     assert out.stderr.splitlines()[-1] == "dtrain: error: no space left on device for a checkpoint"
     assert "a log line before the error" in log_file.read_text()
+
+
+def test_a_rank_that_lost_a_peer_says_so_at_once_and_leaves_after_the_grace(tmp_path):
+    """DeepSpeed's launcher exits with the code of the first failed rank it polls (once a second). A rank whose
+    collective failed because a peer died must not win that race with its 3: it prints its line at once, then waits
+    ``PeerLost.grace_s`` (shortened here) before it exits, while the peer's own code (86: hung) is already there."""
+    script = tmp_path / "rank.py"
+    script.write_text(
+        "import atexit, time\n"
+        "from dtrain.dist import exit_rank_on_error\n"
+        "from dtrain.errors import PeerLost\n"
+        "PeerLost.grace_s = 1.5\n"
+        "atexit.register(lambda: print('exit handler ran', flush=True))\n"
+        "with exit_rank_on_error():\n"
+        "    raise PeerLost('rank 0: a collective failed in step 3 because another rank died')\n"
+    )
+    proc = subprocess.Popen([sys.executable, str(script)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = proc.stderr.readline()
+    said_at = time.monotonic()
+    assert proc.wait(timeout=120) == EXIT_TRAINING_STOPPED
+    assert time.monotonic() - said_at >= 1.4
+    assert line == "dtrain: error: rank 0: a collective failed in step 3 because another rank died\n"
+    assert proc.stdout.read() == "exit handler ran\n"
