@@ -248,9 +248,10 @@ def test_cpu_adam_step_counts_become_tensors_for_torch_adamw():
     assert torch.equal(param, reference) and float(opt.state[param]["step"]) == 8.0
 
 
-def test_a_layout_change_is_refused_under_reshard_never_and_a_global_batch_change_always(tmp_path):
+def test_a_layout_change_is_refused_under_reshard_never_and_a_global_batch_or_packing_change_always(tmp_path):
     """What elastic resume may not do, refused before any model loads (the launched resumes are in
-    tests/integration/test_elastic_resume.py): another layout under ``ckpt.reshard=never``; another global batch."""
+    tests/integration/test_elastic_resume.py): another layout under ``ckpt.reshard=never``; another global batch or
+    packing layout."""
     from dtrain.reshard import layout_of
     from dtrain.setup import checkpoint_manager, prepare_resume
 
@@ -263,3 +264,12 @@ def test_a_layout_change_is_refused_under_reshard_never_and_a_global_batch_chang
     halved = compose_job(["+exp=tiny_cpu", "zero=zero3", "train.micro_batch_size=8", f"output_dir={tmp_path}"])
     with pytest.raises(ConfigError, match="global_batch_size: 32 -> 16"):
         checkpoint_manager(tmp_path, halved, two_ranks, checkpoint)
+    # A run whose data.packing=null resolved to packed rows resumes under data.packing=true (the launched case in
+    # tests/integration/test_resolved_run.py), never under padded micro-batches.
+    packed = compose_job(["+exp=tiny_cpu", "data.packing=true", f"output_dir={tmp_path}"])
+    checkpoint = FoundCheckpoint(
+        tmp_path / "step_00000002", {"step": 2, "config_key": resume_key(packed, 2), "layout": layout_of(packed, 2)}
+    )
+    padded = compose_job(["+exp=tiny_cpu", "data.packing=false", f"output_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match=r"data.packing: True -> False"):
+        checkpoint_manager(tmp_path, padded, two_ranks, checkpoint)
