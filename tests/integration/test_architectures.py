@@ -2,8 +2,8 @@
 
 A run trains 3 steps of a tiny random checkpoint of the family (tests/architectures.py), then its export is
 re-read and must reproduce the engine's logits, and the memory plan's model states must equal what the engine
-holds. The suite runs the CI set below (every method x stage, the fused-projection, soft-capping and MoE families,
-MoE under ZeRO-3 where experts that see no token could hang a rank); ``DTRAIN_ARCH_MATRIX=full`` runs all of
+holds. The suite runs the CI set below (the fused-projection, soft-capping and MoE families, MoE under ZeRO-3 where
+experts that see no token could hang a rank); ``DTRAIN_ARCH_MATRIX=full`` runs all of
 ``FAMILIES x {none, lora} x {zero2, zero3}``.
 """
 
@@ -20,10 +20,13 @@ from tests.conftest import launch_train
 
 pytestmark = pytest.mark.integration
 
-CI_SET = [  # the other families: in-process (tests/unit/test_architectures.py) and in the full matrix
+# The other families: in-process (tests/unit/test_architectures.py) and in the full matrix. MoE under ZeRO-3 runs
+# with LoRA, which adapts the fused expert weights too: idle experts meet the forward gathers and the backward
+# reduce-scatters of trained expert parameters (full fine-tuning of MoE under ZeRO-3 is in the full matrix; full
+# fine-tuning under ZeRO-3 runs here with Gemma-2).
+CI_SET = [
     ("gemma2", "none", "zero3"),
     ("phi3", "lora", "zero2"),
-    ("qwen3_moe", "none", "zero3"),
     ("qwen3_moe", "lora", "zero3"),
 ]
 FULL = [(f, p, z) for f in FAMILIES for p in ("none", "lora") for z in ("zero2", "zero3")]
