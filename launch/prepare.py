@@ -15,18 +15,13 @@ from __future__ import annotations
 
 import json
 import sys
-import uuid
 
 import hydra
 from omegaconf import DictConfig
 
 from dtrain.config import register_configs, to_job_config
-from dtrain.config.checks import check_data_sources
-from dtrain.data import open_store
-from dtrain.data.cache import check_identity, check_store, claim_store, store_folder, store_identity, write_store
-from dtrain.data.store import META, read_meta
-from dtrain.errors import ConfigError, DataError, exit_on_error
-from dtrain.setup import load_renderer
+from dtrain.data.prepare import prepare_job_store
+from dtrain.errors import exit_on_error
 
 VERIFY_FLAG = "--verify"
 verify_checksums = False
@@ -36,44 +31,13 @@ verify_checksums = False
 def main(cfg: DictConfig) -> None:
     job = to_job_config(cfg)
     with exit_on_error():
-        check_data_sources(job.data)
-        renderer = load_renderer(job)
-        args = (job.data, renderer, job.train.seed, job.generate.num_prompts)
-        folder = store_folder(*args)
-        if folder is None:
-            raise ConfigError("nowhere to write the store: set data.prepared_path=<folder> (or data.cache_dir)")
-        checksums = verify_checksums or job.data.verify_store
-        # A damaged data.cache_dir entry whose raw data is here is moved aside and prepared again below.
-        problem = check_store(folder, job.data, checksums) if (folder / META).is_file() else None
-        if problem:
-            raise DataError(problem)
-        lock = claim_store(folder, token=uuid.uuid4().hex) if not (folder / META).is_file() else None
-        if lock is not None:
-            try:
-                write_store(*args, folder, progress=True)
-            finally:
-                lock.release()
-        else:
-            check_identity(folder, store_identity(*args))
-            print(f"already prepared: {folder}" + (" (verified: every file's size and CRC-32 match its meta.json)" if checksums else ""))
-        data, meta = open_store(folder), read_meta(folder)
-    sources = {}
-    for name_index, name in enumerate(data.source_names):
-        mask = data.train.source_index == name_index
-        sources[name] = {"train_examples": int(mask.sum()), "train_tokens": int(data.train.lengths[mask].sum())}
-    summary = {
-        "store": str(folder),
-        "records": meta["records"],
-        "train": {"examples": len(data.train), "tokens": data.train.num_tokens, "trained_tokens": int(data.train.num_trained.sum())},
-        "eval": {"examples": len(data.eval), "tokens": data.eval.num_tokens},
-        "sources": sources,
-        "formats": data.formats,
-        "dropped": meta["dropped"],
-        "truncated": meta["truncated"],
-        "prepare": meta["prepare"],
-    }
+        summary = prepare_job_store(job, verify_checksums)
+    if summary.pop("already_prepared"):
+        verified = " (verified: every file's size and CRC-32 match its meta.json)" if summary["verified"] else ""
+        print(f"already prepared: {summary['store']}{verified}")
+    summary.pop("verified")
     print(json.dumps(summary, indent=1))
-    print(f"train from it with the same settings, or anywhere with: data.prepared_path={folder}")
+    print(f"train from it with the same settings, or anywhere with: data.prepared_path={summary['store']}")
 
 
 if __name__ == "__main__":
