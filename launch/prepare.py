@@ -33,9 +33,8 @@ def main(cfg: DictConfig) -> None:
     with exit_on_error():
         summary = prepare_job_store(job, verify_checksums)
     if summary.pop("already_prepared"):
-        verified = " (verified: every file's size and CRC-32 match its meta.json)" if summary["verified"] else ""
-        print(f"already prepared: {summary['store']}{verified}")
-    summary.pop("verified")
+        verified = " (verified: every file's size and CRC-32 match its meta.json)"
+        print(f"already prepared: {summary['store']}" + (verified if verify_checksums or job.data.verify_store else ""))
     print(json.dumps(summary, indent=1))
     print(f"train from it with the same settings, or anywhere with: data.prepared_path={summary['store']}")
 

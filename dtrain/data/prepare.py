@@ -59,7 +59,6 @@ def prepare_job_store(job: JobConfig, verify_checksums: bool = False, progress: 
     return {
         "store": str(folder),
         "already_prepared": lock is None,
-        "verified": lock is None and checksums,
         "records": meta["records"],
         "train": {"examples": len(data.train), "tokens": data.train.num_tokens, "trained_tokens": int(data.train.num_trained.sum())},
         "eval": {"examples": len(data.eval), "tokens": data.eval.num_tokens},

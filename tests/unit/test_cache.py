@@ -207,3 +207,25 @@ def test_a_store_another_live_job_prepares_is_waited_for(tmp_path, tiny_tokenize
     publisher.join()
     assert calls == [] and len(data.train) > 0  # job B read job A's store once published, and prepared nothing
     assert f"another job is preparing {folder} (host {socket.gethostname()}, PID {os.getpid()}" in caplog.text
+
+
+def test_prepare_job_store_writes_once_then_checks_and_verifies(tmp_path):
+    """What launch/prepare.py and bench/corpus.py run: the first call writes the store, the second finds it (sizes
+    checked), and with checksums a flipped byte (same size) is a DataError naming the file."""
+    from dtrain.data.prepare import prepare_job_store
+
+    store = tmp_path / "store"
+    job = compose_job(["+exp=tiny_cpu", f"data.prepared_path={store}", "data.num_proc=1"])
+    first = prepare_job_store(job, progress=False)
+    assert first["store"] == str(store)
+    assert first["train"]["tokens"] > first["train"]["trained_tokens"] > 0 and first["eval"]["examples"] > 0
+    assert sum(s["train_tokens"] for s in first["sources"].values()) == first["train"]["tokens"]
+    again = prepare_job_store(job, verify_checksums=True, progress=False)
+    assert again.pop("already_prepared") is True and first.pop("already_prepared") is False and again == first
+    ids = store / "train.ids"
+    raw = bytearray(ids.read_bytes())
+    raw[100] ^= 0x10
+    ids.write_bytes(bytes(raw))
+    assert prepare_job_store(job, progress=False)["already_prepared"] is True  # sizes alone cannot see it
+    with pytest.raises(DataError, match=f"{ids} has CRC-32"):
+        prepare_job_store(job, verify_checksums=True, progress=False)
