@@ -9,7 +9,11 @@ forward the trainer, eval, the export probe and the activation meter share.
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
+import sys
+import types
 from dataclasses import dataclass
 from typing import Any, Callable, ContextManager, Optional
 
@@ -29,6 +33,46 @@ from dtrain.optim import build_client_optimizer, build_scheduler, parameter_grou
 from dtrain.sequence_parallel import check_model, gradient_divisor
 
 log = logging.getLogger("dtrain")
+
+DEEPSPEED_MUON_MODULES = ("deepspeed.runtime.zero.muon.muon_optimizer", "deepspeed.runtime.zero.muon.original_muon")
+
+
+class NeverBuiltMuon:
+    """What every name of DeepSpeed's Muon modules is in a dtrain rank. DeepSpeed's ZeRO code imports them on
+    every path, to ask whether the optimizer is Muon (``isinstance``) and to have ``muon_update`` at hand for
+    parameters Muon owns; a dtrain optimizer never is Muon and owns no parameter that way."""
+
+    def __init__(self, *args, **kwargs):
+        raise ConfigError("DeepSpeed's Muon optimizer is not available through dtrain: set optim.name=adamw or optim.name=adamw_8bit")
+
+
+@functools.cache
+def _never_built(name: str) -> type:
+    if name.startswith("__"):  # the import machinery's probes (__path__, __spec__ ...) must not find a stand-in
+        raise AttributeError(name)
+    return type(name, (NeverBuiltMuon,), {"__module__": "dtrain.engine"})
+
+
+def stand_in_for_deepspeed_muon() -> bool:
+    """Make DeepSpeed's Muon modules stand-ins for this process, unless the real ones are already imported.
+
+    Importing them applies ``torch.compile`` to Muon's kernels, which loads inductor: 1.2-1.4 s of every rank's
+    start-up on a 2-core CPU (docs/BENCHMARKS.md), for an optimizer no dtrain run builds: dtrain writes the
+    DeepSpeed JSON, whose optimizer is always AdamW, or hands DeepSpeed an 8-bit AdamW.
+
+    ``DTRAIN_REAL_DEEPSPEED_MUON=1`` keeps DeepSpeed's own modules (``bench/startup.py`` compares the two).
+
+    Returns:
+        True when the stand-ins were installed; False when a real module was already loaded or the variable asks
+        for the real ones (then they load as DeepSpeed wants).
+    """
+    if os.environ.get("DTRAIN_REAL_DEEPSPEED_MUON") == "1" or any(name in sys.modules for name in DEEPSPEED_MUON_MODULES):
+        return False
+    for name in DEEPSPEED_MUON_MODULES:
+        module = types.ModuleType(name, "dtrain's stand-in: no dtrain optimizer is Muon (dtrain.engine)")
+        module.__getattr__ = _never_built
+        sys.modules[name] = module
+    return True
 
 
 def read_model_shape(job: JobConfig, data: PreparedData) -> ModelShape:
@@ -143,6 +187,7 @@ def build_engine(
         )
     trainable_weights = parameter_counts(model)[0] if job.peft.uses_adapters else None
     groups = parameter_groups(model, job.train.weight_decay)
+    stand_in_for_deepspeed_muon()
     engine, _, _, scheduler = deepspeed.initialize(
         model=model,
         model_parameters=groups,
