@@ -8,7 +8,8 @@ resumed run have the reference's batch fingerprints and token counts, and its lo
 1e-6 (fp32, no dropout). The global batch stays 32: the accumulation steps follow the world size. Each resume
 changes several things at once: 2 ranks with the optimizer offloaded (DeepSpeed's CPU Adam, its step counts plain
 ints) -> 1 rank on the device (torch's AdamW; the two optimizers agree to ~1e-7 over these 12 steps); 1 rank
-ZeRO-1 -> 2 ranks ZeRO-3; two nodes -> one; LoRA on 2 ranks ZeRO-2 -> 1 rank ZeRO-3 after an offline conversion.
+ZeRO-1 -> 2 ranks ZeRO-3; two nodes -> one; LoRA on 2 ranks ZeRO-2 -> 1 rank ZeRO-3 after an offline conversion
+(that case resumes from the step-7 checkpoint the reference saved on its way, ``ckpt.every_steps=7``).
 The resumes into ZeRO-3 and out of optimizer offload also check ``dtrain.reshard.repair_optimizer_steps``:
 DeepSpeed 0.19.8's ZeRO-3 universal load gives all partitions one shared Adam step counter (without the repair the
 losses drifted by ~6e-4 within 4 steps), and its CPU Adam's int step counts crash torch's AdamW. What may not change
@@ -112,19 +113,26 @@ def test_a_two_node_run_trains_like_one_node_and_resumes_as_one_launcher(tmp_pat
 
 
 def test_lora_resumes_on_one_rank_under_zero3_after_an_offline_conversion(tmp_path, tiny_pretrained):
+    """The reference saves a checkpoint at step 7 on its way (``ckpt.every_steps``): converted offline
+    (``launch/convert_ckpt.py checkpoint=...``), it is where the resumed run starts (``ckpt.resume=<folder>``)."""
     import subprocess
     import sys
 
     from tests.conftest import REPO_ROOT
 
     lora = ["peft=lora", f"model.path={tiny_pretrained}", "model.init=pretrained", "peft.dropout=0"]
-    reference, stopped = tmp_path / "reference", tmp_path / "stopped"
-    launch(reference, [*lora, "zero=zero2"], ranks=2)
-    launch(stopped, [*lora, "zero=zero2"], ranks=2, env=STOP_AFTER_7, expect=EXIT_PREEMPTED)
+    reference, resumed = tmp_path / "reference", tmp_path / "resumed"
+    launch(reference, [*lora, "zero=zero2", "ckpt.every_steps=7"], ranks=2)
+    step_7 = reference / "checkpoints" / "step_00000007"
     converted = subprocess.run(
-        [sys.executable, "launch/convert_ckpt.py", f"run_dir={stopped}"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300
+        [sys.executable, "launch/convert_ckpt.py", f"run_dir={reference}", f"checkpoint={step_7}"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert converted.returncode == 0, converted.stderr[-3000:]
-    out = launch(stopped, [*lora, "zero=zero3"], ranks=1)
+    assert f"universal checkpoint: {step_7 / 'universal'}" in converted.stdout
+    out = launch(resumed, [*lora, "zero=zero3", f"ckpt.resume={step_7}"], ranks=1)
     assert "already converted: reused" in out.stdout and "(universal): step 7" in out.stdout
-    assert_same_steps(stopped, reference)
+    assert_same_steps(resumed, reference)
