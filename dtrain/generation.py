@@ -81,6 +81,27 @@ def generate_answers(
     return results
 
 
+def shard_prompts(prompts: list, rank: int, world_size: int) -> tuple[list, int]:
+    """This rank's share of the prompts (every ``world_size``-th, from ``rank``), padded to the same count on every rank.
+
+    Each rank then decodes as many batches as every other: under ZeRO-3 every forward gathers parameters
+    collectively, so a rank with a batch fewer would leave its peers waiting in a gather. The padding repeats the first
+    prompt and its answers are dropped.
+
+    Returns:
+        The prompts to decode here, and how many of them (from the front) are this rank's own.
+    """
+    mine = prompts[rank::world_size]
+    per_rank = -(-len(prompts) // world_size)
+    return mine + prompts[:1] * (per_rank - len(mine)), len(mine)
+
+
+def merge_shards(per_rank: list[list], count: int) -> list:
+    """Undo :func:`shard_prompts`: the ranks' answers (each without its padding) back in the prompts' order."""
+    world_size = len(per_rank)
+    return [per_rank[i % world_size][i // world_size] for i in range(count)]
+
+
 def exact_match_accuracy(results: list[dict]) -> float:
     return sum(r["exact_match"] for r in results) / max(len(results), 1)
 

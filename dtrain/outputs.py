@@ -24,7 +24,7 @@ from dtrain.disk import atomic_write_text
 from dtrain.dist import DistInfo, all_gather_objects, broadcast_object, on_main_rank
 from dtrain.errors import DiskFull, ExportError
 from dtrain.export import parse_size, save_model, verify_export
-from dtrain.generation import exact_match_accuracy, format_samples, generate_answers
+from dtrain.generation import exact_match_accuracy, format_samples, generate_answers, merge_shards, shard_prompts
 from dtrain.memory.meters import engine_state_bytes, peak_memory_bytes
 from dtrain.memory.plan import MemoryPlan, compare_plan
 from dtrain.report import render_report
@@ -105,14 +105,17 @@ class RunOutputs:
         """Greedy answers to the held-out prompts, written to ``filename`` in the run directory."""
         if not self.data.prompts:
             return []
-        results = generate_answers(
+        # Each rank decodes its share; ZeRO-3's gathers keep the ranks stepping together (synced_gpus) until all end.
+        prompts, own = shard_prompts(self.data.prompts, self.dist.rank, self.dist.world_size)
+        answers = generate_answers(
             self.engine.module,
             self.renderer,
-            self.data.prompts,
+            prompts,
             device=self.dist.device,
             max_new_tokens=self.job.generate.max_new_tokens,
             synced_gpus=self.job.zero.stage == 3 and self.dist.world_size > 1,
         )
+        results = merge_shards(all_gather_objects(answers[:own]), len(self.data.prompts))
         if self.dist.is_main:
             with (self.run_dir / filename).open("w") as f:
                 for r in results:

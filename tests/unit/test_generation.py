@@ -1,14 +1,16 @@
-"""The generation check scores a tool-call turn on the call the model emits: parsed JSON, right name and arguments."""
+"""The generation check: tool-call turns scored on the call the model emits (parsed JSON, right name and arguments), and
+the prompts shared out among the ranks."""
 
 import copy
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from dtrain.config.schema import TrainOn
 from dtrain.data import ChatRenderer, GenerationPrompt, resolve_chat_template
-from dtrain.generation import emitted_calls, generate_answers
+from dtrain.generation import emitted_calls, generate_answers, merge_shards, shard_prompts
 
 CALL = {"id": "call00001", "type": "function", "function": {"name": "weather", "arguments": json.dumps({"city": "oslo"})}}
 
@@ -45,3 +47,14 @@ def test_a_call_prompt_is_scored_on_the_emitted_call(tiny_tokenizer):
         [result] = generate_answers(Scripted(ids), renderer, [prompt], device=torch.device("cpu"), max_new_tokens=64, synced_gpus=False)
         assert result["exact_match"] is right
         assert json.loads(result["reference"]) == {"name": "weather", "arguments": {"city": "oslo"}}
+
+
+@pytest.mark.parametrize("count, world_size", [(64, 2), (5, 2), (2, 4), (1, 2), (7, 3), (3, 1)])
+def test_each_rank_decodes_its_share_in_as_many_batches_and_the_answers_come_back_in_order(count, world_size):
+    prompts = [f"prompt {i}" for i in range(count)]
+    shards = [shard_prompts(prompts, rank, world_size) for rank in range(world_size)]
+    assert len({len(decoded) for decoded, _ in shards}) == 1  # the same number of generate calls on every rank
+    owned = [decoded[:own] for decoded, own in shards]
+    assert sorted(p for share in owned for p in share) == sorted(prompts)  # each prompt decoded once for real
+    answers = [[p.replace("prompt", "answer") for p in share] for share in owned]
+    assert merge_shards(answers, count) == [f"answer {i}" for i in range(count)]
