@@ -54,15 +54,22 @@ def test_prepare_then_train_matches_preparing_in_the_run(tmp_path, tiny_pretrain
     assert summary["train"]["examples"] == 3000 and summary["eval"]["examples"] == 200 and summary["prepare"]["num_proc"] == 2
     assert (store / "train.ids").stat().st_size == 4 * summary["train"]["tokens"]
 
-    # The same settings but another max_seq_len: refused with what differs, before anything is written.
-    other = prepare(overrides + [f"data.prepared_path={store}", "data.max_seq_len=128"])
-    assert other.returncode == 2 and "prepared from other settings (they differ in: data)" in other.stderr
-
-    # Preparing inside a run (rank 0 with data.cache_dir, one process, in this process here) writes the same files.
     from dtrain.config import compose_job
     from dtrain.data.cache import load_or_prepare, store_folder
+    from dtrain.data.prepare import prepare_job_store
     from dtrain.data.store import read_meta
+    from dtrain.errors import DataError
     from dtrain.setup import load_renderer
+
+    # The same settings but another max_seq_len: refused with what differs, before anything is written (in this
+    # process: what launch/prepare.py runs; its exit code for a DataError, 2, is tests/unit/test_errors.py's).
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in store.iterdir())
+    other = compose_job(overrides + [f"data.prepared_path={store}", "data.max_seq_len=128", f"output_dir={tmp_path / 'unused'}"])
+    with pytest.raises(DataError, match=r"prepared from other settings \(they differ in: data\)"):
+        prepare_job_store(other, progress=False)
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in store.iterdir()) == before
+
+    # Preparing inside a run (rank 0 with data.cache_dir, one process, in this process here) writes the same files.
 
     job = compose_job(overrides + [f"data.cache_dir={tmp_path / 'cache'}", f"output_dir={tmp_path / 'unused'}"])
     renderer = load_renderer(job)
