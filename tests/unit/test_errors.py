@@ -67,11 +67,15 @@ def test_entry_points_report_bad_input_the_same_way(tmp_path):
         ([sys.executable, "launch/preview.py", "+exp=tiny_cpu", f"data.path={tmp_path / 'missing.jsonl'}"], "no such file"),
         ([sys.executable, "launch/train.py", "-m", "+exp=tiny_cpu"], "python launch/sweep.py -m"),
     ]
-    for cmd, message in cases:
-        out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
-        assert out.returncode == EXIT_BAD_INPUT, (cmd, out.stderr[-2000:])
-        assert "dtrain: error:" in out.stderr and message in out.stderr, (cmd, out.stderr[-2000:])
-        assert "Traceback" not in out.stderr, (cmd, out.stderr[-2000:])
+    # Independent processes, mostly Python start-up: all at once, on every core.
+    running = [
+        (cmd, message, subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)) for cmd, message in cases
+    ]
+    for cmd, message, process in running:
+        _, stderr = process.communicate(timeout=120)
+        assert process.returncode == EXIT_BAD_INPUT, (cmd, stderr[-2000:])
+        assert "dtrain: error:" in stderr and message in stderr, (cmd, stderr[-2000:])
+        assert "Traceback" not in stderr, (cmd, stderr[-2000:])
 
 
 def test_an_error_every_rank_raises_is_printed_by_rank_0_only(capsys, monkeypatch):
