@@ -32,11 +32,14 @@ def test_token_store_full_disk_flipped_byte_and_cut_short(tmp_path, tiny_pretrai
     assert "no space left on device for the token store: " in line and "/train.ids: " in line
     assert [p for p in cache.iterdir() if p.is_dir()] == [] and not (tmp_path / "run" / "metrics.jsonl").exists()
 
-    # Prepared ahead; a flipped byte keeps the size, so only --verify finds it.
+    # Prepared ahead (in this process: what launch/prepare.py runs); a flipped byte keeps the size, so only
+    # launch/prepare.py --verify finds it.
+    from dtrain.config import compose_job
+    from dtrain.data.prepare import prepare_job_store
+
     store = tmp_path / "store"
     prepare = [sys.executable, "launch/prepare.py", "+exp=tiny_cpu", f"data.prepared_path={store}"]
-    out = subprocess.run(prepare, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
+    prepare_job_store(compose_job(prepare[2:] + [f"output_dir={tmp_path / 'unused'}"]), progress=False)
     ids = store / "train.ids"
     original = ids.read_bytes()
     ids.write_bytes(original[:1000] + bytes([original[1000] ^ 0x10]) + original[1001:])
