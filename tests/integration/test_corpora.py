@@ -70,7 +70,6 @@ def test_prepare_then_train_matches_preparing_in_the_run(tmp_path, tiny_pretrain
     assert sorted((p.name, p.stat().st_mtime_ns) for p in store.iterdir()) == before
 
     # Preparing inside a run (rank 0 with data.cache_dir, one process, in this process here) writes the same files.
-
     job = compose_job(overrides + [f"data.cache_dir={tmp_path / 'cache'}", f"output_dir={tmp_path / 'unused'}"])
     renderer = load_renderer(job)
     in_run = load_or_prepare(job.data, renderer, job.train.seed, job.generate.num_prompts, is_local_main=True, barrier=lambda: None)
