@@ -6,15 +6,14 @@ CPU; ``DTRAIN_CPU_FLAGS`` takes either branch here (``make test-precision-branch
 """
 
 import glob
+import logging
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import REPO_ROOT, launch_train, read_jsonl
+from tests.conftest import launch_train, read_jsonl
 from tests.integration.conftest import TWO_RANK_RUN
 
 pytestmark = pytest.mark.integration
@@ -44,7 +43,7 @@ def optimizer_tensors(run_dir, step):
 
 
 @pytest.mark.parametrize("zero", ["zero2", "zero3"])
-def test_qlora_trains_only_adapters_on_a_4bit_base(tmp_path, tiny_pretrained, zero):
+def test_qlora_trains_only_adapters_on_a_4bit_base(tmp_path, tiny_pretrained, zero, caplog):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -86,15 +85,12 @@ def test_qlora_trains_only_adapters_on_a_4bit_base(tmp_path, tiny_pretrained, ze
     assert (logits[real] - probe["logits"][real]).abs().max() <= logits_tolerance(dtype, probe["logits"][real])
 
     if zero == "zero3":  # merged into a dequantised copy of the base in the run's dtype: plain transformers, no 4-bit layer
-        merge = subprocess.run(
-            [sys.executable, "launch/export.py", f"run_dir={run_dir}", "merge=true"],
-            cwd=REPO_ROOT,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert merge.returncode == 0, merge.stdout[-3000:] + merge.stderr[-3000:]
-        assert f"merging into a {precision.value} copy of the 4-bit base, dequantised" in merge.stdout + merge.stderr
+        # In this process, what `launch/export.py merge=true` runs (that command runs in test_train_launcher's LoRA case).
+        from dtrain.export import merge_lora_run, parse_size
+
+        with caplog.at_level(logging.INFO, logger="dtrain"):
+            merge_lora_run(run_dir, run_dir / "merged", parse_size("5GB"))
+        assert f"merging into a {precision.value} copy of the 4-bit base, dequantised" in caplog.text
         merged = AutoModelForCausalLM.from_pretrained(run_dir / "merged", dtype=dtype).eval()
         assert not any(isinstance(m, bnb.nn.Linear4bit) for m in merged.modules())
         with torch.no_grad():
