@@ -43,6 +43,7 @@ def prepare_job_store(job: JobConfig, verify_checksums: bool = False, progress: 
     problem = check_store(folder, job.data, checksums) if (folder / META).is_file() else None
     if problem:
         raise DataError(problem)
+    # Asked again: check_store moves a damaged data.cache_dir entry whose raw data is here aside, to prepare it anew.
     lock = claim_store(folder, token=uuid.uuid4().hex) if not (folder / META).is_file() else None
     if lock is not None:
         try:
