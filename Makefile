@@ -12,6 +12,12 @@ DEEPSPEED_SPEC ?= deepspeed==0.19.8
 INSTALLED := $(VENV)/.dtrain-installed
 DEV_INSTALLED := $(VENV)/.dtrain-dev-installed
 
+# The suite runs on TEST_WORKERS pytest-xdist workers (whole files each, in the order tests/conftest.py sets: unit tests,
+# then the longest integration files). A 2-rank launch leaves a core idle while Python starts and while DeepSpeed's
+# launcher polls; a second worker fills it (on 2 cores: 15 min instead of 19). TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= 2
+PARALLEL := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder)
+
 .PHONY: install install-dev demo test test-unit test-integration test-extended test-precision-branches lint format clean
 
 $(INSTALLED): pyproject.toml Makefile
@@ -45,23 +51,23 @@ format: $(DEV_INSTALLED)
 	$(VENV)/bin/ruff format .
 
 test: lint
-	$(PY) -m pytest -q --durations=15
+	$(PY) -m pytest -q --durations=15 $(PARALLEL)
 
 test-unit: $(DEV_INSTALLED)
-	$(PY) -m pytest -q -m "not integration"
+	$(PY) -m pytest -q -m "not integration" $(PARALLEL)
 
 test-integration: $(DEV_INSTALLED)
-	$(PY) -m pytest -q -m integration --durations=0
+	$(PY) -m pytest -q -m integration --durations=0 $(PARALLEL)
 
 test-extended: lint  # the default suite plus the extended cases and every architecture combination
-	DTRAIN_EXTENDED=1 DTRAIN_ARCH_MATRIX=full $(PY) -m pytest -q --durations=15
+	DTRAIN_EXTENDED=1 DTRAIN_ARCH_MATRIX=full $(PY) -m pytest -q --durations=15 $(PARALLEL)
 
 # precision=auto picks bf16 on CPUs that compute it natively (AMX, AVX512-BF16) and fp32 elsewhere: the suite must
 # pass either way. DTRAIN_CPU_FLAGS replaces this CPU's flags in that decision (dtrain/resolve.py), so both branches
 # run here whatever the CPU has (the bf16 branch is several times slower on a CPU without native bf16: longer timeouts).
 test-precision-branches: $(DEV_INSTALLED)
-	DTRAIN_CPU_FLAGS=none $(PY) -m pytest -q
-	DTRAIN_CPU_FLAGS=amx_bf16 DTRAIN_TEST_TIMEOUT_SCALE=4 $(PY) -m pytest -q
+	DTRAIN_CPU_FLAGS=none $(PY) -m pytest -q $(PARALLEL)
+	DTRAIN_CPU_FLAGS=amx_bf16 DTRAIN_TEST_TIMEOUT_SCALE=4 $(PY) -m pytest -q $(PARALLEL)
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

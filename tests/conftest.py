@@ -105,12 +105,39 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+INTEGRATION_FILES_LONGEST_FIRST = (
+    "test_train_launcher.py",
+    "test_elastic_resume.py",
+    "test_recovery.py",
+    "test_tool_demo.py",
+    "test_demo.py",
+    "test_sequence_parallel.py",
+    "test_corpora.py",
+    "test_bench_smoke.py",
+    "test_architectures.py",
+    "test_qlora.py",
+    "test_loss_invariance.py",
+)
+"""The integration files that take longest (a minute or more of launches each on the dev box), in that order; the
+others follow in file order. ``make test`` hands whole files to two pytest-xdist workers in collection order, so the
+long files start first and the short ones fill in at the end, where the two workers would otherwise wait on one."""
+
+
+def run_order(item) -> tuple[int, int]:
+    """Unit tests first; then the integration files longest first."""
+    if "integration" not in item.keywords:
+        return (0, 0)
+    name = item.path.name
+    rank = INTEGRATION_FILES_LONGEST_FIRST.index(name) if name in INTEGRATION_FILES_LONGEST_FIRST else len(INTEGRATION_FILES_LONGEST_FIRST)
+    return (1, rank)
+
+
 def pytest_collection_modifyitems(config, items):
     """Unit tests run first, so a broken change fails in the first minute, not after the launches.
 
     ``extended`` tests (another direction or layout of a feature the default suite covers) run with
     ``DTRAIN_EXTENDED=1`` only, to hold the default suite's time (``make test-extended`` runs everything)."""
-    items.sort(key=lambda item: "integration" in item.keywords)  # stable: file order within each group
+    items.sort(key=run_order)  # stable: file order within each group
     if os.environ.get("DTRAIN_EXTENDED") == "1":
         return
     skip = pytest.mark.skip(reason="extended: set DTRAIN_EXTENDED=1 (make test-extended)")

@@ -1,7 +1,9 @@
 """Reference runs that several integration files compare against, each launched at most once per test session.
 
 A reference is launched the first time a test asks for it (running one file alone launches only what it needs)
-and its run directory is shared read-only: tests that resume or extend a run copy it first.
+and its run directory is shared read-only: tests that resume or extend a run copy it first. Under pytest-xdist
+(``make test`` runs two workers) the workers share it too: the first to ask launches it under a file lock, the other
+waits for it and reads the same directory.
 
 - ``one_rank_reference("padded-full" | "packed-lora")``: 1 rank, micro 4 x accumulation 1, batches as drawn
   (``group_by_length=none``), ZeRO-2, fp32, the saved tiny model, 4 steps. The loss-invariance layouts and the
@@ -13,9 +15,12 @@ and its run directory is shared read-only: tests that resume or extend a run cop
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 from tests.conftest import launch_train
 
@@ -52,20 +57,38 @@ TWO_RANK_RUN = [
 """The 2-rank reference's settings but its stage (ZeRO-2): tiny_cpu's micro 16 x accumulation 1, seeded random weights."""
 
 
+def shared_run(tmp_path_factory, name: str, launch: Callable[[Path], None]) -> Path:
+    """``launch(run_dir)`` once per test session, across pytest-xdist workers too; return ``run_dir``.
+
+    The directory lies where every worker of this session sees it (the parent of a worker's base temp directory,
+    which is the session's). A marker written after a successful launch tells later callers it is complete; a launch
+    that failed leaves none, so the next caller launches again and shows its own failure.
+    """
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    run_dir = root / "shared_runs" / name
+    complete = run_dir.parent / f"{name}.complete"
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(run_dir.parent / f"{name}.lock"):
+        if not complete.exists():
+            launch(run_dir)
+            complete.touch()
+    return run_dir
+
+
+def launch_ok(overrides: list[str], run_dir: Path, num_ranks: int) -> None:
+    out = launch_train(overrides, run_dir, num_ranks=num_ranks)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+
+
 @pytest.fixture(scope="session")
 def one_rank_reference(tmp_path_factory, tiny_pretrained):
     """``reference(method) -> run_dir`` of the 1-rank reference for ``method`` (a key of ``METHODS``)."""
-    root = tmp_path_factory.mktemp("one_rank_references")
-    done: dict[str, Path] = {}
 
     def reference(method: str) -> Path:
-        if method not in done:
-            run_dir = root / method
-            overrides = [*ONE_RANK_COMMON, f"model.path={tiny_pretrained}", *REFERENCE_LAYOUT, *METHODS[method]]
-            out = launch_train(overrides, run_dir, num_ranks=1)
-            assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-            done[method] = run_dir
-        return done[method]
+        overrides = [*ONE_RANK_COMMON, f"model.path={tiny_pretrained}", *REFERENCE_LAYOUT, *METHODS[method]]
+        return shared_run(tmp_path_factory, f"one_rank_{method}", lambda run_dir: launch_ok(overrides, run_dir, 1))
 
     return reference
 
@@ -73,7 +96,4 @@ def one_rank_reference(tmp_path_factory, tiny_pretrained):
 @pytest.fixture(scope="session")
 def two_rank_reference(tmp_path_factory) -> Path:
     """The uninterrupted 12-step 2-rank run (see the module docstring)."""
-    run_dir = tmp_path_factory.mktemp("two_rank_reference") / "run"
-    out = launch_train([*TWO_RANK_RUN, "zero=zero2"], run_dir, num_ranks=2)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    return run_dir
+    return shared_run(tmp_path_factory, "two_rank", lambda run_dir: launch_ok([*TWO_RANK_RUN, "zero=zero2"], run_dir, 2))
