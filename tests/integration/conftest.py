@@ -16,6 +16,7 @@ waits for it and reads the same directory.
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -62,7 +63,8 @@ def shared_run(tmp_path_factory, name: str, launch: Callable[[Path], None]) -> P
 
     The directory lies where every worker of this session sees it (the parent of a worker's base temp directory,
     which is the session's). A marker written after a successful launch tells later callers it is complete; a launch
-    that failed leaves none, so the next caller launches again and shows its own failure.
+    that failed leaves none, so the next caller launches again, into an emptied directory (a run directory that holds
+    a checkpoint would be resumed), and shows its own failure.
     """
     root = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):
@@ -72,6 +74,7 @@ def shared_run(tmp_path_factory, name: str, launch: Callable[[Path], None]) -> P
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(run_dir.parent / f"{name}.lock"):
         if not complete.exists():
+            shutil.rmtree(run_dir, ignore_errors=True)
             launch(run_dir)
             complete.touch()
     return run_dir

@@ -46,11 +46,16 @@ def test_a_failed_launch_is_launched_again_by_the_next_caller(tmp_path, monkeypa
 
     def failing(run_dir: Path) -> None:
         calls.append("failing")
+        (run_dir / "checkpoints").mkdir(parents=True)  # what a run that died after a save leaves
         raise AssertionError("rank 0 exited with 1")
+
+    def second(run_dir: Path) -> None:
+        calls.append("second")
+        assert not run_dir.exists()  # launched afresh, not resumed from the failed launch's checkpoint
 
     with pytest.raises(AssertionError, match="rank 0 exited"):
         shared_run(worker_factory(tmp_path, "gw0"), "ref", failing)
-    run_dir = shared_run(worker_factory(tmp_path, "gw1"), "ref", lambda d: calls.append("second"))
+    run_dir = shared_run(worker_factory(tmp_path, "gw1"), "ref", second)
     assert calls == ["failing", "second"]
     assert shared_run(worker_factory(tmp_path, "gw0"), "ref", lambda d: calls.append("third")) == run_dir
     assert calls == ["failing", "second"]
